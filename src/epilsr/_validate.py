@@ -1,0 +1,68 @@
+"""Input checks shared by the public functions.
+
+Shape checks run at trace time (they only read static shapes). Value checks (NaN, ranges)
+run only on concrete arrays, i.e. when a function is called outside ``jax.jit``; under
+``jit`` they are skipped silently, so the functions stay traceable.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values (not a tracer under ``jit``/``vmap``/``grad``)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_rank(name: str, x, rank: int, layout: str) -> None:
+    if np.ndim(x) != rank:
+        raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {np.shape(x)}")
+
+
+def check_finite(name: str, x) -> None:
+    if is_concrete(x):
+        arr = np.asarray(x)
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")
+
+
+def check_index_range(name: str, x, n: int, what: str) -> None:
+    """``x`` must be integer with values in ``[0, n)`` (checked when concrete)."""
+    if not np.issubdtype(np.asarray(x).dtype if is_concrete(x) else x.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer {what} indices, got dtype {x.dtype}")
+    if is_concrete(x) and np.size(x):
+        arr = np.asarray(x)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"{name}: expected {what} indices in [0, {n}), found values in [{lo}, {hi}]"
+            )
+
+
+def check_distribution_table(name: str, table, used_rows=None) -> np.ndarray | None:
+    """Rows of ``table`` must be non-negative; rows in ``used_rows`` must not be all zero.
+
+    Returns the concrete table as NumPy (or None under tracing).
+    """
+    if not is_concrete(table):
+        return None
+    arr = np.asarray(table, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: expected finite probabilities, found NaN/inf")
+    if np.any(arr < 0):
+        r, c = np.argwhere(arr < 0)[0]
+        raise ValueError(
+            f"{name}: expected non-negative probabilities, found {arr[r, c]} at row {r}, col {c}"
+        )
+    if used_rows is not None:
+        sums = arr.sum(axis=-1)
+        bad = [int(r) for r in used_rows if sums[r] <= 0]
+        if bad:
+            raise ValueError(
+                f"{name}: rows {bad} sum to zero but those classes occur in the data; "
+                "expected a distribution over labels for every class that occurs"
+            )
+    return arr

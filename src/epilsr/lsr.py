@@ -1,0 +1,341 @@
+"""Label super-resolution: the EM of Eqs. 7-9 over epitome positions, and self-epitomic LSR.
+
+With ``P[s, c] = p(s|c)`` (class counts normalised over positions), ``Q[s, l] = p(l|s)``,
+``A[c, l] = p(l|c)`` and ``pi[c] = p(c)``, one EM iteration (Eqs. 8-9) is two matrix products:
+
+    Z = P^T Q                      # [Cc, n]  Z[c, l] = sum_s p(l|s) p(s|c)
+    Q <- normalise_l(Q * (P @ (pi[:, None] * A / Z)))
+
+and the objective of Eq. 7 is ``sum_c pi[c] sum_l A[c, l] log Z[c, l]``; no ``[S, Cc, n]`` tensor
+is ever formed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from epilsr._validate import (
+    check_distribution_table,
+    check_finite,
+    check_index_range,
+    check_rank,
+    is_concrete,
+)
+from epilsr.correlate import box_spread, box_sum, circular_correlate
+from epilsr.embed import spread_class_posteriors
+from epilsr.epitome import as_float_image
+
+__all__ = [
+    "super_resolve",
+    "lsr_objective",
+    "paint_classes",
+    "self_epitomic_lsr",
+]
+
+_TINY = 1e-30
+
+
+def _normalise(x: jax.Array, axis: int) -> jax.Array:
+    total = jnp.sum(x, axis=axis, keepdims=True)
+    return jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 1.0 / x.shape[axis])
+
+
+def _em_inputs(class_counts, label_given_class, class_prior):
+    counts = jnp.asarray(class_counts, jnp.float32)
+    if counts.ndim < 2:
+        raise ValueError(f"class_counts: expected [..., Cc] with position axes, got {counts.shape}")
+    table = jnp.asarray(label_given_class, jnp.float32)
+    check_rank("label_given_class", table, 2, "[Cc, n]")
+    n_classes = counts.shape[-1]
+    if table.shape[0] != n_classes:
+        raise ValueError(
+            f"label_given_class: expected {n_classes} rows (one per class of class_counts), "
+            f"got shape {table.shape}"
+        )
+    check_finite("class_counts", counts)
+    if is_concrete(counts) and np.any(np.asarray(counts) < 0):
+        raise ValueError("class_counts: expected non-negative counts, found negative entries")
+    flat = counts.reshape(-1, n_classes)  # [S, Cc]
+    mass = jnp.sum(flat, axis=0)  # [Cc]
+    if class_prior is None:
+        used = np.flatnonzero(np.asarray(mass) > 0) if is_concrete(mass) else None
+        check_distribution_table("label_given_class", table, used)
+        prior = mass / jnp.sum(mass)
+    else:
+        prior = jnp.asarray(class_prior, jnp.float32)
+        if prior.shape != (n_classes,):
+            raise ValueError(f"class_prior: expected shape ({n_classes},), got {prior.shape}")
+        if is_concrete(prior):
+            p = np.asarray(prior)
+            if np.any(p < 0) or not np.isfinite(p).all() or p.sum() <= 0:
+                raise ValueError("class_prior: expected non-negative weights with a positive sum")
+            check_distribution_table("label_given_class", table, np.flatnonzero(p > 0))
+        prior = prior / jnp.sum(prior)
+    # p(s|c); a class never observed gets uniform p(s|c) (it only matters if given weight).
+    p_s_given_c = _normalise(flat, axis=0)
+    return counts.shape[:-1], p_s_given_c, _normalise(table, axis=1), prior
+
+
+def lsr_objective(
+    class_counts: ArrayLike,
+    label_given_class: ArrayLike,
+    label_probs: ArrayLike,
+    *,
+    class_prior: ArrayLike | None = None,
+) -> jax.Array:
+    """Eq. 7: ``sum_c p(c) sum_l p(l|c) log sum_s p(l|s) p(s|c)`` (to be maximised).
+
+    Args:
+      class_counts: ``[..., Cc]`` counts per position (e.g. ``[L, N, N, Cc]`` from Eq. 11).
+      label_given_class: ``[Cc, n]``.
+      label_probs: ``[..., n]`` ``p(l|s)`` on the same positions.
+      class_prior: optional ``[Cc]``; ``None`` = observed proportions.
+    """
+    _, p_sc, table, prior = _em_inputs(class_counts, label_given_class, class_prior)
+    q = jnp.asarray(label_probs, jnp.float32).reshape(p_sc.shape[0], -1)
+    z = jnp.matmul(p_sc.T, q, precision="highest")
+    weight = prior[:, None] * table
+    return jnp.sum(jnp.where(weight > 0, weight * jnp.log(jnp.maximum(z, _TINY)), 0.0))
+
+
+def super_resolve(
+    class_counts: ArrayLike,
+    label_given_class: ArrayLike,
+    *,
+    class_prior: ArrayLike | None = None,
+    iters: int = 20,
+) -> jax.Array:
+    """High-resolution label probabilities ``p(l | m, n)`` by the EM of Eqs. 8-9.
+
+    Args:
+      class_counts: ``[L, N1, N2, Cc]`` (any leading position axes) non-negative counts, e.g.
+        from :func:`epilsr.embed_classes`; normalised over positions into ``p(m, n | c)``.
+      label_given_class: ``[Cc, n]`` compositions ``p(l | c)``; rows are normalised, so rounded
+        published tables are fine. Rows of classes that occur must not be all zero.
+      class_prior: ``[Cc]`` ``p(c)``; ``None`` = observed proportions ``sum counts[..., c]``
+        (Eq. 7), so classes that never occur carry no weight.
+      iters: number of EM iterations (static).
+
+    Returns:
+      ``[L, N1, N2, n]`` label distributions (uniform where no class mass landed).
+    """
+    shape, p_sc, table, prior = _em_inputs(class_counts, label_given_class, class_prior)
+    n = table.shape[1]
+    weight = prior[:, None] * table  # [Cc, n]
+    seen = jnp.sum(p_sc, axis=1, keepdims=True) > 0  # [S, 1]
+
+    def step(_, q):
+        z = jnp.matmul(p_sc.T, q, precision="highest")  # [Cc, n]
+        ratio = jnp.where(weight > 0, weight / jnp.maximum(z, _TINY), 0.0)
+        q_new = q * jnp.matmul(p_sc, ratio, precision="highest")  # [S, n]
+        return jnp.where(seen, _normalise(q_new, axis=1), q)
+
+    q0 = jnp.full((p_sc.shape[0], n), 1.0 / n, jnp.float32)
+    q = jax.lax.fori_loop(0, iters, step, q0)
+    return q.reshape(*shape, n)
+
+
+def paint_classes(classes: ArrayLike, label_given_class: ArrayLike) -> jax.Array:
+    """Baseline: every pixel gets its coarse class's composition ``p(l | c)``. ``[H, W, n]``."""
+    table = _normalise(jnp.asarray(label_given_class, jnp.float32), axis=1)
+    classes = jnp.asarray(classes)
+    check_index_range("classes", classes, table.shape[0], "class")
+    return table[classes]
+
+
+# --------------------------------------------------------------------------------------------
+# Self-epitomic LSR (Sec. 5.1): the tile is its own epitome.
+
+
+def _block_mean(image: jax.Array, factor: int) -> jax.Array:
+    """``[H, W, C] -> [ceil(H/f), ceil(W/f), C]`` block means (edge-padded)."""
+    if factor == 1:
+        return image
+    h, w, c = image.shape
+    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
+    image = jnp.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
+    return image.reshape(hp // factor, factor, wp // factor, factor, c).mean(axis=(1, 3))
+
+
+def _window_mask(size: tuple[int, int], k: int, wrap: bool) -> jax.Array:
+    """``[N1, N2]`` bool: windows that lie inside the image (all of them when ``wrap``)."""
+    n1, n2 = size
+    if wrap:
+        return jnp.ones((n1, n2), bool)
+    return (jnp.arange(n1)[:, None] <= n1 - k) & (jnp.arange(n2)[None, :] <= n2 - k)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "n_classes", "patch_size", "downsample", "n_patches", "chunk", "iters", "wrap",
+        "class_spread",
+    ),
+)
+def _self_lsr(key, image, classes, table, var, temperature, *, n_classes, patch_size,
+              downsample, n_patches, chunk, iters, wrap, class_spread):
+    h, w, _ = image.shape
+    k, d = patch_size, downsample
+    epi = _block_mean(image, d)  # [h, w, C]
+    n1, n2, _ = epi.shape
+    # Class of each low-res pixel: the full-res class at the centre of its block.
+    rows = jnp.minimum(jnp.arange(n1) * d + d // 2, h - 1)
+    cols = jnp.minimum(jnp.arange(n2) * d + d // 2, w - 1)
+    cls = classes[rows][:, cols]  # [h, w]
+
+    valid = _window_mask((n1, n2), k, wrap)
+    flat_valid = jnp.flatnonzero(valid.ravel(), size=valid.size, fill_value=0)
+    n_valid = jnp.sum(valid)
+    if n_patches is None:  # dense: every valid window once
+        total = valid.size
+        picks = flat_valid
+        weights = (jnp.arange(total) < n_valid).astype(jnp.float32)
+    else:
+        total = n_patches
+        picks = flat_valid[jax.random.randint(key, (total,), 0, n_valid)]
+        weights = jnp.ones((total,), jnp.float32)
+    n_chunks = -(-total // chunk)
+    pad = n_chunks * chunk - total
+    picks = jnp.pad(picks, (0, pad)).reshape(n_chunks, chunk)
+    weights = jnp.pad(weights, (0, pad)).reshape(n_chunks, chunk)
+
+    # Equal variances and a flat prior: log p(x|s)/T = (<mu_s, x> - |mu_s|^2 / 2) / (var T) + c(x).
+    maps = epi[None]  # [1, h, w, C]
+    half_norm = 0.5 * box_sum(jnp.sum(epi * epi, axis=-1), (k, k))  # [h, w]
+    scale = 1.0 / (var * temperature)
+    cls_onehot = jax.nn.one_hot(cls, n_classes, dtype=jnp.float32)  # [h, w, Cc]
+
+    def extract(p):
+        r, c = p // n2, p % n2
+        return jax.lax.dynamic_slice(epi, (r, c, 0), (k, k, epi.shape[-1]))
+
+    def body(acc, xs):
+        pos, wt = xs
+        patches = jax.vmap(extract)(pos)  # [chunk, K, K, C]
+        logits = (circular_correlate(maps, patches)[:, 0] - half_norm) * scale
+        logits = jnp.where(valid, logits, -jnp.inf)
+        post = jax.nn.softmax(logits, axis=(1, 2)) * wt[:, None, None]  # [chunk, h, w]
+        if class_spread == "window":  # Eq. 11: the centre pixel's class over the whole window
+            patch_cls = cls.ravel()[jnp.minimum(pos // n2 + k // 2, n1 - 1) * n2
+                                    + jnp.minimum(pos % n2 + k // 2, n2 - 1)]
+            onehot = jax.nn.one_hot(patch_cls, n_classes, dtype=jnp.float32)
+            acc = acc + jnp.einsum("bc,bxy->xyc", onehot, post, precision="highest")
+        else:  # "pixel": each pixel's own class lands where the pixel maps (Eq. 6 on classes)
+            blocks = jax.vmap(
+                lambda p: jax.lax.dynamic_slice(cls_onehot, (p // n2, p % n2, 0), (k, k, n_classes))
+            )(pos)
+            acc = acc + spread_labels(post, blocks)
+        return acc, None
+
+    def spread_labels(post, blocks):
+        from epilsr.correlate import circular_correlate_adjoint
+
+        return circular_correlate_adjoint(post[:, None], blocks, map_size=(n1, n2))[0]
+
+    acc0 = jnp.zeros((n1, n2, n_classes), jnp.float32)
+    acc, _ = jax.lax.scan(body, acc0, (picks, weights))
+    if class_spread == "window":
+        counts = box_spread(acc, (k, k), axes=(0, 1))
+    else:
+        counts = acc
+    probs = super_resolve(counts[None], table, iters=iters)[0]  # [h, w, n]
+    if d > 1:
+        up = jax.image.resize(probs, (n1 * d, n2 * d, probs.shape[-1]), "linear")
+        probs = _normalise(jnp.maximum(up[:h, :w], 0.0), axis=-1)
+    return probs
+
+
+def self_epitomic_lsr(
+    key: ArrayLike,
+    image: ArrayLike,
+    classes: ArrayLike,
+    label_given_class: ArrayLike,
+    *,
+    patch_size: int = 7,
+    var: float = 0.01,
+    downsample: int = 2,
+    sample_fraction: float | None = 0.05,
+    temperature: float | None = None,
+    iters: int = 20,
+    wrap: bool = False,
+    class_spread: str = "window",
+    chunk: int | None = None,
+) -> jax.Array:
+    """Self-epitomic label super-resolution of one tile (Sec. 5.1).
+
+    The (optionally ``downsample``-times block-averaged) tile is its own one-layer epitome with
+    variance ``var`` and a flat prior. Patches ``K x K`` are taken from the tile, their tempered
+    posteriors over the tile's windows embed the coarse classes (Eq. 11), the EM (Eqs. 8-9)
+    turns class counts into ``p(l | m, n)``, which is the prediction for pixel ``(m, n)``,
+    upsampled back to the input resolution. Runs jitted (a documented entry point).
+
+    Because every variance is equal and the prior flat, the posterior only needs the cross term
+    ``<mu_s, x>`` and the window norms ``|mu_s|^2``: one correlation with ``C`` features.
+
+    Args:
+      key: PRNG key for patch sampling.
+      image: ``[H, W, C]`` imagery (uint8/uint16 scaled to ``[0, 1]``, or float).
+      classes: ``[H, W]`` int coarse class index per pixel (rows of ``label_given_class``).
+      label_given_class: ``[Cc, n]`` ``p(l | c)``.
+      patch_size: ``K`` (odd), at the downsampled resolution.
+      var: the fixed variance ``sigma^2``.
+      downsample: block-averaging factor (1 = full resolution).
+      sample_fraction: patches sampled with replacement ``= round(fraction * H * W)`` (the paper
+        used about ``0.05 W^2`` for a ``W x W`` tile); ``None`` = every window once (dense).
+      temperature: ``T``; ``None`` = ``K^2`` (per-pixel likelihood, the original setting).
+      iters: EM iterations.
+      wrap: allow windows that wrap around the tile border (toroidal); by default only windows
+        lying inside the tile are positions.
+      class_spread: ``"window"`` (Eq. 11, the patch's centre class over its whole window) or
+        ``"pixel"`` (each pixel's own class embedded where it maps, Eq. 6 applied to classes).
+      chunk: patches per posterior batch (bounds memory; default keeps ``[chunk, h, w]`` ~64 MB).
+
+    Returns:
+      ``[H, W, n]`` per-pixel label probabilities.
+    """
+    image = as_float_image(image)
+    check_finite("image", image)
+    classes = jnp.asarray(classes)
+    check_rank("classes", classes, 2, "[H, W]")
+    if classes.shape != image.shape[:2]:
+        raise ValueError(f"classes: expected shape {image.shape[:2]} to match image, got {classes.shape}")
+    table = jnp.asarray(label_given_class, jnp.float32)
+    check_rank("label_given_class", table, 2, "[Cc, n]")
+    check_index_range("classes", classes, table.shape[0], "class")
+    if is_concrete(classes):
+        check_distribution_table("label_given_class", table, np.unique(np.asarray(classes)))
+    if downsample < 1:
+        raise ValueError(f"downsample: expected an integer >= 1, got {downsample}")
+    n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
+    if patch_size < 1 or patch_size > min(n1, n2):
+        raise ValueError(
+            f"patch_size: expected 1 <= K <= {min(n1, n2)} (the downsampled tile is {n1}x{n2}), "
+            f"got {patch_size}"
+        )
+    if not var > 0:
+        raise ValueError(f"var: expected a positive variance, got {var}")
+    if class_spread not in ("window", "pixel"):
+        raise ValueError(f"class_spread: expected 'window' or 'pixel', got {class_spread!r}")
+    if sample_fraction is None:
+        n_patches = None
+    else:
+        if not sample_fraction > 0:
+            raise ValueError(f"sample_fraction: expected > 0 or None, got {sample_fraction}")
+        n_patches = max(1, round(sample_fraction * image.shape[0] * image.shape[1]))
+    temperature = float(patch_size**2) if temperature is None else temperature
+    if chunk is None:
+        chunk = max(1, min(2048, (1 << 24) // (n1 * n2)))
+    return _self_lsr(
+        key, image, classes.astype(jnp.int32), table, jnp.float32(var), jnp.float32(temperature),
+        n_classes=table.shape[0], patch_size=patch_size, downsample=downsample,
+        n_patches=n_patches, chunk=chunk, iters=iters, wrap=wrap, class_spread=class_spread,
+    )
+
+
+del math
