@@ -13,7 +13,6 @@ is ever formed.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +26,14 @@ from epilsr._validate import (
     check_rank,
     is_concrete,
 )
-from epilsr.correlate import box_spread, box_sum, circular_correlate
+from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
 from epilsr.embed import spread_class_posteriors
 from epilsr.epitome import as_float_image
 
 __all__ = [
     "super_resolve",
+    "adapt_compositions",
+    "dirichlet_concentration",
     "lsr_objective",
     "paint_classes",
     "self_epitomic_lsr",
@@ -141,6 +142,77 @@ def super_resolve(
     return q.reshape(*shape, n)
 
 
+def dirichlet_concentration(mean: ArrayLike, sd: ArrayLike) -> np.ndarray:
+    """Per-class Dirichlet concentration ``alpha_c`` matching a composition table's spread.
+
+    For ``Dir(alpha m)`` the variance of label ``l`` is ``m_l (1 - m_l) / (alpha + 1)``; we take
+    the median over labels of the moment estimate ``m (1 - m) / sd^2 - 1`` (labels with
+    ``0 < m < 1`` and ``sd > 0``), floored at 0.5; classes without such labels get 10.
+
+    Args:
+      mean: ``[Cc, n]`` mean compositions (e.g. NLCD ``p_*`` columns).
+      sd: ``[Cc, n]`` their standard deviations across cells (``sd_*`` columns).
+
+    Returns:
+      ``[Cc]`` float32 concentrations.
+    """
+    mean = np.asarray(mean, np.float64)
+    mean = mean / np.maximum(mean.sum(-1, keepdims=True), 1e-12)
+    sd = np.asarray(sd, np.float64)
+    if sd.shape != mean.shape:
+        raise ValueError(f"sd: expected shape {mean.shape} like mean, got {sd.shape}")
+    ok = (mean > 0) & (mean < 1) & (sd > 0)
+    est = np.where(ok, mean * (1 - mean) / np.where(ok, sd, 1.0) ** 2 - 1, np.nan)
+    with np.errstate(all="ignore"):
+        alpha = np.where(ok.any(-1), np.nanmedian(np.where(ok, est, np.nan), axis=-1), 10.0)
+    return np.maximum(np.nan_to_num(alpha, nan=10.0), 0.5).astype(np.float32)
+
+
+def adapt_compositions(
+    class_counts: ArrayLike,
+    label_given_class: ArrayLike,
+    *,
+    evidence: ArrayLike,
+    concentration: float | ArrayLike = 1.0,
+    rounds: int = 3,
+    iters: int = 20,
+    class_prior: ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """LSR with the class compositions of *this* data re-estimated around the published table.
+
+    Published ``p(l | c)`` are national means; one tile's cells of class ``c`` can differ a lot
+    (the NLCD table's s.d. is ~0.2). Treating the data's composition ``pi_c`` as Dirichlet with
+    mean ``p(l | c)`` and concentration ``alpha_c``, we alternate the EM (Eqs. 8-9) with a MAP
+    update from the model's own composition ``r_c = sum_s p(l|s) p(s|c)`` seen as
+    ``evidence_c`` pseudo-observations::
+
+        pi_c <- normalise(evidence_c * r_c + alpha_c * p(l | c))
+
+    ``rounds=0`` is plain :func:`super_resolve`. Labels with zero table mass stay at zero.
+
+    Args:
+      class_counts: ``[..., Cc]`` as for :func:`super_resolve`.
+      label_given_class: ``[Cc, n]`` prior mean compositions.
+      evidence: ``[Cc]`` weight of the data's composition (e.g. ``0.1 x`` number of coarse cells).
+      concentration: scalar or ``[Cc]`` ``alpha_c`` (see :func:`dirichlet_concentration`).
+      rounds: composition updates (static).
+      iters: EM iterations per round.
+      class_prior: as for :func:`super_resolve`.
+
+    Returns:
+      ``(label_probs [..., n], compositions [Cc, n])``.
+    """
+    shape, p_sc, table, _ = _em_inputs(class_counts, label_given_class, class_prior)
+    evidence = jnp.asarray(evidence, jnp.float32)
+    alpha = jnp.broadcast_to(jnp.asarray(concentration, jnp.float32), evidence.shape)
+    pi = table
+    for _ in range(rounds):
+        q = super_resolve(class_counts, pi, class_prior=class_prior, iters=iters)
+        r = jnp.matmul(p_sc.T, q.reshape(p_sc.shape[0], -1), precision="highest")  # [Cc, n]
+        pi = _normalise(evidence[:, None] * r * (table > 0) + alpha[:, None] * table, axis=1)
+    return super_resolve(class_counts, pi, class_prior=class_prior, iters=iters), pi
+
+
 def paint_classes(classes: ArrayLike, label_given_class: ArrayLike) -> jax.Array:
     """Baseline: every pixel gets its coarse class's composition ``p(l | c)``. ``[H, W, n]``."""
     table = _normalise(jnp.asarray(label_given_class, jnp.float32), axis=1)
@@ -174,12 +246,12 @@ def _window_mask(size: tuple[int, int], k: int, wrap: bool) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "n_classes", "patch_size", "downsample", "n_patches", "chunk", "iters", "wrap",
+        "n_classes", "patch_size", "downsample", "n_patches", "chunk", "wrap",
         "class_spread",
     ),
 )
-def _self_lsr(key, image, classes, table, var, temperature, *, n_classes, patch_size,
-              downsample, n_patches, chunk, iters, wrap, class_spread):
+def _self_counts(key, image, classes, var, temperature, *, n_classes, patch_size,
+                 downsample, n_patches, chunk, wrap, class_spread):
     h, w, _ = image.shape
     k, d = patch_size, downsample
     epi = _block_mean(image, d)  # [h, w, C]
@@ -234,21 +306,22 @@ def _self_lsr(key, image, classes, table, var, temperature, *, n_classes, patch_
         return acc, None
 
     def spread_labels(post, blocks):
-        from epilsr.correlate import circular_correlate_adjoint
-
         return circular_correlate_adjoint(post[:, None], blocks, map_size=(n1, n2))[0]
 
     acc0 = jnp.zeros((n1, n2, n_classes), jnp.float32)
     acc, _ = jax.lax.scan(body, acc0, (picks, weights))
     if class_spread == "window":
-        counts = box_spread(acc, (k, k), axes=(0, 1))
-    else:
-        counts = acc
-    probs = super_resolve(counts[None], table, iters=iters)[0]  # [h, w, n]
-    if d > 1:
-        up = jax.image.resize(probs, (n1 * d, n2 * d, probs.shape[-1]), "linear")
-        probs = _normalise(jnp.maximum(up[:h, :w], 0.0), axis=-1)
-    return probs
+        return box_spread(acc, (k, k), axes=(0, 1))
+    return acc
+
+
+def _upsample(probs: jax.Array, factor: int, shape: tuple[int, int]) -> jax.Array:
+    """``[h, w, n]`` low-resolution distributions -> ``[H, W, n]`` (bilinear, renormalised)."""
+    if factor == 1:
+        return probs
+    n1, n2, n = probs.shape
+    up = jax.image.resize(probs, (n1 * factor, n2 * factor, n), "linear")
+    return _normalise(jnp.maximum(up[: shape[0], : shape[1]], 0.0), axis=-1)
 
 
 def self_epitomic_lsr(
@@ -265,6 +338,11 @@ def self_epitomic_lsr(
     iters: int = 20,
     wrap: bool = False,
     class_spread: str = "window",
+    min_share: float = 0.02,
+    adapt_rounds: int = 3,
+    adapt_strength: float = 0.1,
+    concentration: float | ArrayLike = 1.0,
+    cell_size: int = 30,
     chunk: int | None = None,
 ) -> jax.Array:
     """Self-epitomic label super-resolution of one tile (Sec. 5.1).
@@ -294,6 +372,15 @@ def self_epitomic_lsr(
         lying inside the tile are positions.
       class_spread: ``"window"`` (Eq. 11, the patch's centre class over its whole window) or
         ``"pixel"`` (each pixel's own class embedded where it maps, Eq. 6 applied to classes).
+      min_share: table entries below this share are set to zero before normalising (published
+        tables are rounded to 0.01, so e.g. 1 % "water" in forest cells is rounding noise that
+        the EM would otherwise have to place somewhere). ``0`` keeps the table as given.
+      adapt_rounds: rounds of :func:`adapt_compositions` (``0`` = the paper's plain EM).
+      adapt_strength: evidence per coarse cell for the tile's own compositions.
+      concentration: Dirichlet concentration of the compositions around the table, scalar or
+        ``[Cc]`` (see :func:`dirichlet_concentration`; the NLCD table's s.d. give ~1).
+      cell_size: side of one coarse cell in input pixels (30 for NLCD at 1 m); the evidence of
+        class ``c`` is ``adapt_strength * (pixels of class c) / cell_size^2``.
       chunk: patches per posterior batch (bounds memory; default keeps ``[chunk, h, w]`` ~64 MB).
 
     Returns:
@@ -329,13 +416,25 @@ def self_epitomic_lsr(
             raise ValueError(f"sample_fraction: expected > 0 or None, got {sample_fraction}")
         n_patches = max(1, round(sample_fraction * image.shape[0] * image.shape[1]))
     temperature = float(patch_size**2) if temperature is None else temperature
+    if not 0 <= min_share < 1:
+        raise ValueError(f"min_share: expected a share in [0, 1), got {min_share}")
+    if adapt_rounds < 0 or adapt_strength < 0:
+        raise ValueError(
+            f"adapt_rounds/adapt_strength: expected >= 0, got {adapt_rounds}/{adapt_strength}"
+        )
     if chunk is None:
         chunk = max(1, min(2048, (1 << 24) // (n1 * n2)))
-    return _self_lsr(
-        key, image, classes.astype(jnp.int32), table, jnp.float32(var), jnp.float32(temperature),
+    counts = _self_counts(
+        key, image, classes.astype(jnp.int32), jnp.float32(var), jnp.float32(temperature),
         n_classes=table.shape[0], patch_size=patch_size, downsample=downsample,
-        n_patches=n_patches, chunk=chunk, iters=iters, wrap=wrap, class_spread=class_spread,
+        n_patches=n_patches, chunk=chunk, wrap=wrap, class_spread=class_spread,
     )
+    table = _normalise(table, axis=1)
+    table = jnp.where(table >= min_share, table, 0.0)
+    pixels = jnp.bincount(classes.ravel(), length=table.shape[0]).astype(jnp.float32)
+    probs, _ = adapt_compositions(
+        counts, table, evidence=adapt_strength * pixels / cell_size**2,
+        concentration=concentration, rounds=adapt_rounds, iters=iters,
+    )
+    return _upsample(probs, downsample, image.shape[:2])
 
-
-del math

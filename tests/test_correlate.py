@@ -1,0 +1,192 @@
+"""Circular correlation, its adjoint, box sums and FFT lengths against brute-force loops."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from epilsr.correlate import (
+    box_spread,
+    box_sum,
+    circular_correlate,
+    circular_correlate_adjoint,
+    fft_size,
+)
+from tests.reference import box_spread_bf, box_sum_bf, circular_correlate_bf
+
+METHODS = ["direct", "fft"]
+
+# Jitted once per shape: one compilation instead of one per primitive (keeps the suite fast).
+corr = jax.jit(circular_correlate, static_argnames="method")
+adjoint = jax.jit(circular_correlate_adjoint, static_argnames=("map_size", "method"))
+
+
+def _rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _draw(rng, n_layers, n1, n2, f, b, k1, k2):
+    maps = rng.normal(size=(n_layers, n1, n2, f)).astype(np.float32)
+    kernels = rng.normal(size=(b, k1, k2, f)).astype(np.float32)
+    return maps, kernels
+
+
+# ------------------------------------------------------------------ circular_correlate
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [1, 2, 4, 7, 12, 13])
+def test_correlate_prime_13_k_range(rng, method, k):
+    maps, kernels = _draw(rng, 2, 13, 13, 3, 3, k, k)
+    got = corr(maps, kernels, method=method)
+    assert got.shape == (3, 2, 13, 13)
+    assert _rel_err(got, circular_correlate_bf(maps, kernels)) < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "n1,n2,k1,k2",
+    [
+        (17, 17, 5, 5),
+        (29, 29, 7, 7),
+        (29, 29, 29, 29),
+        (13, 17, 4, 6),  # rectangular maps and kernels
+        (17, 11, 17, 1),
+        (16, 16, 5, 5),  # smooth N: plain length-N transform, no wrap-padding
+        (24, 24, 24, 24),
+        (16, 13, 3, 5),  # one smooth axis, one prime axis
+        (24, 1, 7, 1),
+    ],
+)
+def test_correlate_vs_loops(rng, method, n1, n2, k1, k2):
+    maps, kernels = _draw(rng, 3, n1, n2, 2, 4, k1, k2)
+    got = corr(maps, kernels, method=method)
+    assert got.shape == (4, 3, n1, n2)
+    assert _rel_err(got, circular_correlate_bf(maps, kernels)) < 1e-5
+
+
+def test_correlate_auto_matches_direct(rng):
+    maps, kernels = _draw(rng, 2, 19, 19, 4, 5, 9, 9)
+    auto = circular_correlate(maps, kernels, method="auto")
+    direct = circular_correlate(maps, kernels, method="direct")
+    assert _rel_err(auto, direct) < 1e-5
+
+
+def test_correlate_large_offset_maps(rng):
+    """A large common offset (like raw variances) must not swamp the result beyond float32."""
+    maps, kernels = _draw(rng, 1, 23, 23, 2, 2, 5, 5)
+    maps = maps + 50.0
+    want = circular_correlate_bf(maps, kernels)
+    for method in METHODS:
+        assert _rel_err(corr(maps, kernels, method=method), want) < 1e-5
+
+
+def test_correlate_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="larger than the epitome"):
+        circular_correlate(np.zeros((1, 5, 5, 1)), np.zeros((1, 6, 2, 1)))
+    with pytest.raises(ValueError, match="maps"):
+        circular_correlate(np.zeros((1, 5, 5, 2)), np.zeros((1, 3, 3, 1)))
+    with pytest.raises(ValueError, match="method"):
+        circular_correlate(np.zeros((1, 5, 5, 1)), np.zeros((1, 3, 3, 1)), method="fast")
+
+
+# ------------------------------------------------------------------ adjoint
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "n1,n2,k1,k2", [(13, 13, 4, 4), (11, 17, 3, 7), (16, 16, 16, 16), (7, 7, 1, 1)]
+)
+def test_adjoint_dot_product(rng, method, n1, n2, k1, k2):
+    """<corr(M, k), g> == <M, adjoint(g, k)> for random M, k, g."""
+    maps, kernels = _draw(rng, 2, n1, n2, 3, 4, k1, k2)
+    g = rng.normal(size=(4, 2, n1, n2)).astype(np.float32)
+    lhs = np.sum(np.asarray(corr(maps, kernels, method=method), np.float64) * g)
+    adj = adjoint(g, kernels, map_size=(n1, n2), method=method)
+    assert adj.shape == maps.shape
+    rhs = np.sum(maps.astype(np.float64) * np.asarray(adj, np.float64))
+    scale = np.sqrt(np.sum(circular_correlate_bf(maps, kernels) ** 2) * np.sum(g.astype(float) ** 2))
+    assert abs(lhs - rhs) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adjoint_vs_loops(rng, method):
+    """out[l, m, f] = sum_b sum_u g[b, l, m - u] k[b, u, f], by explicit loops."""
+    n1, n2, k1, k2 = 11, 9, 3, 4
+    _, kernels = _draw(rng, 1, n1, n2, 2, 3, k1, k2)
+    g = rng.normal(size=(3, 2, n1, n2))
+    want = np.zeros((2, n1, n2, 2))
+    for b in range(3):
+        for l in range(2):
+            for s1 in range(n1):
+                for s2 in range(n2):
+                    for i in range(k1):
+                        for j in range(k2):
+                            want[l, (s1 + i) % n1, (s2 + j) % n2] += g[b, l, s1, s2] * kernels[b, i, j]
+    got = adjoint(g.astype(np.float32), kernels, map_size=(n1, n2), method=method)
+    assert _rel_err(got, want) < 1e-5
+
+
+# ------------------------------------------------------------------ box sums
+
+
+@pytest.mark.parametrize(
+    "shape,size", [((13, 13), (5, 5)), ((2, 11, 7), (3, 7)), ((3, 9, 10), (1, 1)), ((8, 8), (8, 8))]
+)
+def test_box_sum_and_spread_vs_loops(rng, shape, size):
+    x = rng.normal(size=shape).astype(np.float32)
+    assert _rel_err(box_sum(x, size), box_sum_bf(x, size)) < 1e-5
+    assert _rel_err(box_spread(x, size), box_spread_bf(x, size)) < 1e-5
+
+
+def test_box_sum_axes(rng):
+    """Non-trailing axes: [L, N1, N2, Cc] with axes=(1, 2)."""
+    x = rng.normal(size=(2, 9, 7, 3)).astype(np.float32)
+    want = np.moveaxis(box_sum_bf(np.moveaxis(x, -1, 0), (4, 2)), 0, -1)
+    assert _rel_err(box_sum(x, (4, 2), axes=(1, 2)), want) < 1e-5
+    want = np.moveaxis(box_spread_bf(np.moveaxis(x, -1, 0), (4, 2)), 0, -1)
+    assert _rel_err(box_spread(x, (4, 2), axes=(1, 2)), want) < 1e-5
+
+
+@pytest.mark.parametrize("shape,size", [((13, 17), (4, 6)), ((2, 9, 9), (9, 2))])
+def test_box_spread_is_adjoint_of_box_sum(rng, shape, size):
+    x = rng.normal(size=shape)
+    y = rng.normal(size=shape)
+    lhs = np.sum(np.asarray(box_sum(x.astype(np.float32), size), np.float64) * y)
+    rhs = np.sum(x * np.asarray(box_spread(y.astype(np.float32), size), np.float64))
+    assert abs(lhs - rhs) <= 1e-5 * np.sqrt(np.sum(x**2) * np.sum(y**2)) * size[0] * size[1]
+
+
+def test_box_sum_float32_accuracy_with_offset(rng):
+    """Box sums of large, nearly constant maps stay accurate (summed directly, no FFT)."""
+    x = (1000.0 + rng.normal(size=(31, 31))).astype(np.float32)
+    want = box_sum_bf(x, (11, 11))
+    assert _rel_err(box_sum(x, (11, 11)), want) < 1e-6
+
+
+# ------------------------------------------------------------------ fft_size
+
+
+def _smooth(m: int) -> bool:
+    for p in (2, 3, 5, 7):
+        while m % p == 0:
+            m //= p
+    return m == 1
+
+
+def test_fft_size_is_minimal_7_smooth():
+    for n in range(1, 1200):
+        m = fft_size(n)
+        assert m >= n and _smooth(m), (n, m)
+        assert not any(_smooth(t) for t in range(n, m)), (n, m)
+    assert fft_size(299 + 10) == 315
+    assert fft_size(499) == 500
+
+
+def test_correlate_runs_under_jit(rng):
+    maps, kernels = _draw(rng, 2, 13, 13, 2, 3, 5, 5)
+    for method in METHODS:
+        f = jax.jit(lambda m, k, method=method: circular_correlate(m, k, method=method))
+        assert _rel_err(f(maps, kernels), circular_correlate_bf(maps, kernels)) < 1e-5
