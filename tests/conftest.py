@@ -12,6 +12,11 @@ import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# No example database: keeps test runs from writing .hypothesis/ into the working tree.
+settings.register_profile("epilsr", database=None, deadline=None)
+settings.load_profile("epilsr")
 
 
 @pytest.fixture

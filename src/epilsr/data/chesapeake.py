@@ -47,7 +47,9 @@ def data_root() -> Path:
     env = os.environ.get("EPILSR_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    beside_repo = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    beside_cwd = Path.cwd().parent / "shared" / "data"
+    return beside_repo if beside_repo.is_dir() or not beside_cwd.is_dir() else beside_cwd
 
 
 @dataclasses.dataclass(frozen=True)

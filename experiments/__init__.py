@@ -1,0 +1,1 @@
+"""Hydra drivers: ``python -m experiments.<name>``. They turn configs into keyword arguments."""
