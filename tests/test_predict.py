@@ -1,0 +1,105 @@
+"""Dense prediction (Eq. 2) against the every-window brute force."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epilsr import Epitome, predict
+from tests.reference import predict_bf, random_epitome_arrays
+
+pred_jit = jax.jit(predict, static_argnames=("patch_size", "stride", "chunk", "method"))
+
+
+def _setup(rng, n_layers, n1, n2, c, n, h, w, from_epitome=True):
+    mean, log_var, prior = random_epitome_arrays(rng, n_layers, n1, n2, c)
+    epi = Epitome(jnp.asarray(mean), jnp.asarray(log_var), jnp.asarray(prior))
+    label_probs = rng.dirichlet(np.full(n, 0.5), size=(n_layers, n1, n2)).astype(np.float32)
+    if from_epitome:  # an image stitched from epitome content plus noise (realistic posteriors)
+        l = rng.integers(n_layers)
+        rows = (rng.integers(n1) + np.arange(h)) % n1
+        cols = (rng.integers(n2) + np.arange(w)) % n2
+        image = mean[l][np.ix_(rows, cols)] + 0.05 * rng.normal(size=(h, w, c))
+    else:
+        image = rng.uniform(size=(h, w, c))
+    return epi, (mean, log_var, prior), label_probs, image.astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["direct", "fft"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (L, N1, N2, C, n, H, W, K, T)
+        (1, 7, 7, 2, 3, 9, 11, 3, 9.0),
+        (2, 9, 11, 3, 4, 8, 7, 4, 16.0),
+        (3, 5, 5, 1, 2, 6, 6, 1, 1.0),
+        (1, 11, 11, 2, 3, 7, 9, 5, (5 / 11) ** 2),
+    ],
+    ids=["K3", "K4-rect", "K1", "K5-lowT"],
+)
+def test_predict_vs_bruteforce(rng, case, method):
+    n_layers, n1, n2, c, n, h, w, k, t = case
+    epi, (mean, log_var, prior), label_probs, image = _setup(rng, n_layers, n1, n2, c, n, h, w)
+    got = pred_jit(epi, label_probs, image, patch_size=k, temperature=t, chunk=16, method=method)
+    assert got.shape == (h, w, n)
+    want = predict_bf(mean, log_var, prior, label_probs, image, k, t)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_predict_with_mask_and_uint8(rng):
+    epi, (mean, log_var, prior), label_probs, _ = _setup(rng, 2, 7, 7, 3, 3, 8, 9)
+    image = rng.integers(0, 256, size=(8, 9, 3), dtype=np.uint8)
+    mask = rng.uniform(size=(2, 7, 7)) < 0.5
+    got = pred_jit(epi, label_probs, image, patch_size=3, temperature=9.0, mask=mask)
+    want = predict_bf(mean, log_var, prior, label_probs, image / 255.0, 3, 9.0, mask)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_predict_eager_default_chunk(rng):
+    """Eager call with the default chunk (larger than the number of windows)."""
+    epi, (mean, log_var, prior), label_probs, image = _setup(rng, 1, 7, 7, 2, 3, 7, 8)
+    got = predict(epi, label_probs, image, patch_size=3, temperature=9.0)
+    np.testing.assert_allclose(got, predict_bf(mean, log_var, prior, label_probs, image, 3, 9.0),
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [2, 3, 5])
+def test_predict_stride(rng, stride):
+    epi, _, label_probs, image = _setup(rng, 2, 9, 9, 2, 4, 13, 11)
+    got = np.asarray(pred_jit(epi, label_probs, image, patch_size=4, temperature=16.0,
+                              stride=stride, chunk=8), np.float64)
+    assert got.shape == (13, 11, 4)
+    assert np.all(np.isfinite(got)) and np.all(got >= 0)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+
+
+def test_predict_constant_label_map(rng):
+    """If every epitome pixel has the same label distribution, so does every image pixel."""
+    epi, _, _, image = _setup(rng, 2, 7, 9, 2, 3, 8, 8, from_epitome=False)
+    dist = np.array([0.2, 0.5, 0.3], np.float32)
+    label_probs = np.broadcast_to(dist, (2, 7, 9, 3)).copy()
+    got = pred_jit(epi, label_probs, image, patch_size=3, temperature=1.0, stride=2, chunk=8)
+    np.testing.assert_allclose(got, np.broadcast_to(dist, (8, 8, 3)), atol=1e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    h=st.integers(3, 9),
+    w=st.integers(3, 9),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 4),
+    log_t=st.floats(-2.0, 3.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_predict_outputs_distributions(h, w, k, stride, log_t, seed):
+    rng = np.random.default_rng(seed)
+    epi, _, label_probs, image = _setup(rng, 2, 5, 6, 2, 3, h, w, from_epitome=False)
+    got = np.asarray(pred_jit(epi, label_probs, image, patch_size=k, temperature=float(np.exp(log_t)),
+                              stride=stride, chunk=8), np.float64)
+    assert got.shape == (h, w, 3)
+    assert np.all(np.isfinite(got)) and np.all(got >= -1e-7)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
