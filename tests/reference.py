@@ -288,7 +288,10 @@ def predict_bf(mean, log_var, prior_logits, label_probs, image, patch_size, temp
 
 def random_epitome_arrays(rng: np.random.Generator, n_layers: int, n1: int, n2: int, c: int,
                           *, flat_prior: bool = False):
-    """``(mean, log_var, prior_logits)`` float32: means U[0, 1], variances log-uniform in [0.01, 1]."""
+    """``(mean, log_var, prior_logits)`` float32.
+
+    Means U[0, 1], variances log-uniform in [0.01, 1], prior logits N(0, 1) (or flat).
+    """
     mean = rng.uniform(0.0, 1.0, size=(n_layers, n1, n2, c))
     log_var = rng.uniform(math.log(0.01), 0.0, size=(n_layers, n1, n2, c))
     prior = np.zeros((n_layers, n1, n2)) if flat_prior else rng.normal(size=(n_layers, n1, n2))

@@ -23,7 +23,8 @@ emb_classes = jax.jit(embed_classes, static_argnames=("n_classes", "method"))
 
 def _epitome(rng, n_layers, n1, n2, c):
     mean, log_var, prior = random_epitome_arrays(rng, n_layers, n1, n2, c)
-    return Epitome(jnp.asarray(mean), jnp.asarray(log_var), jnp.asarray(prior)), (mean, log_var, prior)
+    epi = Epitome(jnp.asarray(mean), jnp.asarray(log_var), jnp.asarray(prior))
+    return epi, (mean, log_var, prior)
 
 
 def _soft_labels(rng, b, kl1, kl2, n):
@@ -104,7 +105,9 @@ CLASS_CASES = [
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", CLASS_CASES, ids=lambda c: "L{}-N{}x{}-K{}-C{}-Cc{}-B{}".format(*c))
+@pytest.mark.parametrize(
+    "case", CLASS_CASES, ids=lambda c: "L{}-N{}x{}-K{}-C{}-Cc{}-B{}".format(*c)
+)
 def test_embed_classes_vs_bruteforce(rng, case, method):
     n_layers, n1, n2, k, c, n_classes, b = case
     epi, (mean, log_var, prior) = _epitome(rng, n_layers, n1, n2, c)

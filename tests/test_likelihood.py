@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from epilsr import (
@@ -51,7 +51,8 @@ CASES = [
 
 def _epitome(rng, n_layers, n1, n2, c, flat_prior=False):
     mean, log_var, prior = random_epitome_arrays(rng, n_layers, n1, n2, c, flat_prior=flat_prior)
-    return Epitome(jnp.asarray(mean), jnp.asarray(log_var), jnp.asarray(prior)), (mean, log_var, prior)
+    epi = Epitome(jnp.asarray(mean), jnp.asarray(log_var), jnp.asarray(prior))
+    return epi, (mean, log_var, prior)
 
 
 def _rel_err(got, want) -> float:
@@ -66,7 +67,48 @@ def _tv(got_log, want) -> float:
     return float(0.5 * np.max(np.sum(np.abs(got - want), axis=(1, 2, 3))))
 
 
-# ------------------------------------------------------------------ log p(x|s)
+# ------------------------------------------------------------------ log p(x|s) and p(s|x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "L{}-N{}x{}-K{}-C{}-B{}".format(*c))
+def test_log_likelihood_and_posterior_vs_bruteforce(rng, case, method):
+    """Relative error of log p(x|s) <= 1e-5; tempered posterior TV <= 1e-4."""
+    n_layers, n1, n2, k, c, b = case
+    epi, (mean, log_var, prior) = _epitome(rng, n_layers, n1, n2, c)
+    unrelated = rng.uniform(size=(b, k, k, c)).astype(np.float32)
+    matching = cut_patches(rng, mean, b, k, k)  # windows of the epitome plus small noise
+    for patches in (unrelated, matching):
+        got = ll_jit(epi, patches, method=method)
+        assert got.shape == (b, n_layers, n1, n2) and got.dtype == jnp.float32
+        want = log_likelihood_bf(mean, log_var, patches)
+        assert _rel_err(got, want) <= 1e-5
+    # Realistic temperatures: (K/11)^2 (training), K^2 (embedding), and 1 for small K.
+    temps = [(k / 11) ** 2, float(k * k)] + ([1.0] if k <= 5 else [])
+    for t in temps:
+        got = lp_jit(epi, matching, temperature=t, method=method)
+        assert _tv(got, posterior_bf(mean, log_var, prior, matching, t, loglik=want)) <= 1e-4, t
+
+
+def test_log_likelihood_rectangular_patch(rng):
+    epi, (mean, log_var, _) = _epitome(rng, 2, 11, 7, 2)
+    patches = rng.uniform(size=(3, 5, 2, 2)).astype(np.float32)
+    for method in METHODS:
+        got = ll_jit(epi, patches, method=method)
+        assert _rel_err(got, log_likelihood_bf(mean, log_var, patches)) <= 1e-5
+
+
+def test_log_likelihood_eager_auto_and_constants(rng):
+    """Eager path with 'auto'; a unit-variance zero-mean epitome gives the closed form."""
+    epi, (mean, log_var, _) = _epitome(rng, 2, 9, 9, 2)
+    patches = rng.uniform(size=(2, 3, 3, 2)).astype(np.float32)
+    assert _rel_err(log_likelihood(epi, patches), log_likelihood_bf(mean, log_var, patches)) <= 1e-5
+    zero = Epitome(jnp.zeros((1, 5, 5, 2)), jnp.zeros((1, 5, 5, 2)), jnp.zeros((1, 5, 5)))
+    x = np.zeros((1, 3, 3, 2), np.float32)
+    np.testing.assert_allclose(
+        log_likelihood(zero, x), np.full((1, 1, 5, 5), -0.5 * 18 * math.log(2 * math.pi)),
+        rtol=1e-6,
+    )
 
 
 def test_posterior_random_patches_high_temperature(rng):
@@ -111,7 +153,7 @@ def test_posterior_single_allowed_position(rng):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
     n_layers=st.integers(1, 3),
     n=st.integers(1, 12),
@@ -121,6 +163,7 @@ def test_posterior_single_allowed_position(rng):
     log_t=st.floats(-3.0, 4.0),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(n_layers=2, n=3, k=3, c=3, b=1, log_t=-3.0, seed=0)  # low T: float32 log-normaliser
 def test_posterior_sums_to_one(n_layers, n, k, c, b, log_t, seed):
     k = min(k, n)
     rng = np.random.default_rng(seed)
@@ -143,8 +186,10 @@ def test_posterior_shift_equivariance(rng, method):
         jnp.roll(epi.log_var, (a, b), axis=(1, 2)),
         jnp.roll(epi.prior_logits, (a, b), axis=(1, 2)),
     )
-    base = np.exp(np.asarray(lp_jit(epi, patches, temperature=25.0, method=method), np.float64))
-    shifted = np.exp(np.asarray(lp_jit(rolled, patches, temperature=25.0, method=method), np.float64))
+    def post(e):
+        return np.exp(np.asarray(lp_jit(e, patches, temperature=25.0, method=method), np.float64))
+
+    base, shifted = post(epi), post(rolled)
     np.testing.assert_allclose(shifted, np.roll(base, (a, b), axis=(2, 3)), atol=1e-5)
 
 
@@ -188,7 +233,7 @@ def test_log_likelihood_gradient_finite_differences(rng, method):
             plus, minus = [mean64.copy(), var64.copy()], [mean64.copy(), var64.copy()]
             plus[which][idx] += h
             minus[which][idx] -= h
-            fd = (log_likelihood_bf(*plus, patches).sum() - log_likelihood_bf(*minus, patches).sum())
+            fd = log_likelihood_bf(*plus, patches).sum() - log_likelihood_bf(*minus, patches).sum()
             fd /= 2 * h
             scale = np.max(np.abs(np.asarray(grad)))
             assert abs(float(grad[idx]) - fd) <= 1e-3 * abs(fd) + 1e-4 * scale, (which, idx)

@@ -4,13 +4,31 @@ Malkin, Ortiz & Jojic, "Mining self-similarity: label super-resolution with epit
 representations". Pure functions on arrays and pytrees; callers ``jit``/``vmap``/shard them.
 """
 
-from epilsr import metrics
+from epilsr import checkpoint, metrics
 from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
 from epilsr.embed import embed_classes, embed_labels, spread_class_posteriors
 from epilsr.epitome import Epitome, clamp_epitome, epitome_from_image, init_epitome
 from epilsr.likelihood import log_likelihood, log_posterior, log_prior
-from epilsr.lsr import lsr_objective, paint_classes, self_epitomic_lsr, super_resolve
+from epilsr.lsr import (
+    adapt_compositions,
+    dirichlet_concentration,
+    lsr_objective,
+    paint_classes,
+    self_epitomic_lsr,
+    super_resolve,
+)
 from epilsr.predict import predict
+from epilsr.train import (
+    TrainInfo,
+    TrainState,
+    make_sharded_train_step,
+    make_train_step,
+    mixture,
+    objective,
+    train_init,
+    train_step,
+    worst_quantile,
+)
 
 
 __version__ = "0.1.0"
@@ -36,5 +54,17 @@ __all__ = [
     "circular_correlate_adjoint",
     "box_sum",
     "box_spread",
+    "TrainState",
+    "TrainInfo",
+    "train_init",
+    "train_step",
+    "objective",
+    "make_train_step",
+    "make_sharded_train_step",
+    "worst_quantile",
+    "mixture",
+    "adapt_compositions",
+    "dirichlet_concentration",
+    "checkpoint",
     "metrics",
 ]

@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = [
@@ -179,7 +180,7 @@ def _box_1d(x: jax.Array, k: int, axis: int, reverse: bool) -> jax.Array:
     padded = jnp.take(x, idx, axis=axis)
     window = [1] * x.ndim
     window[axis] = k
-    return lax.reduce_window(padded, jnp.zeros((), x.dtype), lax.add, tuple(window), (1,) * x.ndim, "VALID")
+    return lax.reduce_window(padded, np.zeros((), x.dtype), lax.add, tuple(window), (1,) * x.ndim, "VALID")
 
 
 def box_sum(x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (-2, -1)) -> jax.Array:

@@ -13,6 +13,7 @@ A position ``s = (l, s1, s2)`` names the ``K x K`` window whose top-left corner 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 #: Variance bounds of the original implementation: sigma^2 in [0.01, 1].
-LOG_VAR_MIN = float(jnp.log(0.01))
+LOG_VAR_MIN = math.log(0.01)
 LOG_VAR_MAX = 0.0
 #: Prior logits are centred and clamped to [-4, 4] after each training step.
 PRIOR_LOGIT_BOUND = 4.0

@@ -113,4 +113,4 @@ def log_posterior(
         if is_concrete(mask) and not np.any(np.asarray(mask)):
             raise ValueError("mask: every position is masked out; expected at least one True")
         logits = jnp.where(mask, logits, -jnp.inf)
-    return logits - jax.nn.logsumexp(logits, axis=(1, 2, 3), keepdims=True)
+    return jax.nn.log_softmax(logits, axis=(1, 2, 3))

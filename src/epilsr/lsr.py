@@ -261,13 +261,14 @@ def _self_counts(key, image, classes, var, temperature, *, n_classes, patch_size
     cols = jnp.minimum(jnp.arange(n2) * d + d // 2, w - 1)
     cls = classes[rows][:, cols]  # [h, w]
 
-    valid = _window_mask((n1, n2), k, wrap)
-    flat_valid = jnp.flatnonzero(valid.ravel(), size=valid.size, fill_value=0)
-    n_valid = jnp.sum(valid)
-    if n_patches is None:  # dense: every valid window once
-        total = valid.size
-        picks = flat_valid
-        weights = (jnp.arange(total) < n_valid).astype(jnp.float32)
+    valid = _window_mask((n1, n2), k, wrap)  # positions patches may map to
+    inside = _window_mask((n1, n2), k, False)  # patches are real (non-wrapping) windows
+    flat_valid = jnp.flatnonzero(inside.ravel(), size=inside.size, fill_value=0)
+    n_valid = (n1 - k + 1) * (n2 - k + 1)
+    if n_patches is None:  # dense: every window of the tile once
+        total = n_valid
+        picks = flat_valid[:total]
+        weights = jnp.ones((total,), jnp.float32)
     else:
         total = n_patches
         picks = flat_valid[jax.random.randint(key, (total,), 0, n_valid)]
@@ -332,7 +333,7 @@ def self_epitomic_lsr(
     *,
     patch_size: int = 7,
     var: float = 0.01,
-    downsample: int = 2,
+    downsample: int = 1,
     sample_fraction: float | None = 0.05,
     temperature: float | None = None,
     iters: int = 20,

@@ -74,7 +74,7 @@ def predict(
       image: ``[H, W, C]`` (uint8/uint16 scaled to ``[0, 1]``), ``H, W >= K``.
       patch_size: ``K``.
       temperature: posterior temperature ``T``.
-      stride: window spacing.
+      stride: window spacing, ``1 <= stride <= K``.
       mask: optional ``[L, N1, N2]`` allowed positions.
       chunk: patches per posterior batch (bounds memory to ``chunk * L * N1 * N2`` floats).
       method: correlation route.
@@ -95,8 +95,11 @@ def predict(
     k = patch_size
     if not 1 <= k <= min(h, w):
         raise ValueError(f"patch_size: expected 1 <= K <= {min(h, w)} (image {h}x{w}), got {k}")
-    if stride < 1:
-        raise ValueError(f"stride: expected >= 1, got {stride}")
+    if not 1 <= stride <= k:
+        raise ValueError(
+            f"stride: expected 1 <= stride <= patch_size ({k}) so every pixel is covered, "
+            f"got {stride}"
+        )
     rows, cols = patch_grid(h, k, stride), patch_grid(w, k, stride)
     rr, cc = jnp.meshgrid(rows, cols, indexing="ij")
     starts = jnp.stack([rr.ravel(), cc.ravel()], axis=1)  # [P, 2]

@@ -1,0 +1,280 @@
+"""Atomic checkpoints of the whole training state, and plain epitome files.
+
+A checkpoint is one ``.npz`` file holding every leaf of a :class:`epilsr.train.TrainState`
+(epitome parameters, optax state, location-promotion counters, step, and the PRNG key as
+``jax.random.key_data``) plus a JSON metadata record (shapes, dtypes, step, epilsr and JAX
+versions) stored in the same archive under ``__metadata__``. Files are written atomically:
+to a temporary file in the destination directory, flushed and ``fsync``-ed, then moved into
+place with ``os.replace`` (and the directory ``fsync``-ed), so a crash or ``SIGKILL`` never
+leaves a truncated checkpoint under the final name.
+
+Training is resumable exactly when each step's randomness is derived from the step index,
+``jax.random.fold_in(state.key, state.step)`` (:func:`epilsr.train.step_key`).
+
+The final epitome is saved separately by :func:`save_epitome` as a plain ``.npz`` with arrays
+``mean``, ``log_var`` and ``prior_logits``, readable by :func:`load_epitome` (or ``np.load``)
+without Hydra or any training code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from importlib import metadata as _metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from epilsr.epitome import Epitome
+
+__all__ = [
+    "save",
+    "restore",
+    "latest",
+    "checkpoint_path",
+    "read_metadata",
+    "save_epitome",
+    "load_epitome",
+]
+
+_META = "__metadata__"
+_FORMAT = "epilsr.checkpoint"
+_EPITOME_FORMAT = "epilsr.epitome"
+_FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint_(\d+)\.npz$")
+
+
+def _version() -> str:
+    try:
+        return _metadata.version("epilsr")
+    except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "unknown"
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_numpy(x) -> np.ndarray:
+    """Host copy of a leaf; fully replicated multi-process arrays use the local copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError(
+                "checkpoint: a leaf is sharded across processes; replicate or gather it first"
+            )
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def _flatten(tree) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Leaves by ``keystr`` path; typed PRNG keys as their key data (and their impl name)."""
+    arrays, keys = {}, {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path)
+        if _is_key(leaf):
+            keys[name] = str(jax.random.key_impl(leaf))
+            leaf = jax.random.key_data(leaf)
+        arrays[name] = _to_numpy(leaf)
+    return arrays, keys
+
+
+def _write_npz(fileobj, arrays: dict[str, np.ndarray]) -> None:
+    np.savez(fileobj, **arrays)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_npz(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _encode(meta: dict) -> np.ndarray:
+    return np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+
+
+def _decode(z) -> dict:
+    if _META not in z.files:
+        raise ValueError("checkpoint: no __metadata__ record; not an epilsr file")
+    return json.loads(bytes(z[_META]).decode())
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """``directory / "checkpoint_{step:09d}.npz"`` (the names :func:`latest` looks for)."""
+    return Path(directory) / f"checkpoint_{int(step):09d}.npz"
+
+
+def save(path: str | os.PathLike, state) -> Path:
+    """Atomically saves a whole training state (any pytree; normally a ``TrainState``).
+
+    Args:
+      path: destination ``.npz`` file (parent directories are created).
+      state: the pytree; in a multi-process run leaves must be replicated (call on process 0).
+
+    Returns:
+      ``Path(path)``.
+    """
+    arrays, keys = _flatten(state)
+    if _META in arrays:
+        raise ValueError(f"checkpoint: a leaf is named {_META!r}")
+    step = getattr(state, "step", None)
+    params = getattr(state, "params", None)
+    meta = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "epilsr_version": _version(),
+        "jax_version": jax.__version__,
+        "step": None if step is None else int(_to_numpy(step)),
+        "epitome_shape": list(params.mean.shape) if isinstance(params, Epitome) else None,
+        "leaves": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
+        "keys": keys,
+    }
+    return _atomic_write(Path(path), {**arrays, _META: _encode(meta)})
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint or epitome file."""
+    with np.load(path, allow_pickle=False) as z:
+        return _decode(z)
+
+
+def restore(path: str | os.PathLike, template):
+    """Loads a checkpoint into the structure of ``template`` (e.g. a fresh ``train_init``).
+
+    Args:
+      path: a file written by :func:`save`.
+      template: a pytree of the same structure; its leaves give the expected shapes, dtypes
+        and PRNG key implementations.
+
+    Returns:
+      A pytree like ``template`` holding the saved values (exact bit copies).
+
+    Raises:
+      ValueError: if a leaf is missing or extra, or its shape or dtype differs from the
+        template; an epitome-shape mismatch names both shapes.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        meta = _decode(z)
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path}: expected a {_FORMAT} file, got {meta.get('format')!r}")
+        saved = {name: z[name] for name in z.files if name != _META}
+    params = getattr(template, "params", None)
+    if isinstance(params, Epitome) and meta.get("epitome_shape") is not None:
+        want, got = tuple(params.mean.shape), tuple(meta["epitome_shape"])
+        if want != got:
+            raise ValueError(
+                f"{path}: checkpoint epitome shape {got} ([L, N1, N2, C]) does not match the "
+                f"template epitome shape {want}"
+            )
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [jax.tree_util.keystr(p) for p, _ in leaves_with_path]
+    extra = sorted(set(saved) - set(names))
+    if extra:
+        raise ValueError(f"{path}: checkpoint has leaves {extra} that the template lacks")
+    out = []
+    for name, (_, leaf) in zip(names, leaves_with_path, strict=True):
+        if name not in saved:
+            raise ValueError(f"{path}: checkpoint lacks the leaf {name}")
+        value = saved[name]
+        expect = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        want_shape, want_dtype = tuple(np.shape(expect)), np.asarray(expect).dtype
+        if value.shape != want_shape:
+            raise ValueError(
+                f"{path}: leaf {name} has shape {value.shape} in the checkpoint but "
+                f"{want_shape} in the template"
+            )
+        if value.dtype != want_dtype:
+            raise ValueError(
+                f"{path}: leaf {name} has dtype {value.dtype} in the checkpoint but "
+                f"{want_dtype} in the template"
+            )
+        if _is_key(leaf):
+            impl = jax.random.key_impl(leaf)
+            if meta.get("keys", {}).get(name, str(impl)) != str(impl):
+                raise ValueError(
+                    f"{path}: key {name} uses {meta['keys'][name]} in the checkpoint but "
+                    f"{impl} in the template"
+                )
+            out.append(jax.random.wrap_key_data(jnp.asarray(value), impl=impl))
+        elif isinstance(leaf, jax.Array | np.ndarray | np.generic):
+            out.append(jnp.asarray(value))
+        else:  # Python scalars in exotic optimizer states stay Python scalars
+            out.append(type(leaf)(value.item()) if np.ndim(value) == 0 else value)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def latest(directory: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest step in ``directory`` (``checkpoint_*.npz``), or None.
+
+    Temporary files of interrupted writes (``.checkpoint_*.tmp``) are ignored.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    best, best_step = None, -1
+    for entry in directory.iterdir():
+        m = _NAME.match(entry.name)
+        if m and entry.is_file() and int(m.group(1)) > best_step:
+            best, best_step = entry, int(m.group(1))
+    return best
+
+
+def save_epitome(path: str | os.PathLike, epitome: Epitome) -> Path:
+    """Atomically saves an epitome as ``.npz`` (``mean``, ``log_var``, ``prior_logits``).
+
+    The file needs nothing but NumPy to read (see :func:`load_epitome`).
+    """
+    epitome.check()
+    arrays = {
+        "mean": _to_numpy(epitome.mean).astype(np.float32),
+        "log_var": _to_numpy(epitome.log_var).astype(np.float32),
+        "prior_logits": _to_numpy(epitome.prior_logits).astype(np.float32),
+    }
+    meta = {
+        "format": _EPITOME_FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "epilsr_version": _version(),
+        "shape": list(arrays["mean"].shape),
+        "layout": "mean/log_var [L, N1, N2, C], prior_logits [L, N1, N2]",
+    }
+    return _atomic_write(Path(path), {**arrays, _META: _encode(meta)})
+
+
+def load_epitome(path: str | os.PathLike) -> Epitome:
+    """Reads a file written by :func:`save_epitome` (or any ``.npz`` with the three arrays)."""
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("mean", "log_var", "prior_logits") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: not an epitome file, missing arrays {missing}")
+        epitome = Epitome(
+            mean=jnp.asarray(z["mean"], jnp.float32),
+            log_var=jnp.asarray(z["log_var"], jnp.float32),
+            prior_logits=jnp.asarray(z["prior_logits"], jnp.float32),
+        )
+    return epitome.check()

@@ -1,0 +1,602 @@
+"""GeoTIFF rasters with tifffile + imagecodecs (no GDAL): georeferencing, windowed reads, writers.
+
+* :class:`GeoInfo` carries the GeoTIFF tags that define georeferencing (pixel scale, tie points,
+  GeoKey directory and its parameter tags, model transformation, GDAL no-data) unchanged from an
+  input to an output, and shifts them for sub-windows (:meth:`GeoInfo.window`).
+* :class:`RasterReader` / :func:`read_window` decode only the strips or tiles that intersect a
+  window (uncompressed single-strip files are memory-mapped), so a window of a 10 GB raster costs
+  the window, not the file.
+* :class:`RasterWriter` writes a tiled (256 x 256) compressed GeoTIFF row block by row block with
+  bounded memory. Finished tile rows are encoded at once and appended to ``<path>.partial``; the
+  TIFF is assembled from those encoded tiles on :meth:`RasterWriter.close` and renamed to
+  ``<path>``, so no half-written file ever sits at the final path. Its state can be checkpointed
+  and a writer resumed after a crash (used by :func:`epilsr.tiling.lsr_raster`).
+
+Arrays are channel-last: a raster is ``[H, W]`` (one sample) or ``[H, W, C]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+__all__ = [
+    "GeoInfo",
+    "RasterReader",
+    "RasterWriter",
+    "read_geoinfo",
+    "read_window",
+    "raster_shape",
+    "write_raster",
+]
+
+# GeoTIFF / GDAL tag codes.
+PIXEL_SCALE, TIEPOINT, TRANSFORMATION = 33550, 33922, 34264
+GEOKEYS, GEO_DOUBLES, GEO_ASCII, GDAL_NODATA = 34735, 34736, 34737, 42113
+# GeoKeys used to find the EPSG code.
+_MODEL_TYPE, _GEOGRAPHIC_TYPE, _PROJECTED_TYPE = 1024, 2048, 3072
+_USER_DEFINED = 32767
+
+PathLike = str | os.PathLike
+
+
+def _floats(v) -> tuple[float, ...] | None:
+    return None if v is None else tuple(float(x) for x in np.ravel(v))
+
+
+def _ints(v) -> tuple[int, ...] | None:
+    return None if v is None else tuple(int(x) for x in np.ravel(v))
+
+
+def _text(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("ascii", "replace")
+    return str(v).rstrip("\x00")
+
+
+def _nodata_text(value: float | int | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeoInfo:
+    """The georeferencing tags of a GeoTIFF, carried unchanged from input to output.
+
+    Attributes:
+      pixel_scale: ModelPixelScaleTag (33550) ``(sx, sy, sz)``.
+      tiepoints: ModelTiepointTag (33922) ``(I, J, K, X, Y, Z) * n``: raster point ``(I, J)``
+        (column, row) maps to model point ``(X, Y, Z)``.
+      geokeys: GeoKeyDirectoryTag (34735), the raw SHORT directory.
+      geo_doubles: GeoDoubleParamsTag (34736).
+      geo_ascii: GeoAsciiParamsTag (34737).
+      transformation: ModelTransformationTag (34264), 16 doubles (row-major 4 x 4).
+      nodata: GDAL_NODATA (42113) as text (e.g. ``"255"``, ``"nan"``).
+    """
+
+    pixel_scale: tuple[float, ...] | None = None
+    tiepoints: tuple[float, ...] | None = None
+    geokeys: tuple[int, ...] | None = None
+    geo_doubles: tuple[float, ...] | None = None
+    geo_ascii: str | None = None
+    transformation: tuple[float, ...] | None = None
+    nodata: str | None = None
+
+    @classmethod
+    def from_tags(cls, tags: Any) -> GeoInfo:
+        """From a ``tifffile.TiffTags`` (``page.tags``) or a ``{code: value}`` mapping."""
+
+        def get(code):
+            tag = tags.get(code)
+            return getattr(tag, "value", tag)
+
+        return cls(
+            pixel_scale=_floats(get(PIXEL_SCALE)),
+            tiepoints=_floats(get(TIEPOINT)),
+            geokeys=_ints(get(GEOKEYS)),
+            geo_doubles=_floats(get(GEO_DOUBLES)),
+            geo_ascii=_text(get(GEO_ASCII)),
+            transformation=_floats(get(TRANSFORMATION)),
+            nodata=_text(get(GDAL_NODATA)),
+        )
+
+    @property
+    def is_georeferenced(self) -> bool:
+        """True when the raster -> model mapping is defined (tie points or a transformation)."""
+        return self.transformation is not None or self.tiepoints is not None
+
+    @property
+    def epsg(self) -> int | None:
+        """EPSG code from the GeoKey directory (projected CRS first, else geographic), or None."""
+        keys = self.geokeys
+        if not keys or len(keys) < 4:
+            return None
+        entries = {}
+        for i in range(4, min(len(keys), 4 + 4 * keys[3]) - 3, 4):
+            key_id, location, _count, value = keys[i : i + 4]
+            if location == 0:  # value stored inline
+                entries[key_id] = value
+        model = entries.get(_MODEL_TYPE)
+        order = (_GEOGRAPHIC_TYPE, _PROJECTED_TYPE) if model == 2 else (
+            _PROJECTED_TYPE, _GEOGRAPHIC_TYPE)
+        for key_id in order:
+            code = entries.get(key_id)
+            if code is not None and 0 < code < _USER_DEFINED:
+                return int(code)
+        return None
+
+    @property
+    def geotransform(self) -> tuple[float, float, float, float, float, float] | None:
+        """GDAL-style ``(x0, dx_col, dx_row, y0, dy_col, dy_row)`` of pixel corners, or None.
+
+        Model ``x = x0 + col * dx_col + row * dx_row`` and ``y = y0 + col * dy_col + row * dy_row``.
+        """
+        if self.transformation is not None:
+            m = self.transformation
+            return (m[3], m[0], m[1], m[7], m[4], m[5])
+        if self.pixel_scale is not None and self.tiepoints is not None and len(self.tiepoints) == 6:
+            i, j, _, x, y, _ = self.tiepoints
+            sx, sy = self.pixel_scale[:2]
+            return (x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy)
+        return None
+
+    def window(self, row: int, col: int) -> GeoInfo:
+        """The georeferencing of the sub-raster whose top-left pixel is ``(row, col)``.
+
+        With a pixel scale and one tie point the model point moves by ``(col * sx, -row * sy)``
+        and the raster point stays; with a transformation its translation moves by the
+        matrix applied to ``(col, row)``; tie points without a scale (control points) have
+        their raster coordinates shifted by ``(-col, -row)``. The GeoKeys are unchanged.
+        """
+        row, col = int(row), int(col)
+        if row == 0 and col == 0:
+            return self
+        changes: dict[str, Any] = {}
+        if self.transformation is not None:
+            m = list(self.transformation)
+            for r in range(3):
+                m[4 * r + 3] += m[4 * r] * col + m[4 * r + 1] * row
+            changes["transformation"] = tuple(m)
+        if self.tiepoints is not None:
+            t = list(self.tiepoints)
+            if self.pixel_scale is not None and len(t) == 6:
+                t[3] += col * self.pixel_scale[0]
+                t[4] -= row * self.pixel_scale[1]
+            else:
+                for k in range(0, len(t) - 5, 6):
+                    t[k] -= col
+                    t[k + 1] -= row
+            changes["tiepoints"] = tuple(t)
+        return dataclasses.replace(self, **changes)
+
+    def with_nodata(self, value: float | int | str | None) -> GeoInfo:
+        """A copy with GDAL_NODATA set to ``value`` (``None`` removes it; NaN -> ``"nan"``)."""
+        return dataclasses.replace(self, nodata=_nodata_text(value))
+
+    def extratags(self) -> list[tuple[int, str, int, Any, bool]]:
+        """The tags as ``tifffile`` ``extratags`` tuples ``(code, dtype, count, value, True)``."""
+        out: list[tuple[int, str, int, Any, bool]] = []
+        for code, dtype, value in (
+            (PIXEL_SCALE, "d", self.pixel_scale),
+            (TIEPOINT, "d", self.tiepoints),
+            (TRANSFORMATION, "d", self.transformation),
+            (GEOKEYS, "H", self.geokeys),
+            (GEO_DOUBLES, "d", self.geo_doubles),
+            (GEO_ASCII, "s", self.geo_ascii),
+            (GDAL_NODATA, "s", self.nodata),
+        ):
+            if value is None:
+                continue
+            count = 0 if dtype == "s" else len(value)
+            out.append((code, dtype, count, value, True))
+        return out
+
+
+def read_geoinfo(path: PathLike, *, page: int = 0) -> GeoInfo:
+    """The :class:`GeoInfo` of ``path`` (all fields None for a plain TIFF)."""
+    with tifffile.TiffFile(path) as tif:
+        return GeoInfo.from_tags(tif.pages[page].tags)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class RasterReader:
+    """An open TIFF page read by windows: ``reader(row, col, height, width) -> [h, w(, C)]``.
+
+    Only the strips/tiles that intersect the window are read and decoded (any compression
+    tifffile + imagecodecs decode, predictors included); uncompressed contiguous pages are
+    memory-mapped. Samples are returned last whatever the planar configuration. Use as a
+    context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: PathLike, *, page: int = 0):
+        self.path = Path(path)
+        self._tif = tifffile.TiffFile(self.path)
+        try:
+            self._page = self._tif.pages[page]
+            p = self._page
+            s, depth, length, width, contig = p.shaped
+            if depth != 1:
+                raise ValueError(f"{self.path}: volumetric TIFF pages (depth {depth}) unsupported")
+            self._samples = s * contig
+            self._separate = s > 1
+            self.height, self.width = int(length), int(width)
+            self.dtype = np.dtype(p.dtype).newbyteorder("=")
+            self.geo = GeoInfo.from_tags(p.tags)
+            self._mmap = None
+            if p.is_memmappable and p.compression == 1:
+                self._mmap = tifffile.memmap(self.path, page=page, mode="r")
+        except Exception:
+            self._tif.close()
+            raise
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(H, W)`` or ``(H, W, C)``."""
+        return (self.height, self.width) + ((self._samples,) if self._samples > 1 else ())
+
+    def _check(self, row, col, height, width):
+        row, col, height, width = (int(v) for v in (row, col, height, width))
+        if (
+            min(row, col) < 0 or min(height, width) < 1
+            or row + height > self.height or col + width > self.width
+        ):
+            raise ValueError(
+                f"{self.path.name}: window rows {row}:{row + height}, cols {col}:{col + width} "
+                f"is empty or outside the {self.height}x{self.width} raster"
+            )
+        return row, col, height, width
+
+    def __call__(self, row: int, col: int, height: int, width: int) -> np.ndarray:
+        """Rows ``row:row+height``, columns ``col:col+width`` -> ``[height, width(, C)]``."""
+        row, col, height, width = self._check(row, col, height, width)
+        if self._mmap is not None:
+            win = self._mmap
+            if self._separate:  # [S, H, W]
+                win = np.moveaxis(win[:, row : row + height, col : col + width], 0, -1)
+            else:
+                win = win[row : row + height, col : col + width]
+            return np.array(win, dtype=self.dtype)
+        return self._decode_window(row, col, height, width)
+
+    def _decode_window(self, row, col, height, width) -> np.ndarray:
+        p = self._page
+        s_sep = p.shaped[0]
+        out = np.zeros((height, width, self._samples), self.dtype)
+        if p.is_tiled:
+            seg_h, seg_w = p.tilelength, p.tilewidth
+            across = math.ceil(self.width / seg_w)
+        else:
+            seg_h, seg_w = p.rowsperstrip, self.width
+            across = 1
+        down = math.ceil(self.height / seg_h)
+        r0, r1 = row // seg_h, (row + height - 1) // seg_h
+        c0, c1 = col // seg_w, (col + width - 1) // seg_w
+        indices = [
+            s * down * across + r * across + c
+            for s in range(s_sep)
+            for r in range(r0, r1 + 1)
+            for c in range(c0, c1 + 1)
+        ]
+        offsets = [p.dataoffsets[i] for i in indices]
+        counts = [p.databytecounts[i] for i in indices]
+        fh = self._tif.filehandle
+        decodeargs = {}
+        if p.compression in {6, 7, 34892, 33007}:  # JPEG flavours
+            decodeargs = {"jpegtables": p.jpegtables, "jpegheader": p.jpegheader}
+        for data, index in fh.read_segments(offsets, counts, indices, lock=fh.lock, sort=True):
+            seg, (s, _, y0, x0, _), _ = p.decode(data, index, **decodeargs)
+            if seg is None:  # empty segment: stays zero
+                continue
+            seg = seg[0]  # [h, w, contig]
+            ys, ye = max(row, y0), min(row + height, y0 + seg.shape[0], self.height)
+            xs, xe = max(col, x0), min(col + width, x0 + seg.shape[1], self.width)
+            if ys >= ye or xs >= xe:
+                continue
+            contig = seg.shape[-1]
+            out[ys - row : ye - row, xs - col : xe - col, s * contig : (s + 1) * contig] = seg[
+                ys - y0 : ye - y0, xs - x0 : xe - x0
+            ]
+        return out[..., 0] if self._samples == 1 else out
+
+    def read(self) -> np.ndarray:
+        """The whole raster ``[H, W(, C)]``."""
+        return self(0, 0, self.height, self.width)
+
+    def close(self) -> None:
+        self._mmap = None
+        self._tif.close()
+
+    def __enter__(self) -> RasterReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_window(
+    path: PathLike, row: int, col: int, height: int, width: int, *, page: int = 0
+) -> np.ndarray:
+    """``[height, width(, C)]`` window of a TIFF, decoding only the strips/tiles it touches."""
+    with RasterReader(path, page=page) as reader:
+        return reader(row, col, height, width)
+
+
+def raster_shape(path: PathLike, *, page: int = 0) -> tuple[int, ...]:
+    """``(H, W)`` or ``(H, W, C)`` (samples last) without reading pixel data."""
+    with tifffile.TiffFile(path) as tif:
+        s, _, h, w, c = tif.pages[page].shaped
+    return (h, w) + ((s * c,) if s * c > 1 else ())
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+_COMPRESSION = {None: 1, "none": 1, "lzw": 5, "deflate": 8, "zlib": 8}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
+    """``np.save`` to ``<path>.tmp`` then rename (never a half-written ``.npy`` at ``path``)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RasterWriter:
+    """Writes a tiled, compressed GeoTIFF row block by row block with bounded memory.
+
+    Rows arrive in order through :meth:`write`; every complete row of tiles (``tile`` rows) is
+    split into ``tile x tile`` tiles, encoded (predictor + LZW/deflate, as tifffile would) and
+    appended to ``<path>.partial``. :meth:`close` assembles the TIFF from the encoded tiles into
+    ``<path>.partial.tif`` and renames it to ``<path>``. Memory: one row of tiles
+    (``tile * W * bands`` values). Georeferencing: ``geo`` tags are copied as extratags, with
+    ``nodata`` (if given) as GDAL_NODATA.
+
+    Args:
+      path: the final ``.tif`` path.
+      height, width: raster size.
+      dtype: e.g. ``uint8`` labels, ``float32``/``float16`` probabilities.
+      bands: ``None`` for ``[H, W]`` rasters, else ``C`` for ``[H, W, C]`` (interleaved).
+      geo: georeferencing to copy (e.g. the input's :class:`GeoInfo`).
+      nodata: GDAL_NODATA of this output (overrides ``geo.nodata``; NaN allowed).
+      compression: ``"deflate"`` (default), ``"lzw"`` or ``None``.
+      predictor: ``True`` = horizontal differencing for integers, floating-point predictor for
+        floats; ``False`` = none.
+      tile: tile side (multiple of 16).
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        height: int,
+        width: int,
+        dtype: Any,
+        bands: int | None = None,
+        geo: GeoInfo | None = None,
+        nodata: float | int | str | None = None,
+        compression: str | None = "deflate",
+        predictor: bool = True,
+        tile: int = 256,
+        _state: dict | None = None,
+    ):
+        self.path = Path(path)
+        self.height, self.width = int(height), int(width)
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"RasterWriter: expected a positive size, got {height}x{width}")
+        if tile < 16 or tile % 16:
+            raise ValueError(f"RasterWriter: tile must be a positive multiple of 16, got {tile}")
+        key = compression.lower() if isinstance(compression, str) else compression
+        if key not in _COMPRESSION:
+            raise ValueError(f"RasterWriter: compression must be 'deflate', 'lzw' or None, got "
+                             f"{compression!r}")
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.bands = None if bands is None else int(bands)
+        self.tile = int(tile)
+        self._compression = _COMPRESSION[key]
+        if not predictor or self._compression == 1:
+            self._predictor = 1
+        else:
+            self._predictor = 3 if self.dtype.kind == "f" else 2
+        geo = geo if geo is not None else GeoInfo()
+        self.geo = geo.with_nodata(nodata) if nodata is not None else geo
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        spp = self.bands or 1
+        self._pending = np.zeros((self.tile, self.width, spp), self.dtype)
+        self._n_pending = 0  # rows in _pending
+        self._rows = 0  # rows received
+        self._bytecounts: list[int] = []
+        self._closed = False
+        if _state is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._spool = open(self.partial, "wb")  # closed in close()/abort()
+        else:
+            self._spool = open(self.partial, "r+b")
+            self._spool.truncate(int(_state["spool_bytes"]))
+            self._spool.seek(0, os.SEEK_END)
+            self._bytecounts = [int(b) for b in _state["bytecounts"]]
+            self._rows = int(_state["rows"])
+            self._n_pending = self._rows % self.tile
+            if self._n_pending:
+                pend = np.load(_state["pending"])
+                self._pending[: self._n_pending] = pend.reshape(self._n_pending, self.width, spp)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` or :meth:`abort`."""
+        return self._closed
+
+    @property
+    def rows_written(self) -> int:
+        """Rows received so far (the next :meth:`write` starts at this row)."""
+        return self._rows
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append the next rows: ``[r, W]`` (or ``[r, W, bands]``), cast to the writer's dtype."""
+        if self._closed:
+            raise ValueError(f"{self.path.name}: writer is closed")
+        rows = np.asarray(rows)
+        expect = (self.width,) + ((self.bands,) if self.bands is not None else ())
+        if rows.ndim != len(expect) + 1 or rows.shape[1:] != expect:
+            dims = ", ".join(map(str, expect))
+            raise ValueError(f"{self.path.name}: expected rows of shape [r, {dims}], "
+                             f"got {rows.shape}")
+        if self._rows + rows.shape[0] > self.height:
+            raise ValueError(f"{self.path.name}: {self._rows + rows.shape[0]} rows exceed the "
+                             f"raster height {self.height}")
+        rows = rows.reshape(rows.shape[0], self.width, -1)
+        i = 0
+        while i < rows.shape[0]:
+            take = min(self.tile - self._n_pending, rows.shape[0] - i)
+            self._pending[self._n_pending : self._n_pending + take] = rows[i : i + take]
+            self._n_pending += take
+            self._rows += take
+            i += take
+            if self._n_pending == self.tile or self._rows == self.height:
+                self._flush_tile_row()
+
+    def _encode(self, tile: np.ndarray) -> bytes:
+        tile = np.ascontiguousarray(tile)
+        if self._compression == 1:
+            return tile.tobytes()
+        if self._predictor > 1:
+            tile = tifffile.TIFF.PREDICTORS[self._predictor](tile, axis=-2)
+        return tifffile.TIFF.COMPRESSORS[self._compression](tile)
+
+    def _flush_tile_row(self) -> None:
+        t = self.tile
+        if self._n_pending < t:
+            self._pending[self._n_pending :] = 0  # TIFF tiles are always full size
+        for c in range(0, self.width, t):
+            block = self._pending[:, c : c + t]
+            if block.shape[1] < t:
+                block = np.pad(block, ((0, 0), (0, t - block.shape[1]), (0, 0)))
+            data = self._encode(block)
+            self._spool.write(data)
+            self._bytecounts.append(len(data))
+        self._n_pending = 0
+
+    def checkpoint(self, pending_path: PathLike) -> dict:
+        """Make the rows written so far durable; returns a JSON-able state for :meth:`resume`.
+
+        Flushes and fsyncs ``<path>.partial`` and saves the rows of the incomplete tile row (if
+        any) to ``pending_path`` (atomically).
+        """
+        self._spool.flush()
+        os.fsync(self._spool.fileno())
+        pending = None
+        if self._n_pending:
+            _save_npy_atomic(pending_path, self._pending[: self._n_pending])
+            pending = os.fspath(pending_path)
+        return {
+            "rows": self._rows,
+            "spool_bytes": int(self._spool.tell()),
+            "bytecounts": list(self._bytecounts),
+            "pending": pending,
+        }
+
+    @classmethod
+    def resume(cls, path: PathLike, state: dict, **kwargs) -> RasterWriter:
+        """Reopen a writer from :meth:`checkpoint`'s state (same keyword arguments as before)."""
+        return cls(path, _state=state, **kwargs)
+
+    def _tiles(self):
+        with open(self.partial, "rb") as f:
+            for n in self._bytecounts:
+                yield f.read(n)
+
+    def close(self) -> Path:
+        """Assemble the GeoTIFF and rename it to ``path`` (all rows must have been written)."""
+        if self._closed:
+            return self.path
+        if self._rows != self.height:
+            raise ValueError(f"{self.path.name}: only {self._rows} of {self.height} rows written")
+        self._spool.close()
+        spp = self.bands or 1
+        shape = (self.height, self.width) + ((spp,) if self.bands is not None else ())
+        nbytes = self.height * self.width * spp * self.dtype.itemsize
+        tmp = self.path.with_name(self.path.name + ".partial.tif")
+        with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**32 - 2**27, byteorder="<") as tw:
+            tw.write(
+                self._tiles(),
+                shape=shape,
+                dtype=self.dtype,
+                tile=(self.tile, self.tile),
+                compression=self._compression,
+                predictor=self._predictor if self._predictor > 1 else None,
+                photometric="minisblack",
+                planarconfig="contig" if self.bands is not None else None,
+                extratags=self.geo.extratags(),
+                metadata=None,
+                software="epilsr",
+            )
+        _fsync(tmp)
+        os.replace(tmp, self.path)
+        self.partial.unlink(missing_ok=True)
+        self._closed = True
+        return self.path
+
+    def abort(self, *, keep_partial: bool = False) -> None:
+        """Stop without producing ``path``; deletes ``<path>.partial`` unless ``keep_partial``."""
+        if not self._spool.closed:
+            self._spool.close()
+        if not keep_partial:
+            self.partial.unlink(missing_ok=True)
+        self._closed = True
+
+    def __enter__(self) -> RasterWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep what was written; a rerun may resume from a checkpoint
+            self.abort(keep_partial=True)
+
+
+def write_raster(
+    path: PathLike,
+    data: np.ndarray,
+    *,
+    geo: GeoInfo | None = None,
+    nodata: float | int | str | None = None,
+    compression: str | None = "deflate",
+    tile: int = 256,
+    block_rows: int | None = None,
+) -> Path:
+    """Write an in-memory (or memory-mapped) ``[H, W(, C)]`` array with :class:`RasterWriter`."""
+    data = np.asarray(data) if not isinstance(data, np.memmap) else data
+    bands = data.shape[2] if data.ndim == 3 else None
+    step = block_rows or tile
+    with RasterWriter(path, height=data.shape[0], width=data.shape[1], dtype=data.dtype,
+                      bands=bands, geo=geo, nodata=nodata, compression=compression,
+                      tile=tile) as w:
+        for r in range(0, data.shape[0], step):
+            w.write(data[r : r + step])
+    return Path(path)
