@@ -48,8 +48,13 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
         scene = synthetic.make_scene(int(data.seed), size=int(data.size), block=int(data.block))
         colors = np.array([[0, 92, 230], [38, 115, 0], [163, 255, 115], [156, 156, 156]], np.uint8)
         yield LabelledTile(
-            f"synthetic_seed{data.seed}_{data.size}", scene.image, scene.classes, scene.labels,
-            scene.label_given_class, scene.label_names, colors,
+            f"synthetic_seed{data.seed}_{data.size}",
+            scene.image,
+            scene.classes,
+            scene.labels,
+            scene.label_given_class,
+            scene.label_names,
+            colors,
         )
     elif data.kind == "chesapeake":
         from epilsr.data import chesapeake
@@ -60,8 +65,13 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
         for stem in chesapeake.find_tiles(root):
             tile = chesapeake.load_tile(stem)
             yield LabelledTile(
-                tile.name, tile.image, table.index(tile.nlcd), tile.labels, table.mean,
-                chesapeake.LABEL_NAMES, chesapeake.LABEL_COLORS,
+                tile.name,
+                tile.image,
+                table.index(tile.nlcd),
+                tile.labels,
+                table.mean,
+                chesapeake.LABEL_NAMES,
+                chesapeake.LABEL_COLORS,
             )
     else:
         raise ValueError(f"data.kind: expected 'synthetic' or 'chesapeake', got {data.kind!r}")

@@ -57,8 +57,12 @@ def main(cfg: DictConfig) -> dict:
         n_labels = tile.table.shape[1]
         start = time.perf_counter()
         probs = epilsr.self_epitomic_lsr(
-            jax.random.fold_in(key, i), tile.image, tile.classes, tile.table,
-            cell_size=int(cfg.data.cell_size), **lsr_kwargs,
+            jax.random.fold_in(key, i),
+            tile.image,
+            tile.classes,
+            tile.table,
+            cell_size=int(cfg.data.cell_size),
+            **lsr_kwargs,
         )
         probs = np.asarray(jax.block_until_ready(probs))
         seconds = time.perf_counter() - start
@@ -84,13 +88,18 @@ def main(cfg: DictConfig) -> dict:
     results = {"tiles": per_tile, "config": OmegaConf.to_container(cfg, resolve=True)}
     if conf["lsr"] is not None:
         summary = []
-        for name, label in (("paint", "paint each coarse cell (baseline)"),
-                            ("lsr", "self-epitomic LSR")):
+        for name, label in (
+            ("paint", "paint each coarse cell (baseline)"),
+            ("lsr", "self-epitomic LSR"),
+        ):
             per_class, mean_iou = metrics.iou_from_confusion(conf[name])
             acc = metrics.accuracy_from_confusion(conf[name])
             summary.append([label, acc, float(mean_iou)] + [float(v) for v in per_class])
-            results[name] = {"accuracy": acc, "miou": float(mean_iou),
-                             "iou": [None if np.isnan(v) else float(v) for v in per_class]}
+            results[name] = {
+                "accuracy": acc,
+                "miou": float(mean_iou),
+                "iou": [None if np.isnan(v) else float(v) for v in per_class],
+            }
         names = list(tiles[0].label_names)
         print("\npooled over all tiles (IoU nan = class absent from truth and prediction)")
         print(format_table(["method", "acc", "mIoU"] + [f"IoU {n}" for n in names], summary))

@@ -27,9 +27,7 @@ def test_table_contents():
 
 def test_lc_mapping():
     lc = np.array([[0, 1, 2, 3], [4, 5, 6, 15]], np.uint8)
-    np.testing.assert_array_equal(
-        chesapeake.lc_to_labels(lc), [[255, 0, 1, 2], [3, 3, 3, 255]]
-    )
+    np.testing.assert_array_equal(chesapeake.lc_to_labels(lc), [[255, 0, 1, 2], [3, 3, 3, 255]])
 
 
 def test_nlcd_index_and_unknown_code():

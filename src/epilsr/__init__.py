@@ -30,7 +30,6 @@ from epilsr.train import (
     worst_quantile,
 )
 
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "paint_classes",
     "self_epitomic_lsr",
     "predict",
-
     "circular_correlate",
     "circular_correlate_adjoint",
     "box_sum",

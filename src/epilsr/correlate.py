@@ -40,7 +40,7 @@ __all__ = [
 _HIGHEST = lax.Precision.HIGHEST
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fft_size(n: int) -> int:
     """Smallest 7-smooth integer ``>= n`` (a fast length for any FFT library)."""
     m = n
@@ -54,8 +54,9 @@ def fft_size(n: int) -> int:
         m += 1
 
 
-def wrap_pad(x: jax.Array, axes: tuple[int, int], lengths: tuple[int, int],
-             starts: tuple[int, int] = (0, 0)) -> jax.Array:
+def wrap_pad(
+    x: jax.Array, axes: tuple[int, int], lengths: tuple[int, int], starts: tuple[int, int] = (0, 0)
+) -> jax.Array:
     """Circular extension: ``out[..., t1, t2, ...] = x[..., (t1 + a1) % N1, (t2 + a2) % N2, ...]``.
 
     Args:
@@ -77,8 +78,12 @@ def _correlate_direct(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     padded = wrap_pad(maps, (1, 2), (n1 + k1 - 1, n2 + k2 - 1))
     rhs = jnp.transpose(kernels, (1, 2, 3, 0))  # [K1, K2, F, B]
     out = lax.conv_general_dilated(
-        padded, rhs, window_strides=(1, 1), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST,
+        padded,
+        rhs,
+        window_strides=(1, 1),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=_HIGHEST,
     )  # [L, N1, N2, B]
     return jnp.transpose(out, (3, 0, 1, 2))
 
@@ -131,7 +136,8 @@ def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "au
       method: ``"auto"``, ``"direct"`` or ``"fft"``.
 
     Returns:
-      ``[B, L, N1, N2]`` with ``out[b, l, s] = sum_{u, f} maps[l, (s + u) % N, f] kernels[b, u, f]``.
+      ``[B, L, N1, N2]`` with
+      ``out[b, l, s] = sum_{u, f} maps[l, (s + u) % N, f] kernels[b, u, f]``.
     """
     if maps.ndim != 4 or kernels.ndim != 4 or maps.shape[-1] != kernels.shape[-1]:
         raise ValueError(
@@ -180,7 +186,9 @@ def _box_1d(x: jax.Array, k: int, axis: int, reverse: bool) -> jax.Array:
     padded = jnp.take(x, idx, axis=axis)
     window = [1] * x.ndim
     window[axis] = k
-    return lax.reduce_window(padded, np.zeros((), x.dtype), lax.add, tuple(window), (1,) * x.ndim, "VALID")
+    return lax.reduce_window(
+        padded, np.zeros((), x.dtype), lax.add, tuple(window), (1,) * x.ndim, "VALID"
+    )
 
 
 def box_sum(x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (-2, -1)) -> jax.Array:
@@ -193,7 +201,9 @@ def box_sum(x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (-2,
     return _box_1d(_box_1d(x, size[0], a1, False), size[1], a2, False)
 
 
-def box_spread(x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (-2, -1)) -> jax.Array:
+def box_spread(
+    x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (-2, -1)
+) -> jax.Array:
     """Adjoint of :func:`box_sum`: every position's value spread over its window.
 
     ``out[m, n] = sum_{i < K1, j < K2} x[(m - i) % N1, (n - j) % N2]`` (Eq. 11's spreading).

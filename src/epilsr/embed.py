@@ -54,8 +54,12 @@ def embed_labels(
         raise ValueError(f"labels: expected {b} label blocks (one per patch), got {labels.shape}")
     kl1, kl2 = labels.shape[1:3]
     if kl1 > k1 or kl2 > k2:
-        raise ValueError(f"labels: label block {labels.shape[1:3]} is larger than the patch {(k1, k2)}")
-    post = jnp.exp(log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method))
+        raise ValueError(
+            f"labels: label block {labels.shape[1:3]} is larger than the patch {(k1, k2)}"
+        )
+    post = jnp.exp(
+        log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
+    )
     z = circular_correlate_adjoint(
         post, labels.astype(jnp.float32), map_size=epitome.size, method=method
     )
@@ -117,5 +121,7 @@ def embed_classes(
             f"classes: expected one class per patch ({patches.shape[0]}), got shape {classes.shape}"
         )
     check_index_range("classes", classes, n_classes, "class")
-    post = jnp.exp(log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method))
+    post = jnp.exp(
+        log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
+    )
     return spread_class_posteriors(post, classes, n_classes=n_classes, window=patches.shape[1:3])

@@ -132,7 +132,9 @@ def as_float_image(image: ArrayLike, name: str = "image") -> jax.Array:
     if image.dtype == jnp.uint16:
         return image.astype(jnp.float32) / 65535.0
     if not jnp.issubdtype(image.dtype, jnp.floating):
-        raise ValueError(f"{name}: expected uint8, uint16 or float imagery, got dtype {image.dtype}")
+        raise ValueError(
+            f"{name}: expected uint8, uint16 or float imagery, got dtype {image.dtype}"
+        )
     return image.astype(jnp.float32)
 
 

@@ -69,7 +69,11 @@ def log_likelihood(epitome: Epitome, patches: ArrayLike, *, method: str = "auto"
 
 
 def log_prior(epitome: Epitome) -> jax.Array:
-    """``log p(s)``: ``log_softmax`` of ``prior_logits`` over all ``L*N1*N2`` positions. ``[L, N1, N2]``."""
+    """``log p(s)``: ``log_softmax`` of ``prior_logits`` over all ``L*N1*N2`` positions.
+
+    Returns:
+      ``[L, N1, N2]``.
+    """
     logits = epitome.prior_logits
     return logits - jax.nn.logsumexp(logits)
 

@@ -27,7 +27,6 @@ from epilsr._validate import (
     is_concrete,
 )
 from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
-from epilsr.embed import spread_class_posteriors
 from epilsr.epitome import as_float_image
 
 __all__ = [
@@ -246,12 +245,30 @@ def _window_mask(size: tuple[int, int], k: int, wrap: bool) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "n_classes", "patch_size", "downsample", "n_patches", "chunk", "wrap",
+        "n_classes",
+        "patch_size",
+        "downsample",
+        "n_patches",
+        "chunk",
+        "wrap",
         "class_spread",
     ),
 )
-def _self_counts(key, image, classes, var, temperature, *, n_classes, patch_size,
-                 downsample, n_patches, chunk, wrap, class_spread):
+def _self_counts(
+    key,
+    image,
+    classes,
+    var,
+    temperature,
+    *,
+    n_classes,
+    patch_size,
+    downsample,
+    n_patches,
+    chunk,
+    wrap,
+    class_spread,
+):
     h, w, _ = image.shape
     k, d = patch_size, downsample
     epi = _block_mean(image, d)  # [h, w, C]
@@ -295,8 +312,10 @@ def _self_counts(key, image, classes, var, temperature, *, n_classes, patch_size
         logits = jnp.where(valid, logits, -jnp.inf)
         post = jax.nn.softmax(logits, axis=(1, 2)) * wt[:, None, None]  # [chunk, h, w]
         if class_spread == "window":  # Eq. 11: the centre pixel's class over the whole window
-            patch_cls = cls.ravel()[jnp.minimum(pos // n2 + k // 2, n1 - 1) * n2
-                                    + jnp.minimum(pos % n2 + k // 2, n2 - 1)]
+            patch_cls = cls.ravel()[
+                jnp.minimum(pos // n2 + k // 2, n1 - 1) * n2
+                + jnp.minimum(pos % n2 + k // 2, n2 - 1)
+            ]
             onehot = jax.nn.one_hot(patch_cls, n_classes, dtype=jnp.float32)
             acc = acc + jnp.einsum("bc,bxy->xyc", onehot, post, precision="highest")
         else:  # "pixel": each pixel's own class lands where the pixel maps (Eq. 6 on classes)
@@ -392,7 +411,9 @@ def self_epitomic_lsr(
     classes = jnp.asarray(classes)
     check_rank("classes", classes, 2, "[H, W]")
     if classes.shape != image.shape[:2]:
-        raise ValueError(f"classes: expected shape {image.shape[:2]} to match image, got {classes.shape}")
+        raise ValueError(
+            f"classes: expected shape {image.shape[:2]} to match image, got {classes.shape}"
+        )
     table = jnp.asarray(label_given_class, jnp.float32)
     check_rank("label_given_class", table, 2, "[Cc, n]")
     check_index_range("classes", classes, table.shape[0], "class")
@@ -426,16 +447,28 @@ def self_epitomic_lsr(
     if chunk is None:
         chunk = max(1, min(2048, (1 << 24) // (n1 * n2)))
     counts = _self_counts(
-        key, image, classes.astype(jnp.int32), jnp.float32(var), jnp.float32(temperature),
-        n_classes=table.shape[0], patch_size=patch_size, downsample=downsample,
-        n_patches=n_patches, chunk=chunk, wrap=wrap, class_spread=class_spread,
+        key,
+        image,
+        classes.astype(jnp.int32),
+        jnp.float32(var),
+        jnp.float32(temperature),
+        n_classes=table.shape[0],
+        patch_size=patch_size,
+        downsample=downsample,
+        n_patches=n_patches,
+        chunk=chunk,
+        wrap=wrap,
+        class_spread=class_spread,
     )
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)
     pixels = jnp.bincount(classes.ravel(), length=table.shape[0]).astype(jnp.float32)
     probs, _ = adapt_compositions(
-        counts, table, evidence=adapt_strength * pixels / cell_size**2,
-        concentration=concentration, rounds=adapt_rounds, iters=iters,
+        counts,
+        table,
+        evidence=adapt_strength * pixels / cell_size**2,
+        concentration=concentration,
+        rounds=adapt_rounds,
+        iters=iters,
     )
     return _upsample(probs, downsample, image.shape[:2])
-

@@ -21,7 +21,10 @@ __all__ = ["predict", "patch_label_predictions", "patch_grid"]
 
 
 def patch_label_predictions(
-    label_probs: jax.Array, posteriors: jax.Array, *, patch_size: tuple[int, int],
+    label_probs: jax.Array,
+    posteriors: jax.Array,
+    *,
+    patch_size: tuple[int, int],
     method: str = "auto",
 ) -> jax.Array:
     """Eq. 2 for whole patches: ``y[b, u, :] = sum_{l, s} p(s|x_b) label_probs[l, s + u, :]``.
@@ -42,7 +45,7 @@ def patch_label_predictions(
 
 
 def patch_grid(size: int, k: int, stride: int) -> jax.Array:
-    """Top-left coordinates ``0, stride, ...`` of windows along one axis, always ending at ``size - k``."""
+    """Top-left window coordinates along one axis: ``0, stride, ...`` and always ``size - k``."""
     starts = list(range(0, size - k + 1, stride))
     if starts[-1] != size - k:
         starts.append(size - k)
@@ -116,8 +119,9 @@ def predict(
         acc, count = carry
         st, wt = xs
         patches = jax.vmap(lambda s: jax.lax.dynamic_slice(image, (s[0], s[1], 0), (k, k, c)))(st)
-        post = jnp.exp(log_posterior(epitome, patches, temperature=temperature, mask=mask,
-                                     method=method))
+        post = jnp.exp(
+            log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
+        )
         y = patch_label_predictions(label_probs, post, patch_size=(k, k), method=method)
         y = y * wt[:, None, None, None]
         r = st[:, 0, None, None] + offs[None, :, None]  # [B, K, 1]

@@ -11,7 +11,7 @@ __all__ = ["rgb_preview", "colorize", "panel", "save_png"]
 
 
 def rgb_preview(image: np.ndarray, *, percentiles: tuple[float, float] = (1, 99)) -> np.ndarray:
-    """``[H, W, C>=3]`` imagery -> ``[H, W, 3]`` uint8 of the first three bands, contrast-stretched."""
+    """``[H, W, C>=3]`` imagery -> ``[H, W, 3]`` uint8 of the first three bands, stretched."""
     rgb = np.asarray(image, np.float32)[..., :3]
     lo, hi = np.percentile(rgb, percentiles)
     return (np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
@@ -48,7 +48,9 @@ def panel(
     if legend:
         x = 2
         for name, color in legend:
-            draw.rectangle([x, h + top + 4, x + 10, h + top + 14], fill=tuple(int(c) for c in color))
+            draw.rectangle(
+                [x, h + top + 4, x + 10, h + top + 14], fill=tuple(int(c) for c in color)
+            )
             draw.text((x + 14, h + top + 3), name, fill="black")
             x += 20 + 7 * len(name)
     return np.asarray(canvas)

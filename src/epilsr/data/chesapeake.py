@@ -68,7 +68,9 @@ class NlcdTable:
 def load_nlcd_table(path: str | os.PathLike | None = None) -> NlcdTable:
     """Reads ``nlcd_label_priors.csv`` (the copy shipped with the package when ``path`` is None)."""
     if path is None:
-        text = importlib.resources.files("epilsr.data").joinpath("nlcd_label_priors.csv").read_text()
+        text = (
+            importlib.resources.files("epilsr.data").joinpath("nlcd_label_priors.csv").read_text()
+        )
     else:
         text = Path(path).read_text()
     rows = list(csv.DictReader(text.splitlines()))
