@@ -60,6 +60,7 @@ __all__ = [
 #: Label value of no-data pixels in the output label raster.
 NODATA_LABEL = 255
 _STATE_VERSION = 1
+_FLUSH_ROWS = 64  # rows normalised and written at a time
 
 Reader = Callable[[int, int, int, int], ArrayLike]
 
@@ -529,10 +530,10 @@ def lsr_raster(
                 bar.update(1)
             # rows r0 .. next start are final
             n_out = (row_starts[s + 1] if s + 1 < len(strips) else height) - r0
-            w_out = wsum[:n_out]
-            nodata = w_out <= 0
-            probs_out = acc[:n_out] / np.where(nodata, 1.0, w_out)[..., None]
-            outputs.write(probs_out, nodata)
+            for a in range(0, n_out, _FLUSH_ROWS):  # in row chunks: small temporaries
+                b = min(a + _FLUSH_ROWS, n_out)
+                nodata = wsum[a:b] <= 0
+                outputs.write(acc[a:b] / np.where(nodata, 1.0, wsum[a:b])[..., None], nodata)
             acc[: th - n_out] = acc[n_out:]
             acc[th - n_out :] = 0
             wsum[: th - n_out] = wsum[n_out:]

@@ -26,6 +26,7 @@ __all__ = [
     "lc_to_labels",
     "nlcd_to_index",
     "find_tiles",
+    "find_lila_tiles",
     "load_tile",
     "data_root",
 ]
@@ -123,6 +124,30 @@ def find_tiles(root: str | os.PathLike) -> list[str]:
     if not stems:
         raise FileNotFoundError(f"no '*_naip-new.tif' tiles in {root}")
     return [str(root / s) for s in stems]
+
+
+def find_lila_tiles(
+    root: str | os.PathLike, *, states: tuple[str, ...] | list[str], split: str = "train"
+) -> list[str]:
+    """Tile stems of a LILA ``cvpr_chesapeake_landcover`` region, sorted.
+
+    Folders ``<root>/{state}_1m_{year}_extended-debuffered-{split}_tiles/`` hold
+    ``m_<quad>_<..>_1_{naip-new,lc,nlcd,...}.tif``; South = md, va, wv, de; North = ny, pa.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} is not a folder")
+    stems = []
+    for state in states:
+        for folder in sorted(root.glob(f"{state}_1m_*_extended-debuffered-{split}_tiles")):
+            stems += [str(folder / p.name[: -len("_naip-new.tif")])
+                      for p in sorted(folder.glob("*_naip-new.tif"))]
+    if not stems:
+        raise FileNotFoundError(
+            f"no '{{state}}_1m_*_extended-debuffered-{split}_tiles/*_naip-new.tif' under {root} "
+            f"for states {list(states)}"
+        )
+    return stems
 
 
 def load_tile(stem: str) -> Tile:
