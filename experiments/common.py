@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 log = logging.getLogger("epilsr")
+logging.getLogger("jax").setLevel(logging.WARNING)  # no "Unable to initialize backend" noise
 
 
 class LabelledTile(NamedTuple):

@@ -71,3 +71,35 @@ def test_shape_mismatch(tmp_path):
 def test_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         chesapeake.find_tiles(tmp_path / "nope")
+
+
+def _fake_lila(root, state="wv", year=2014, split="train", names=("m_1_nw_17_1", "m_2_ne_17_1")):
+    folder = root / f"{state}_1m_{year}_extended-debuffered-{split}_tiles"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        tifffile.imwrite(folder / f"{name}_naip-new.tif",
+                         rng.integers(0, 255, (40, 50, 4), dtype=np.uint8), compression="lzw")
+        tifffile.imwrite(folder / f"{name}_nlcd.tif", np.full((40, 50), 41, np.uint8))
+        tifffile.imwrite(folder / f"{name}_lc.tif", rng.integers(1, 7, (40, 50), dtype=np.uint8))
+    return folder
+
+
+def test_lila_index_and_training_images(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.common import load_training_images
+
+    _fake_lila(tmp_path)
+    _fake_lila(tmp_path, state="pa", year=2013, names=("m_3_sw_18_1",))
+    stems = chesapeake.find_lila_tiles(tmp_path, states=["wv", "md"], split="train")
+    assert [s.rsplit("/", 1)[-1] for s in stems] == ["m_1_nw_17_1", "m_2_ne_17_1"]
+    assert len(chesapeake.find_lila_tiles(tmp_path, states=["pa"])) == 1
+    with pytest.raises(FileNotFoundError, match="extended-debuffered-test_tiles"):
+        chesapeake.find_lila_tiles(tmp_path, states=["wv"], split="test")
+    cfg = OmegaConf.create({"kind": "chesapeake_lila", "root": str(tmp_path), "states": ["wv"],
+                            "split": "train", "max_tiles": 8, "crop": 32, "cell_size": 30})
+    images, labels, n_labels = load_training_images(cfg)
+    assert images.shape == (2, 32, 32, 4) and images.dtype == np.float32
+    assert labels.shape == (2, 32, 32) and n_labels == 4
+    assert 0.0 <= images.min() and images.max() <= 1.0

@@ -185,7 +185,7 @@ def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng):
         tracemalloc.start()
         lsr_raster(jax.random.key(0), periodic(tile_image), periodic(tile_classes), table,
                    out_dir=tmp_path / str(height), height=height, width=width, tile=128,
-                   overlap=32, write_probs=True, progress=False, preview=None)
+                   overlap=32, write_probs=True, progress=False, preview=256)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     full_probs = 4096 * width * 3 * 4

@@ -604,7 +604,7 @@ def _sampled_rows(reader: Reader, height: int, width: int, step: int) -> np.ndar
     out = []
     for r in range(0, height, block):
         h = min(block, height - r)
-        out.append(np.asarray(reader(r, 0, h, width))[::step, ::step])
+        out.append(np.asarray(reader(r, 0, h, width))[::step, ::step].copy())  # drop the block
     return np.concatenate(out)
 
 
