@@ -599,8 +599,8 @@ def lsr_raster(
 
 
 def _sampled_rows(reader: Reader, height: int, width: int, step: int) -> np.ndarray:
-    """Every ``step``-th row and column of a raster, read in blocks of rows (~32 MB or less)."""
-    block = max(step, (2**21 // width) // step * step)
+    """Every ``step``-th row and column of a raster, read in blocks of ~256 rows."""
+    block = step * max(1, round(256 / step))
     out = []
     for r in range(0, height, block):
         h = min(block, height - r)
