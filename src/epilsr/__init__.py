@@ -4,7 +4,7 @@ Malkin, Ortiz & Jojic, "Mining self-similarity: label super-resolution with epit
 representations". Pure functions on arrays and pytrees; callers ``jit``/``vmap``/shard them.
 """
 
-from epilsr import checkpoint, metrics
+from epilsr import checkpoint, metrics, tiling
 from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
 from epilsr.embed import embed_classes, embed_labels, spread_class_posteriors
 from epilsr.epitome import Epitome, clamp_epitome, epitome_from_image, init_epitome
@@ -65,4 +65,5 @@ __all__ = [
     "dirichlet_concentration",
     "checkpoint",
     "metrics",
+    "tiling",
 ]

@@ -219,8 +219,14 @@ class RasterReader:
 
     Only the strips/tiles that intersect the window are read and decoded (any compression
     tifffile + imagecodecs decode, predictors included); uncompressed contiguous pages are
-    memory-mapped. Samples are returned last whatever the planar configuration. Use as a
-    context manager or call :meth:`close`.
+    memory-mapped. A compressed file stored as one strip can only be decoded whole: prefer
+    tiled or multi-strip inputs for big rasters. Samples are returned last whatever the planar
+    configuration. Use as a context manager or call :meth:`close`.
+
+    Attributes:
+      height, width: raster size; ``shape`` is ``(H, W)`` or ``(H, W, C)``.
+      dtype: sample dtype (native byte order).
+      geo: the page's :class:`GeoInfo`.
     """
 
     def __init__(self, path: PathLike, *, page: int = 0):
@@ -297,7 +303,8 @@ class RasterReader:
         fh = self._tif.filehandle
         decodeargs = {}
         if p.compression in {6, 7, 34892, 33007}:  # JPEG flavours
-            decodeargs = {"jpegtables": p.jpegtables, "jpegheader": p.jpegheader}
+            decodeargs = {"jpegtables": p.jpegtables,
+                          "jpegheader": getattr(p, "jpegheader", None)}
         for data, index in fh.read_segments(offsets, counts, indices, lock=fh.lock, sort=True):
             seg, (s, _, y0, x0, _), _ = p.decode(data, index, **decodeargs)
             if seg is None:  # empty segment: stays zero

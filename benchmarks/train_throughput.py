@@ -1,0 +1,294 @@
+"""Training-step throughput: seconds per step and patches/s, routing baseline, device scaling.
+
+    python -m benchmarks.train_throughput [--steps 5] [--sizes 11,21,31] [--devices 1,2,4]
+
+One training step is the jitted :func:`epilsr.train.train_step` (forward, backward, Adam,
+:func:`epilsr.clamp_epitome`, location-promotion counters; self-diversification ``q = 0.25``)
+at ``N = 299``, ``L = 1``, ``C = 4``, ``B = 256`` on uniform random patches. Each timing is one
+warm-up call (compilation + first step, reported as ``compile_s``) followed by ``--steps``
+steps, each closed by ``jax.block_until_ready``; the median and the minimum are reported.
+
+1. **Patch size** (single device): ``K`` in ``--sizes`` with the default ``method="auto"``
+   correlation routing.
+2. **Routing baseline**: the same step with ``method="direct"`` (``lax.conv`` for every
+   ``K``) at ``--direct-sizes``; ``ratio = direct / auto`` seconds per step (> 1: auto wins).
+3. **Device scaling**: :func:`epilsr.train.make_sharded_train_step` over ``--devices`` forced
+   host CPU devices at ``--scaling-size``; after one step from the same state on the same batch
+   the parameters are compared with the single-device step (max abs difference).
+
+The forced device count (``XLA_FLAGS=--xla_force_host_platform_device_count``) is set below
+before JAX is imported; forced devices share the machine's cores, so on a small CPU box the
+scaling rows measure the partitioning overhead, not a speed-up. Prints a table and writes JSON
+(default ``benchmarks/results/train_throughput.json``).
+"""
+
+from __future__ import annotations
+
+import os
+
+_FORCE = "--xla_force_host_platform_device_count"
+if _FORCE not in os.environ.get("XLA_FLAGS", ""):  # must precede the first `import jax`
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FORCE}=4").strip()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import epilsr  # noqa: E402
+from epilsr import train  # noqa: E402
+from epilsr.correlate import _prefers_fft  # noqa: E402
+
+N, LAYERS, CHANNELS, BATCH = 299, 1, 4, 256
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _batches(size: int, count: int, *, seed: int = 0) -> list[jax.Array]:
+    """``count`` distinct ``[B, K, K, C]`` uniform batches (one per timed call)."""
+    key = jax.random.fold_in(jax.random.key(seed), size)
+    return [
+        jax.random.uniform(jax.random.fold_in(key, i), (BATCH, size, size, CHANNELS))
+        for i in range(count)
+    ]
+
+
+def _initial_state(optimizer) -> train.TrainState:
+    epitome = epilsr.init_epitome(
+        jax.random.key(0), size=N, channels=CHANNELS, layers=LAYERS, mean=0.5
+    )
+    return train.train_init(jax.random.key(1), epitome, optimizer)
+
+
+def time_step(step, state, batches, *, prepare=lambda p: p) -> dict:
+    """Warm-up call then ``len(batches) - 1`` timed steps (each ``block_until_ready``)."""
+    t0 = time.perf_counter()
+    state, info = step(state, prepare(batches[0]))
+    jax.block_until_ready((state, info))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for patches in batches[1:]:
+        patches = prepare(patches)
+        jax.block_until_ready(patches)
+        t0 = time.perf_counter()
+        state, info = step(state, patches)
+        jax.block_until_ready((state, info))
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {
+        "compile_s": compile_s,
+        "step_s": median,
+        "step_min_s": min(times),
+        "step_times_s": times,
+        "patches_per_s": BATCH / median,
+        "loss_finite": bool(np.isfinite(float(info.loss))),
+    }
+
+
+def _max_abs_diff(a: epilsr.Epitome, b: epilsr.Epitome) -> dict:
+    names = ("mean", "log_var", "prior_logits")
+    return {
+        n: float(jnp.max(jnp.abs(jnp.asarray(getattr(a, n)) - jnp.asarray(getattr(b, n)))))
+        for n in names
+    }
+
+
+def _routing(size: int) -> str:
+    fft = _prefers_fft((LAYERS, N, N, 2 * CHANNELS), (BATCH, size, size, 2 * CHANNELS))
+    return "fft" if fft else "direct"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [
+        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per setting (after warm-up)")
+    p.add_argument("--sizes", default="11,21,31", help="patch widths K for the auto routing")
+    p.add_argument("--direct-sizes", default="11,21,31", help="K for the direct baseline")
+    p.add_argument("--direct-steps", type=int, default=3, help="timed steps for the baseline")
+    p.add_argument("--devices", default="1,2,4", help="forced CPU device counts for scaling")
+    p.add_argument("--scaling-size", type=int, default=21, help="K for the scaling rows")
+    p.add_argument(
+        "--no-sgd-check",
+        dest="sgd_check",
+        action="store_false",
+        help="skip the one-step sharded-vs-single comparison under plain SGD",
+    )
+    p.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.direct_steps < 1:
+        raise SystemExit("--steps and --direct-steps must be >= 1")
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    optimizer = optax.adam(3e-3)
+    state0 = _initial_state(optimizer)
+    print(
+        f"jax {jax.__version__}, {len(jax.devices())} CPU devices (forced), "
+        f"{os.cpu_count()} cores, load average {load_start:.2f}",
+        flush=True,
+    )
+
+    # 1. patch size, single device, auto routing
+    step_auto = train.make_train_step(optimizer=optimizer)
+    sizes = {}
+    for k in _ints(args.sizes):
+        r = time_step(step_auto, state0, _batches(k, args.steps + 1))
+        r["routing"] = _routing(k)
+        sizes[str(k)] = r
+        print(f"K={k:2d} auto({r['routing']}): {r['step_s']:.3f} s/step", flush=True)
+
+    # 2. direct (lax.conv) baseline
+    step_direct = train.make_train_step(optimizer=optimizer, method="direct")
+    direct = {}
+    for k in _ints(args.direct_sizes):
+        batches = _batches(k, args.direct_steps + 1)
+        r = time_step(step_direct, state0, batches)
+        if str(k) in sizes:
+            auto_s = sizes[str(k)]["step_s"]
+        else:  # baseline at a size not in --sizes: time auto with the same step count
+            auto_s = time_step(step_auto, state0, batches)["step_s"]
+        r["auto_step_s"] = auto_s
+        r["ratio_direct_over_auto"] = r["step_s"] / auto_s
+        direct[str(k)] = r
+        print(
+            f"K={k:2d} direct: {r['step_s']:.3f} s/step ({r['step_s'] / auto_s:.2f}x auto)",
+            flush=True,
+        )
+
+    # 3. device scaling at one K, with a parameter check against the single-device step
+    k = args.scaling_size
+    batches = _batches(k, args.steps + 1, seed=1)
+    ref_state, ref_info = step_auto(state0, batches[0])
+    ref_params = jax.device_get(ref_state.params)
+    # Adam's first step is lr * g / (|g| + eps): +-lr wherever |g| >> eps, so a float32
+    # reduction-order difference only shows where |g| ~ eps. Plain SGD shows it linearly.
+    sgd = optax.sgd(3e-3)
+    sgd_state0 = train.train_init(jax.random.key(1), state0.params, sgd)
+    sgd_ref = None
+    if args.sgd_check:
+        sgd_ref = jax.device_get(train.make_train_step(optimizer=sgd)(sgd_state0, batches[0])[0])
+        sgd_update = max(_max_abs_diff(sgd_ref.params, state0.params).values())
+    scaling = {}
+    for n_dev in _ints(args.devices):
+        if n_dev > len(jax.devices()):
+            print(f"skipping {n_dev} devices: only {len(jax.devices())} available")
+            continue
+        if BATCH % n_dev:
+            print(f"skipping {n_dev} devices: batch {BATCH} not divisible")
+            continue
+        mesh = train.data_mesh(jax.devices()[:n_dev])
+        step_sh = train.make_sharded_train_step(mesh, optimizer=optimizer)
+        state_sh = train.replicate(state0, mesh)
+        r = time_step(step_sh, state_sh, batches, prepare=lambda x, m=mesh: train.shard_batch(x, m))
+        one, one_info = step_sh(state_sh, train.shard_batch(batches[0], mesh))
+        diff = _max_abs_diff(jax.device_get(one.params), ref_params)
+        r["max_abs_diff_vs_single"] = diff
+        r["max_abs_diff"] = max(diff.values())
+        r["loss_abs_diff"] = abs(float(one_info.loss) - float(ref_info.loss))
+        r["counters_max_abs_diff"] = float(jnp.max(jnp.abs(one.counters - ref_state.counters)))
+        if sgd_ref is not None:
+            sgd_step = train.make_sharded_train_step(mesh, optimizer=sgd)
+            sgd_batch = train.shard_batch(batches[0], mesh)
+            sgd_one = sgd_step(train.replicate(sgd_state0, mesh), sgd_batch)
+            sgd_diff = _max_abs_diff(jax.device_get(sgd_one[0].params), sgd_ref.params)
+            r["sgd_max_abs_diff_vs_single"] = sgd_diff
+            r["sgd_max_abs_update"] = sgd_update
+        scaling[str(n_dev)] = r
+        print(
+            f"{n_dev} device(s) K={k}: {r['step_s']:.3f} s/step, "
+            f"max |params - single-device| = {r['max_abs_diff']:.3g} (Adam), "
+            + (
+                f"{max(r['sgd_max_abs_diff_vs_single'].values()):.3g} (SGD, max update "
+                f"{r['sgd_max_abs_update']:.3g})"
+                if "sgd_max_abs_update" in r
+                else ""
+            ),
+            flush=True,
+        )
+    for r in scaling.values():
+        r["speedup_vs_1"] = scaling["1"]["step_s"] / r["step_s"] if "1" in scaling else None
+
+    def row(method, route, k_, n_, v, ratio="", adam="", sgd=""):
+        times = [v["compile_s"], v["step_s"], v["step_min_s"], v["patches_per_s"]]
+        return [method, route, k_, n_, *times, ratio, adam, sgd]
+
+    rows = [row("auto", v["routing"], k_, 1, v) for k_, v in sizes.items()]
+    rows += [
+        row("direct", "direct", k_, 1, v, f"{v['ratio_direct_over_auto']:.2f}x")
+        for k_, v in direct.items()
+    ]
+    for n_, v in scaling.items():
+        speedup = "" if v["speedup_vs_1"] is None else f"{v['speedup_vs_1']:.2f}x"
+        sgd = v.get("sgd_max_abs_diff_vs_single")
+        sgd = "" if sgd is None else f"{max(sgd.values()):.2e}"
+        rows.append(row("sharded", _routing(k), k, n_, v, speedup, f"{v['max_abs_diff']:.2e}", sgd))
+    header = ["method", "route", "K", "dev", "compile_s", "s/step", "min_s", "patches/s"]
+    header += ["direct/auto|speedup", "max|dp| adam", "max|dp| sgd"]
+    print()
+    print(
+        f"train step, N={N} L={LAYERS} C={CHANNELS} B={BATCH}, median of {args.steps} steps "
+        f"({args.direct_steps} for direct)"
+    )
+    print(_table(header, rows))
+
+    result = {
+        "benchmark": "train_throughput",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "forced_devices": len(jax.devices()),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0],
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "platform": platform.platform(),
+        },
+        "config": {
+            "N": N,
+            "layers": LAYERS,
+            "channels": CHANNELS,
+            "batch": BATCH,
+            "steps": args.steps,
+            "direct_steps": args.direct_steps,
+            "scaling_size": args.scaling_size,
+            "optimizer": "adam(3e-3)",
+            "quantile": 0.25,
+            "promotion": True,
+            "patches": "uniform [0, 1]",
+        },
+        "sizes": sizes,
+        "direct": direct,
+        "scaling": scaling,
+        "total_s": time.perf_counter() - t_start,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out} ({result['total_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
