@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         state = checkpoint.restore(path, state)
         log.info("resumed %s from %s at step %d", name, path, int(state.step))
         _truncate_log(out / "metrics.jsonl", name, int(state.step))
+    base_key = state.key  # host-local copy (before any replication over a mesh)
     steps = int(tcfg.steps)
     sizes = train.patch_sizes(key_sizes, num_steps=steps, sizes=tuple(tcfg.patch_sizes))
     hyper = dict(
@@ -118,8 +120,14 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     )
     if tcfg.temperature is not None:
         hyper["temperature"] = float(tcfg.temperature)
+    n_proc, proc = jax.process_count(), jax.process_index()
     n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
-    if n_dev > 1:
+    if n_proc > 1:  # one global mesh over every process's devices; each feeds its own share
+        mesh = train.data_mesh(jax.devices())
+        n_dev = len(jax.devices())
+        step_fn = train.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
+        state = train.replicate(state, mesh)
+    elif n_dev > 1:
         mesh = train.data_mesh(jax.local_devices()[:n_dev])
         step_fn = train.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
         state = train.replicate(state, mesh)
@@ -129,16 +137,17 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     batch = int(tcfg.batch)
     if batch % n_dev:
         raise ValueError(f"train.batch: {batch} is not divisible by the {n_dev} devices")
-
-    base_key = state.key
+    local_batch = batch // n_proc  # patches are sampled where the data is: per process
 
     def draw(step: int):
         k = int(sizes[step])
         skey = jax.random.fold_in(base_key, step)
+        if n_proc > 1:
+            skey = jax.random.fold_in(skey, proc)
         if label is None:
-            return samplers.sample_patches(skey, images, size=k, batch=batch)
+            return samplers.sample_patches(skey, images, size=k, batch=local_batch)
         return samplers.sample_patches_with_label(
-            skey, images, labels, label=label, size=k, batch=batch
+            skey, images, labels, label=label, size=k, batch=local_batch
         )
 
     k_eval = int(cfg.eval.patch_size)
@@ -148,8 +157,11 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     t_eval = train.default_temperature(k_eval)
     start = int(state.step)
     stream = samplers.prefetch((draw(s) for s in range(start, steps)), size=int(tcfg.prefetch))
-    metrics_file = (out / "metrics.jsonl").open("a")
-    bar = tqdm(range(start, steps), desc=name, unit="step", initial=start, total=steps)
+    writer = proc == 0  # process 0 writes logs, pictures and checkpoints
+    metrics_file = (out / "metrics.jsonl").open("a") if writer else open(os.devnull, "w")
+    bar = tqdm(
+        range(start, steps), desc=name, unit="step", initial=start, total=steps, disable=not writer
+    )
     stats = {}
     try:
         for step in bar:
@@ -173,7 +185,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3g}", cover=f"{rec['coverage']:.2f}")
-            if (step + 1) % int(cfg.checkpoint.every) == 0 or step + 1 == steps:
+            if writer and ((step + 1) % int(cfg.checkpoint.every) == 0 or step + 1 == steps):
                 checkpoint.save(checkpoint.checkpoint_path(ckpt_dir, step + 1), state)
                 for old in sorted(ckpt_dir.glob("checkpoint_*.npz"))[: -int(cfg.checkpoint.keep)]:
                     old.unlink()
@@ -191,6 +203,8 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
+    dist = cfg.distributed  # before any other JAX call
+    train.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
     out = Path(HydraConfig.get().runtime.output_dir)
     images, labels, n_labels = load_training_images(cfg.data)
     log.info(
@@ -237,6 +251,8 @@ def main(cfg: DictConfig) -> dict:
                 if stage > 0:
                     parts.append(state.params)
         final = train.mixture(*parts)
+    if jax.process_index() != 0:
+        return results
     checkpoint.save_epitome(out / "epitome.npz", final)
     viz.save_png(out / "epitome.png", epitome_picture(final))
     (out / "results.json").write_text(

@@ -120,3 +120,67 @@ def test_train_driver_kill_and_resume(tmp_path):
         json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == list(range(1, 13))  # no lost or repeated steps in the log either
+
+
+def test_train_driver_sharded_and_cascade(tmp_path):
+    """Data parallel over 4 forced CPU devices, and the label cascade E0 -> E1 -> E2 + mixture."""
+    overrides = [o for o in TRAIN if not o.startswith("train.devices")]
+    proc = run(
+        "experiments.train",
+        *overrides,
+        "train.devices=4",
+        "train.steps=6",
+        "train.cascade=true",
+        "train.label=1",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())["heldout"]
+    assert sorted(results) == ["label1_E0", "label1_E1", "label1_E2"]
+    epitome = checkpoint.load_epitome(tmp_path / "epitome.npz")
+    assert epitome.mean.shape == (2, 24, 24, 4)  # uniform mixture of E1 and E2
+
+
+def test_train_driver_two_processes(tmp_path):
+    """Two processes on loopback (jax.distributed, gloo): one global mesh, process 0 writes."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.train",
+                *TRAIN[:-1],
+                "train.steps=4",
+                f"distributed.coordinator=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+                f"hydra.run.dir={tmp_path / str(i)}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert (tmp_path / "0" / "epitome.npz").exists()
+    assert not (tmp_path / "1" / "epitome.npz").exists()
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "0" / "metrics.jsonl").read_text().split("\n")
+        if x
+    ]
+    assert steps == [1, 2, 3, 4]
