@@ -3,7 +3,7 @@
     python -m benchmarks.train_quality [--steps 1500] [--batch 64] [--settings a,b,...]
 
 Runs the training driver (``python -m experiments.train +exp=chesapeake_wv``, 128 x 128
-epitome, patch widths 11..31, seed 0) on the eight West-Virginia NAIP tiles
+epitome, patch widths 11..31, ``--seed``, default 0) on the eight West-Virginia NAIP tiles
 (``$EPILSR_DATA/chesapeake_wv``, default ``../shared/data/chesapeake_wv``) in four settings:
 
 * ``default``: location promotion on, self-diversification over the worst quarter (q = 0.25);
@@ -64,7 +64,9 @@ def data_root() -> Path:
     return (Path(base) / "chesapeake_wv").resolve()
 
 
-def run_driver(setting: str, out: Path, *, steps: int, batch: int, extra: list[str]) -> dict:
+def run_driver(
+    setting: str, out: Path, *, steps: int, batch: int, seed: int, extra: list[str]
+) -> dict:
     """One driver run in a subprocess (one CPU device); returns timing and the command."""
     if out.exists():
         shutil.rmtree(out)
@@ -77,6 +79,7 @@ def run_driver(setting: str, out: Path, *, steps: int, batch: int, extra: list[s
         f"data.root={data_root()}",
         f"train.steps={steps}",
         f"train.batch={batch}",
+        f"seed={seed}",
         "train.devices=1",
         *SETTINGS[setting],
         *extra,
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1500, help="train.steps of every run")
     p.add_argument("--batch", type=int, default=64, help="train.batch of every run")
+    p.add_argument("--seed", type=int, default=0, help="driver seed (init and patch sequence)")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
     p.add_argument("--eval-sizes", default="11,21,31", help="patch widths of the fixed set")
     p.add_argument("--eval-patches", type=int, default=512, help="fixed patches per width")
@@ -220,7 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
             info = {"command": prev.get("command"), "seconds": prev.get("seconds")}
         else:
             info = run_driver(
-                setting, out, steps=args.steps, batch=args.batch, extra=list(args.overrides)
+                setting,
+                out,
+                steps=args.steps,
+                batch=args.batch,
+                seed=args.seed,
+                extra=list(args.overrides),
             )
         runs[setting] = {
             **info,
@@ -255,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print()
     print(
-        f"128x128 epitome, patches 11..31, batch {args.batch}; coverage and LL/px@11 from the "
-        f"driver's results.json; worstQ / LL/px on {args.eval_patches} fixed patches per width"
+        f"128x128 epitome, patches 11..31, batch {args.batch}, seed {args.seed}; coverage and "
+        f"LL/px@11 from the driver's results.json; worstQ / LL/px on {args.eval_patches} fixed "
+        "patches per width"
     )
     print(_table(header, rows))
     print("\nheld-out coverage curve (driver, every eval.every steps):")
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             "patch_sizes": "11..31 (driver default)",
             "steps": args.steps,
             "batch": args.batch,
-            "seed": 0,
+            "seed": args.seed,
             "extra_overrides": list(args.overrides),
             "fixed_set": {
                 "sizes": _ints(args.eval_sizes),

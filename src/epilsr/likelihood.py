@@ -25,7 +25,8 @@ __all__ = ["log_likelihood", "log_prior", "log_posterior", "LOG_2PI"]
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _as_patches(epitome: Epitome, patches: ArrayLike) -> jax.Array:
+def check_patches(epitome: Epitome, patches: ArrayLike) -> jax.Array:
+    """Validates ``[B, K1, K2, C]`` patches against ``epitome``; returns them as float32."""
     epitome.check()
     patches = jnp.asarray(patches)
     check_rank("patches", patches, 4, "[B, K, K, C]")
@@ -39,6 +40,8 @@ def _as_patches(epitome: Epitome, patches: ArrayLike) -> jax.Array:
         raise ValueError(
             f"patches: patch size {patches.shape[1:3]} is larger than the epitome ({n1}, {n2})"
         )
+    if patches.shape[0] < 1:
+        raise ValueError(f"patches: expected a non-empty batch, got shape {patches.shape}")
     check_finite("patches", patches)
     return patches.astype(jnp.float32)
 
@@ -55,7 +58,7 @@ def log_likelihood(epitome: Epitome, patches: ArrayLike, *, method: str = "auto"
       ``[B, L, N1, N2]``; entry ``[b, l, s1, s2]`` is the log-density of patch ``b`` under the
       window of layer ``l`` with top-left corner ``(s1, s2)`` (wrapping modulo ``N``).
     """
-    patches = _as_patches(epitome, patches)
+    patches = check_patches(epitome, patches)
     _, k1, k2, c = patches.shape
     centre = jax.lax.stop_gradient(jnp.mean(epitome.mean, axis=(0, 1, 2)))  # [C]
     x = patches - centre

@@ -50,10 +50,10 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from epilsr._validate import check_finite, check_rank, is_concrete
+from epilsr._validate import is_concrete
 from epilsr.data.samplers import PATCH_SIZES
 from epilsr.epitome import Epitome, clamp_epitome
-from epilsr.likelihood import log_likelihood, log_prior
+from epilsr.likelihood import check_patches, log_likelihood, log_prior
 
 __all__ = [
     "TrainState",
@@ -157,26 +157,6 @@ def _quantile_count(quantile: float, batch: int) -> int:
     return max(1, min(batch, math.ceil(round(quantile * batch, 6))))
 
 
-def _check_patches(epitome: Epitome, patches: ArrayLike) -> jax.Array:
-    epitome.check()
-    patches = jnp.asarray(patches)
-    check_rank("patches", patches, 4, "[B, K, K, C]")
-    if patches.shape[-1] != epitome.channels:
-        raise ValueError(
-            f"patches: expected {epitome.channels} channels to match the epitome, "
-            f"got shape {patches.shape}"
-        )
-    n1, n2 = epitome.size
-    if patches.shape[1] > n1 or patches.shape[2] > n2:
-        raise ValueError(
-            f"patches: patch size {patches.shape[1:3]} is larger than the epitome ({n1}, {n2})"
-        )
-    if patches.shape[0] < 1:
-        raise ValueError(f"patches: expected a non-empty batch, got shape {patches.shape}")
-    check_finite("patches", patches)
-    return patches.astype(jnp.float32)
-
-
 def _check_mask(mask: ArrayLike, epitome: Epitome) -> jax.Array:
     mask = jnp.asarray(mask)
     if mask.shape != epitome.prior_logits.shape:
@@ -271,7 +251,7 @@ def objective(
       ``(loss [], aux)`` with ``aux`` an :class:`ObjectiveAux`.
     """
     quantile = _check_quantile(quantile)
-    patches = _check_patches(params, patches)
+    patches = check_patches(params, patches)
     ll = log_likelihood(params, patches, method=method)  # [B, L, N1, N2]
     lp = log_prior(params)
     allowed = None if mask is None else _guard_mask(_check_mask(mask, params))
@@ -361,7 +341,7 @@ def train_step(
     """
     params = state.params
     quantile = _check_quantile(quantile)
-    patches = _check_patches(params, patches)
+    patches = check_patches(params, patches)
     if state.counters.shape != params.prior_logits.shape:
         raise ValueError(
             f"state.counters: expected shape {params.prior_logits.shape}, "
@@ -594,7 +574,7 @@ def worst_quantile(
       ``patches[idx]`` to collect the training set of the next epitome.
     """
     quantile = _check_quantile(quantile)
-    patches = _check_patches(epitome, patches)
+    patches = check_patches(epitome, patches)
     scores = _tempered_log_marginal(epitome, patches, temperature, method)
     k = _quantile_count(quantile, patches.shape[0])
     _, idx = jax.lax.top_k(-scores, k)
