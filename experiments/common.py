@@ -44,10 +44,10 @@ def one_line_errors(main: Callable) -> Callable:
 def iter_tiles(data) -> Iterator[LabelledTile]:
     """Tiles described by a ``data`` config group (``kind: synthetic`` or ``chesapeake``)."""
     if data.kind == "synthetic":
-        from epilsr.data import synthetic
+        from epilsr.data import chesapeake, synthetic
 
         scene = synthetic.make_scene(int(data.seed), size=int(data.size), block=int(data.block))
-        colors = np.array([[0, 92, 230], [38, 115, 0], [163, 255, 115], [156, 156, 156]], np.uint8)
+        colors = chesapeake.LABEL_COLORS  # the same four labels as Chesapeake
         yield LabelledTile(
             f"synthetic_seed{data.seed}_{data.size}",
             scene.image,
