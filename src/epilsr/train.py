@@ -264,7 +264,7 @@ def objective(
     selected = _worst(jax.lax.stop_gradient(scores), quantile)
     count = _quantile_count(quantile, patches.shape[0])
     loss = -jnp.sum(jnp.where(selected, log_marginal, 0.0)) / count
-    posterior = jnp.exp(logits - log_marginal[:, None, None, None])
+    posterior = jax.nn.softmax(logits, axis=(1, 2, 3))
     aux = ObjectiveAux(
         log_marginal=jax.lax.stop_gradient(log_marginal),
         log_likelihood=jax.lax.stop_gradient(jax.nn.logsumexp(ll + lp, axis=(1, 2, 3))),
