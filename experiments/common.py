@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,6 +77,13 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
             )
     else:
         raise ValueError(f"data.kind: expected 'synthetic' or 'chesapeake', got {data.kind!r}")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(tmp_path)`` then renames onto ``path``: never a half-written output."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

@@ -25,9 +25,17 @@ from tqdm import tqdm
 
 import epilsr
 from epilsr import metrics, viz
-from experiments.common import format_table, iter_tiles, one_line_errors
+from experiments.common import atomic_write, format_table, iter_tiles, one_line_errors
 
 log = logging.getLogger("epilsr.lsr")
+
+
+def _npy_writer(array: np.ndarray):
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            np.save(f, array)
+
+    return write
 
 
 def _tile_panel(tile, paint, pred) -> np.ndarray:
@@ -69,7 +77,7 @@ def main(cfg: DictConfig) -> dict:
         pred = probs.argmax(-1).astype(np.uint8)
         paint = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
         if cfg.output.probs:
-            np.save(out / f"{tile.name}_probs.npy", probs.astype(np.float16))
+            atomic_write(out / f"{tile.name}_probs.npy", _npy_writer(probs.astype(np.float16)))
         if cfg.output.png:
             viz.save_png(out / f"{tile.name}.png", _tile_panel(tile, paint, pred))
         if tile.labels is None:
@@ -103,7 +111,7 @@ def main(cfg: DictConfig) -> dict:
         names = list(tiles[0].label_names)
         print("\npooled over all tiles (IoU nan = class absent from truth and prediction)")
         print(format_table(["method", "acc", "mIoU"] + [f"IoU {n}" for n in names], summary))
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
     log.info("wrote %s", out / "metrics.json")
     return results
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import epilsr
 from epilsr import checkpoint, train, viz
 from epilsr.data import samplers
-from experiments.common import load_training_images, one_line_errors
+from experiments.common import atomic_write, load_training_images, one_line_errors
 
 log = logging.getLogger("epilsr.train")
 
@@ -255,11 +255,8 @@ def main(cfg: DictConfig) -> dict:
         return results
     checkpoint.save_epitome(out / "epitome.npz", final)
     viz.save_png(out / "epitome.png", epitome_picture(final))
-    (out / "results.json").write_text(
-        json.dumps(
-            {"heldout": results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2
-        )
-    )
+    summary = {"heldout": results, "config": OmegaConf.to_container(cfg, resolve=True)}
+    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
     for name, stats in results.items():
         log.info(
             "%s: held-out coverage %.3f, log-likelihood per pixel %.3f",
