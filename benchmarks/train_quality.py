@@ -23,7 +23,10 @@ is emptied first because the driver appends to ``metrics.jsonl``). From each run
   (:func:`epilsr.log_likelihood` + :func:`epilsr.log_prior` + ``logsumexp``) of a fixed set of
   ``--eval-patches`` patches per width in ``--eval-sizes``, drawn with a fixed key (not the
   driver's) from the tiles, averaged over all of them and over the worst quarter (the
-  patches that self-diversification trains on).
+  patches that self-diversification trains on);
+* die-off read from the parameters: the fraction of positions whose variance is still above
+  half its initial value (``undertrained``, i.e. never or barely trained), and the effective
+  fraction of positions under the prior.
 
 "Held-out" patches are a separate random draw from the same eight tiles the driver trains on
 (the driver has no tile split), so they measure fit to the imagery, not generalisation to
@@ -128,6 +131,7 @@ def read_run(out: Path) -> dict:
         "curve": curve,
         "eval_patch_size": results["config"]["eval"]["patch_size"],
         "eval_patches": results["config"]["eval"]["patches"],
+        "init_var": results["config"]["model"]["init_var"],
     }
 
 
@@ -161,6 +165,29 @@ def patch_loglik(epitome, patches, *, chunk: int = 128):
 
     parts = [marginal(epitome, patches[i : i + chunk]) for i in range(0, patches.shape[0], chunk)]
     return jnp.concatenate(parts)
+
+
+def die_off(epitome, init_var: float) -> dict:
+    """Positions left (nearly) untrained, read from the parameters alone.
+
+    ``undertrained``: fraction of positions whose channel-mean variance is still above half
+    the initial variance (trained positions shrink to ~0.01-0.03 on this imagery);
+    ``prior_mass_undertrained``: the prior mass on them; ``prior_effective``:
+    ``exp(H(p(s))) / (L N^2)``, the effective fraction of positions under the prior.
+    """
+    import numpy as np
+
+    var = np.exp(np.asarray(epitome.log_var)).mean(axis=-1)
+    logits = np.asarray(epitome.prior_logits, np.float64)
+    prior = np.exp(logits - logits.max())
+    prior /= prior.sum()
+    dead = var > 0.5 * init_var
+    entropy = -float(np.sum(prior * np.log(np.maximum(prior, 1e-300))))
+    return {
+        "undertrained": float(dead.mean()),
+        "prior_mass_undertrained": float(prior[dead].sum()),
+        "prior_effective": math.exp(entropy) / prior.size,
+    }
 
 
 def quality(epitome_path: Path, patches: dict) -> dict:
@@ -242,14 +269,18 @@ def main(argv: list[str] | None = None) -> dict:
             **read_run(out),
         }
 
+    from epilsr.checkpoint import load_epitome
+
     patches = fixed_patches(
         sizes=_ints(args.eval_sizes), count=args.eval_patches, seed=args.eval_seed
     )
     for setting in settings:
-        runs[setting]["fixed_set"] = quality(runs_root / setting / "epitome.npz", patches)
+        path = runs_root / setting / "epitome.npz"
+        runs[setting]["fixed_set"] = quality(path, patches)
+        runs[setting]["die_off"] = die_off(load_epitome(path), runs[setting]["init_var"])
 
     sizes = [str(k) for k in _ints(args.eval_sizes)]
-    header = ["setting", "coverage", "LL/px@11(driver)"]
+    header = ["setting", "coverage", "undertrained", "LL/px@11(driver)"]
     header += [f"worstQ@{k}" for k in sizes] + [f"LL/px@{k}" for k in sizes]
     header += ["steps", "seconds"]
     rows = []
@@ -257,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         fixed = r["fixed_set"]
         seconds = r["seconds"]
         rows.append(
-            [setting, r["coverage"], r["loglik_per_pixel"]]
+            [setting, r["coverage"], r["die_off"]["undertrained"], r["loglik_per_pixel"]]
             + [fixed[k]["worst_quarter_loglik_per_pixel"] for k in sizes]
             + [fixed[k]["loglik_per_pixel"] for k in sizes]
             + [r["steps"], "?" if seconds is None else f"{seconds:.0f}"]

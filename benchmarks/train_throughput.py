@@ -1,24 +1,33 @@
 """Training-step throughput: seconds per step and patches/s, routing baseline, device scaling.
 
     python -m benchmarks.train_throughput [--steps 5] [--sizes 11,21,31] [--devices 1,2,4]
+        [--direct-sizes 11,21,31] [--scaling-sizes 11,21]
 
 One training step is the jitted :func:`epilsr.train.train_step` (forward, backward, Adam,
 :func:`epilsr.clamp_epitome`, location-promotion counters; self-diversification ``q = 0.25``)
 at ``N = 299``, ``L = 1``, ``C = 4``, ``B = 256`` on uniform random patches. Each timing is one
 warm-up call (compilation + first step, reported as ``compile_s``) followed by ``--steps``
 steps, each closed by ``jax.block_until_ready``; the median and the minimum are reported.
+Variants that are compared (auto vs direct at one ``K``; 1, 2, 4 devices at one ``K``) are
+timed round-robin, one step each per round, and ratios are medians of the per-round ratios,
+so a change of background load on a shared machine hits both sides.
 
 1. **Patch size** (single device): ``K`` in ``--sizes`` with the default ``method="auto"``
    correlation routing.
 2. **Routing baseline**: the same step with ``method="direct"`` (``lax.conv`` for every
    ``K``) at ``--direct-sizes``; ``ratio = direct / auto`` seconds per step (> 1: auto wins).
 3. **Device scaling**: :func:`epilsr.train.make_sharded_train_step` over ``--devices`` forced
-   host CPU devices at ``--scaling-size``; after one step from the same state on the same batch
-   the parameters are compared with the single-device step (max abs difference).
+   host CPU devices at each ``--scaling-sizes`` width (``--scaling-steps`` timed steps); after
+   one step from the same state on the same batch the parameters are compared with the
+   single-device step (max abs difference, under Adam and under plain SGD: Adam's first step
+   ``lr g / (|g| + eps)`` turns float32 reduction-order noise in near-zero gradients into
+   differences up to ``lr``). The compiled sharded step's collectives are listed: apart from
+   the ``[B]`` score all-gather of the global worst-quantile selection, an all-gather means a
+   batch-sharded intermediate is replicated on every device.
 
 The forced device count (``XLA_FLAGS=--xla_force_host_platform_device_count``) is set below
 before JAX is imported; forced devices share the machine's cores, so on a small CPU box the
-scaling rows measure the partitioning overhead, not a speed-up. Prints a table and writes JSON
+scaling rows measure the partitioning overhead more than a speed-up. Prints a table and writes JSON
 (default ``benchmarks/results/train_throughput.json``).
 """
 
@@ -34,6 +43,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -71,29 +81,55 @@ def _initial_state(optimizer) -> train.TrainState:
     return train.train_init(jax.random.key(1), epitome, optimizer)
 
 
-def time_step(step, state, batches, *, prepare=lambda p: p) -> dict:
-    """Warm-up call then ``len(batches) - 1`` timed steps (each ``block_until_ready``)."""
-    t0 = time.perf_counter()
-    state, info = step(state, prepare(batches[0]))
-    jax.block_until_ready((state, info))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for patches in batches[1:]:
-        patches = prepare(patches)
+class Runner:
+    """One step variant to time: ``step(state, prepare(patches)) -> (state, info)``."""
+
+    def __init__(self, step, state, *, prepare=lambda p: p, rounds: int):
+        self.step, self.state, self.prepare, self.rounds = step, state, prepare, rounds
+        self.times: list[float] = []
+        self.compile_s = float("nan")
+        self.info = None
+
+    def call(self, patches) -> float:
+        patches = self.prepare(patches)
         jax.block_until_ready(patches)
         t0 = time.perf_counter()
-        state, info = step(state, patches)
-        jax.block_until_ready((state, info))
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {
-        "compile_s": compile_s,
-        "step_s": median,
-        "step_min_s": min(times),
-        "step_times_s": times,
-        "patches_per_s": BATCH / median,
-        "loss_finite": bool(np.isfinite(float(info.loss))),
-    }
+        self.state, self.info = self.step(self.state, patches)
+        jax.block_until_ready((self.state, self.info))
+        return time.perf_counter() - t0
+
+    def result(self) -> dict:
+        median = statistics.median(self.times)
+        return {
+            "compile_s": self.compile_s,
+            "step_s": median,
+            "step_min_s": min(self.times),
+            "step_times_s": self.times,
+            "patches_per_s": BATCH / median,
+            "loss_finite": bool(np.isfinite(float(self.info.loss))),
+        }
+
+
+def time_interleaved(runners: dict[str, Runner], batches: list) -> dict[str, dict]:
+    """Warm-up call of each runner (``compile_s``), then timed rounds, round-robin.
+
+    Round ``i`` runs every runner with ``rounds > i`` on ``batches[i + 1]``, one after the
+    other, so variants compared in the same round see the same background load (the box is
+    shared). Each call ends with ``jax.block_until_ready``.
+    """
+    for r in runners.values():
+        r.compile_s = r.call(batches[0])
+    for i in range(max(r.rounds for r in runners.values())):
+        for r in runners.values():
+            if i < r.rounds:
+                r.times.append(r.call(batches[i + 1]))
+    return {name: r.result() for name, r in runners.items()}
+
+
+def paired_ratio(num: dict, den: dict) -> float:
+    """Median over rounds of ``num_i / den_i`` (the rounds both ran)."""
+    pairs = zip(num["step_times_s"], den["step_times_s"], strict=False)
+    return statistics.median(a / b for a, b in pairs)
 
 
 def _max_abs_diff(a: epilsr.Epitome, b: epilsr.Epitome) -> dict:
@@ -107,6 +143,87 @@ def _max_abs_diff(a: epilsr.Epitome, b: epilsr.Epitome) -> dict:
 def _routing(size: int) -> str:
     fft = _prefers_fft((LAYERS, N, N, 2 * CHANNELS), (BATCH, size, size, 2 * CHANNELS))
     return "fft" if fft else "direct"
+
+
+_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|reduce-scatter)\(")
+
+
+def collectives(step, state, patches) -> dict:
+    """Collectives of the compiled sharded step: ``{kind: [result shapes]}``."""
+    hlo = step.lower(state, patches).compile().as_text()
+    found: dict[str, list[str]] = {}
+    for shape, kind in _COLLECTIVE.findall(hlo):
+        found.setdefault(kind, []).append(shape.split("{")[0])
+    return found
+
+
+def scale(k, devices, state0, optimizer, step_auto, *, steps, sgd_check, collectives_=True):
+    """Sharded step on each forced device count at patch width ``k``."""
+    batches = _batches(k, steps + 1, seed=1)
+    ref_state, ref_info = step_auto(state0, batches[0])
+    ref_params = jax.device_get(ref_state.params)
+    # Adam's first step is lr * g / (|g| + eps): +-lr wherever |g| >> eps, so a float32
+    # reduction-order difference only shows where |g| ~ eps. Plain SGD shows it linearly.
+    sgd = optax.sgd(3e-3)
+    sgd_state0 = train.train_init(jax.random.key(1), state0.params, sgd)
+    sgd_ref = None
+    if sgd_check:
+        sgd_ref = jax.device_get(train.make_train_step(optimizer=sgd)(sgd_state0, batches[0])[0])
+        sgd_update = max(_max_abs_diff(sgd_ref.params, state0.params).values())
+    runners, meshes = {}, {}
+    for n_dev in _ints(devices):
+        if n_dev > len(jax.devices()):
+            print(f"skipping {n_dev} devices: only {len(jax.devices())} available")
+            continue
+        if BATCH % n_dev:
+            print(f"skipping {n_dev} devices: batch {BATCH} not divisible")
+            continue
+        mesh = meshes[str(n_dev)] = train.data_mesh(jax.devices()[:n_dev])
+        step_sh = train.make_sharded_train_step(mesh, optimizer=optimizer)
+        runners[str(n_dev)] = Runner(
+            step_sh,
+            train.replicate(state0, mesh),
+            prepare=lambda x, m=mesh: train.shard_batch(x, m),
+            rounds=steps,
+        )
+    out = time_interleaved(runners, batches)
+    for name, r in out.items():
+        mesh, step_sh, n_dev = meshes[name], runners[name].step, int(name)
+        state_sh = train.replicate(state0, mesh)
+        first = train.shard_batch(batches[0], mesh)
+        one, one_info = step_sh(state_sh, first)
+        diff = _max_abs_diff(jax.device_get(one.params), ref_params)
+        r["max_abs_diff_vs_single"] = diff
+        r["max_abs_diff"] = max(diff.values())
+        r["loss_abs_diff"] = abs(float(one_info.loss) - float(ref_info.loss))
+        r["counters_max_abs_diff"] = float(jnp.max(jnp.abs(one.counters - ref_state.counters)))
+        if sgd_ref is not None:
+            sgd_step = train.make_sharded_train_step(mesh, optimizer=sgd)
+            sgd_one = sgd_step(train.replicate(sgd_state0, mesh), first)
+            sgd_diff = _max_abs_diff(jax.device_get(sgd_one[0].params), sgd_ref.params)
+            r["sgd_max_abs_diff_vs_single"] = sgd_diff
+            r["sgd_max_abs_update"] = sgd_update
+        if collectives_ and n_dev > 1:
+            found = collectives(step_sh, state_sh, first)
+            r["collectives"] = found
+            # the global worst-quantile selection gathers the [B] scores; anything bigger
+            # means a batch-sharded intermediate was replicated on every device
+            r["all_gathers"] = [sh for sh in found.get("all-gather", []) if sh != f"f32[{BATCH}]"]
+        print(
+            f"{n_dev} device(s) K={k}: {r['step_s']:.3f} s/step, "
+            f"max |params - single-device| = {r['max_abs_diff']:.3g} (Adam)"
+            + (
+                f", {max(r['sgd_max_abs_diff_vs_single'].values()):.3g} (SGD, max update "
+                f"{r['sgd_max_abs_update']:.3g})"
+                if "sgd_max_abs_update" in r
+                else ""
+            )
+            + (f"; large all-gathers {r['all_gathers']}" if r.get("all_gathers") else ""),
+            flush=True,
+        )
+    for r in out.values():
+        r["speedup_vs_1"] = paired_ratio(out["1"], r) if "1" in out else None
+    return out
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -126,7 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--direct-sizes", default="11,21,31", help="K for the direct baseline")
     p.add_argument("--direct-steps", type=int, default=3, help="timed steps for the baseline")
     p.add_argument("--devices", default="1,2,4", help="forced CPU device counts for scaling")
-    p.add_argument("--scaling-size", type=int, default=21, help="K for the scaling rows")
+    p.add_argument("--scaling-sizes", default="11,21", help="K for the scaling rows")
+    p.add_argument("--scaling-steps", type=int, default=3, help="timed steps per scaling row")
+    p.add_argument(
+        "--no-collectives",
+        dest="collectives",
+        action="store_false",
+        help="skip listing the collectives of the compiled sharded step (one extra compile)",
+    )
     p.add_argument(
         "--no-sgd-check",
         dest="sgd_check",
@@ -135,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.direct_steps < 1:
-        raise SystemExit("--steps and --direct-steps must be >= 1")
+    if min(args.steps, args.direct_steps, args.scaling_steps) < 1:
+        raise SystemExit("--steps, --direct-steps and --scaling-steps must be >= 1")
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     optimizer = optax.adam(3e-3)
@@ -147,85 +271,44 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
 
-    # 1. patch size, single device, auto routing
+    # 1-2. patch size with auto routing, and the direct (lax.conv) baseline, interleaved
     step_auto = train.make_train_step(optimizer=optimizer)
-    sizes = {}
-    for k in _ints(args.sizes):
-        r = time_step(step_auto, state0, _batches(k, args.steps + 1))
-        r["routing"] = _routing(k)
-        sizes[str(k)] = r
-        print(f"K={k:2d} auto({r['routing']}): {r['step_s']:.3f} s/step", flush=True)
-
-    # 2. direct (lax.conv) baseline
     step_direct = train.make_train_step(optimizer=optimizer, method="direct")
-    direct = {}
-    for k in _ints(args.direct_sizes):
-        batches = _batches(k, args.direct_steps + 1)
-        r = time_step(step_direct, state0, batches)
-        if str(k) in sizes:
-            auto_s = sizes[str(k)]["step_s"]
-        else:  # baseline at a size not in --sizes: time auto with the same step count
-            auto_s = time_step(step_auto, state0, batches)["step_s"]
-        r["auto_step_s"] = auto_s
-        r["ratio_direct_over_auto"] = r["step_s"] / auto_s
-        direct[str(k)] = r
-        print(
-            f"K={k:2d} direct: {r['step_s']:.3f} s/step ({r['step_s'] / auto_s:.2f}x auto)",
-            flush=True,
-        )
+    sizes, direct = {}, {}
+    auto_sizes, direct_sizes = _ints(args.sizes), _ints(args.direct_sizes)
+    for k in sorted(set(auto_sizes) | set(direct_sizes)):
+        rounds = args.steps if k in auto_sizes else args.direct_steps
+        runners = {"auto": Runner(step_auto, state0, rounds=rounds)}
+        if k in direct_sizes:
+            runners["direct"] = Runner(step_direct, state0, rounds=args.direct_steps)
+        res = time_interleaved(runners, _batches(k, max(rounds, args.direct_steps) + 1))
+        auto = res["auto"]
+        auto["routing"] = _routing(k)
+        msg = f"K={k:2d} auto({auto['routing']}): {auto['step_s']:.3f} s/step"
+        if k in auto_sizes:
+            sizes[str(k)] = auto
+        if "direct" in res:
+            r = res["direct"]
+            r["auto_step_s"] = auto["step_s"]
+            r["ratio_direct_over_auto"] = paired_ratio(r, auto)
+            r["ratio_of_minima"] = r["step_min_s"] / auto["step_min_s"]
+            direct[str(k)] = r
+            msg += f", direct {r['step_s']:.3f} s/step ({r['ratio_direct_over_auto']:.2f}x)"
+        print(msg, flush=True)
 
-    # 3. device scaling at one K, with a parameter check against the single-device step
-    k = args.scaling_size
-    batches = _batches(k, args.steps + 1, seed=1)
-    ref_state, ref_info = step_auto(state0, batches[0])
-    ref_params = jax.device_get(ref_state.params)
-    # Adam's first step is lr * g / (|g| + eps): +-lr wherever |g| >> eps, so a float32
-    # reduction-order difference only shows where |g| ~ eps. Plain SGD shows it linearly.
-    sgd = optax.sgd(3e-3)
-    sgd_state0 = train.train_init(jax.random.key(1), state0.params, sgd)
-    sgd_ref = None
-    if args.sgd_check:
-        sgd_ref = jax.device_get(train.make_train_step(optimizer=sgd)(sgd_state0, batches[0])[0])
-        sgd_update = max(_max_abs_diff(sgd_ref.params, state0.params).values())
+    # 3. device scaling, with a parameter check against the single-device step
     scaling = {}
-    for n_dev in _ints(args.devices):
-        if n_dev > len(jax.devices()):
-            print(f"skipping {n_dev} devices: only {len(jax.devices())} available")
-            continue
-        if BATCH % n_dev:
-            print(f"skipping {n_dev} devices: batch {BATCH} not divisible")
-            continue
-        mesh = train.data_mesh(jax.devices()[:n_dev])
-        step_sh = train.make_sharded_train_step(mesh, optimizer=optimizer)
-        state_sh = train.replicate(state0, mesh)
-        r = time_step(step_sh, state_sh, batches, prepare=lambda x, m=mesh: train.shard_batch(x, m))
-        one, one_info = step_sh(state_sh, train.shard_batch(batches[0], mesh))
-        diff = _max_abs_diff(jax.device_get(one.params), ref_params)
-        r["max_abs_diff_vs_single"] = diff
-        r["max_abs_diff"] = max(diff.values())
-        r["loss_abs_diff"] = abs(float(one_info.loss) - float(ref_info.loss))
-        r["counters_max_abs_diff"] = float(jnp.max(jnp.abs(one.counters - ref_state.counters)))
-        if sgd_ref is not None:
-            sgd_step = train.make_sharded_train_step(mesh, optimizer=sgd)
-            sgd_batch = train.shard_batch(batches[0], mesh)
-            sgd_one = sgd_step(train.replicate(sgd_state0, mesh), sgd_batch)
-            sgd_diff = _max_abs_diff(jax.device_get(sgd_one[0].params), sgd_ref.params)
-            r["sgd_max_abs_diff_vs_single"] = sgd_diff
-            r["sgd_max_abs_update"] = sgd_update
-        scaling[str(n_dev)] = r
-        print(
-            f"{n_dev} device(s) K={k}: {r['step_s']:.3f} s/step, "
-            f"max |params - single-device| = {r['max_abs_diff']:.3g} (Adam), "
-            + (
-                f"{max(r['sgd_max_abs_diff_vs_single'].values()):.3g} (SGD, max update "
-                f"{r['sgd_max_abs_update']:.3g})"
-                if "sgd_max_abs_update" in r
-                else ""
-            ),
-            flush=True,
+    for k in _ints(args.scaling_sizes):
+        scaling[str(k)] = scale(
+            k,
+            args.devices,
+            state0,
+            optimizer,
+            step_auto,
+            steps=args.scaling_steps,
+            sgd_check=args.sgd_check,
+            collectives_=args.collectives,
         )
-    for r in scaling.values():
-        r["speedup_vs_1"] = scaling["1"]["step_s"] / r["step_s"] if "1" in scaling else None
 
     def row(method, route, k_, n_, v, ratio="", adam="", sgd=""):
         times = [v["compile_s"], v["step_s"], v["step_min_s"], v["patches_per_s"]]
@@ -233,22 +316,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [row("auto", v["routing"], k_, 1, v) for k_, v in sizes.items()]
     rows += [
-        row("direct", "direct", k_, 1, v, f"{v['ratio_direct_over_auto']:.2f}x")
+        row(
+            "direct",
+            "direct",
+            k_,
+            1,
+            v,
+            f"{v['ratio_direct_over_auto']:.2f}x",
+        )
         for k_, v in direct.items()
     ]
-    for n_, v in scaling.items():
-        speedup = "" if v["speedup_vs_1"] is None else f"{v['speedup_vs_1']:.2f}x"
-        sgd = v.get("sgd_max_abs_diff_vs_single")
-        sgd = "" if sgd is None else f"{max(sgd.values()):.2e}"
-        rows.append(row("sharded", _routing(k), k, n_, v, speedup, f"{v['max_abs_diff']:.2e}", sgd))
+    for k, by_dev in scaling.items():
+        for n_, v in by_dev.items():
+            speedup = "" if v["speedup_vs_1"] is None else f"{v['speedup_vs_1']:.2f}x"
+            sgd = v.get("sgd_max_abs_diff_vs_single")
+            sgd = "" if sgd is None else f"{max(sgd.values()):.2e}"
+            adam = f"{v['max_abs_diff']:.2e}"
+            rows.append(row("sharded", _routing(int(k)), k, n_, v, speedup, adam, sgd))
     header = ["method", "route", "K", "dev", "compile_s", "s/step", "min_s", "patches/s"]
     header += ["direct/auto|speedup", "max|dp| adam", "max|dp| sgd"]
     print()
     print(
         f"train step, N={N} L={LAYERS} C={CHANNELS} B={BATCH}, median of {args.steps} steps "
-        f"({args.direct_steps} for direct)"
+        f"({args.direct_steps} for direct, {args.scaling_steps} for sharded)"
     )
     print(_table(header, rows))
+    for k, by_dev in scaling.items():
+        for n_, v in by_dev.items():
+            if v.get("all_gathers"):
+                print(f"K={k}, {n_} devices: compiled step all-gathers {v['all_gathers']}")
 
     result = {
         "benchmark": "train_throughput",
@@ -272,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": BATCH,
             "steps": args.steps,
             "direct_steps": args.direct_steps,
-            "scaling_size": args.scaling_size,
+            "scaling_sizes": _ints(args.scaling_sizes),
+            "scaling_steps": args.scaling_steps,
             "optimizer": "adam(3e-3)",
             "quantile": 0.25,
             "promotion": True,
