@@ -258,13 +258,14 @@ def main(argv: list[str] | None = None) -> dict:
                 seed=args.seed,
                 extra=list(args.overrides),
             )
+        rel = out.relative_to(REPO) if out.is_relative_to(REPO) else out
         runs[setting] = {
             **info,
             "overrides": SETTINGS[setting],
-            "dir": str(out.relative_to(REPO) if out.is_relative_to(REPO) else out),
+            "dir": str(rel),
             "pngs": {
-                "epitome": str(out / "epitome.png"),
-                "epitome_and_counters": str(out / "E_epitome.png"),
+                "epitome": str(rel / "epitome.png"),
+                "epitome_and_counters": str(rel / "E_epitome.png"),
             },
             **read_run(out),
         }
