@@ -97,14 +97,14 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def load_training_images(data) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Imagery ``[T, H, W, C]`` float32 in [0, 1], labels ``[T, H, W]`` (or None), n_labels."""
+    import jax
+
     from epilsr.epitome import as_float_image
 
     if data.kind == "chesapeake_lila":
         from epilsr.data import chesapeake
 
         stems = chesapeake.find_lila_tiles(data.root, states=list(data.states), split=data.split)
-        import jax
-
         stems = stems[jax.process_index() :: jax.process_count()][: int(data.max_tiles)]
         images, labels = [], []
         for stem in stems:
@@ -112,21 +112,12 @@ def load_training_images(data) -> tuple[np.ndarray, np.ndarray | None, int]:
             h, w = tile.image.shape[:2]
             c = min(int(data.crop), h, w)
             r0, c0 = (h - c) // 2, (w - c) // 2
-            images.append(tile.image[r0 : r0 + c, c0 : c0 + c])
+            images.append(np.asarray(as_float_image(tile.image[r0 : r0 + c, c0 : c0 + c])))
             labels.append(None if tile.labels is None else tile.labels[r0 : r0 + c, c0 : c0 + c])
         image = np.stack(images)
         label = None if any(lab is None for lab in labels) else np.stack(labels)
-        return as_float_image_stack(image), label, 4
+        return image, label, 4
     tiles = list(iter_tiles(data))
     image = np.stack([np.asarray(as_float_image(t.image)) for t in tiles])
     labels = None if any(t.labels is None for t in tiles) else np.stack([t.labels for t in tiles])
     return image, labels, tiles[0].table.shape[1]
-
-
-def as_float_image_stack(images: np.ndarray) -> np.ndarray:
-    """``[T, H, W, C]`` uint8/uint16/float -> float32 in [0, 1]."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    if images.dtype == np.uint16:
-        return images.astype(np.float32) / 65535.0
-    return images.astype(np.float32)
