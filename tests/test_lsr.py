@@ -244,3 +244,19 @@ def test_self_lsr_pixel_spread_matches_general_route(rng):
                             class_spread="pixel", **FAST)
     want = _general_route(img, classes, table, k, True, iters=10, spread="pixel")
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["wrap", "inside"])
+def test_self_lsr_unfolded_route_matches_correlation_route(rng, wrap, monkeypatch):
+    """The unfolded-window matrix-product route == the correlation route it replaces (sampled
+    patches, downsampling, odd sizes): forcing the memory fallback must not change the answer."""
+    import epilsr.lsr as lsr_mod
+
+    img = rng.uniform(size=(23, 17, 4)).astype(np.float32)
+    classes = rng.integers(0, 4, size=(23, 17))
+    table = _table(rng, 4, 3)
+    args = dict(patch_size=3, downsample=2, sample_fraction=0.4, wrap=wrap, iters=7, chunk=16)
+    fast = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
+    monkeypatch.setattr(lsr_mod, "_UNFOLD_BUDGET", 0)
+    slow = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
+    np.testing.assert_allclose(fast, slow, atol=2e-5)

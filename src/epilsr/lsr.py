@@ -252,6 +252,7 @@ def _window_mask(size: tuple[int, int], k: int, wrap: bool) -> jax.Array:
         "chunk",
         "wrap",
         "class_spread",
+        "unfold",
     ),
 )
 def _self_counts(
@@ -268,6 +269,7 @@ def _self_counts(
     chunk,
     wrap,
     class_spread,
+    unfold,
 ):
     h, w, _ = image.shape
     k, d = patch_size, downsample
@@ -284,21 +286,49 @@ def _self_counts(
     n_valid = (n1 - k + 1) * (n2 - k + 1)
     if n_patches is None:  # dense: every window of the tile once
         total = n_valid
-        picks = flat_valid[:total]
-        weights = jnp.ones((total,), jnp.float32)
+        draws = jnp.arange(total)
     else:
         total = n_patches
-        picks = flat_valid[jax.random.randint(key, (total,), 0, n_valid)]
-        weights = jnp.ones((total,), jnp.float32)
+        draws = jax.random.randint(key, (total,), 0, n_valid)
+    picks = flat_valid[draws]  # [total] top-left corners, flat over [n1, n2]
     n_chunks = -(-total // chunk)
     pad = n_chunks * chunk - total
+    weights = jnp.pad(jnp.ones((total,), jnp.float32), (0, pad)).reshape(n_chunks, chunk)
+    # Window rows of the unfolded epitome: inside windows in row-major order (= the draws), or
+    # every position of the wrap-padded tile (= the flat corner).
+    rows = picks if wrap else draws
     picks = jnp.pad(picks, (0, pad)).reshape(n_chunks, chunk)
-    weights = jnp.pad(weights, (0, pad)).reshape(n_chunks, chunk)
+    rows = jnp.pad(rows, (0, pad)).reshape(n_chunks, chunk)
+    scale = 1.0 / (var * temperature)
+    # Class of the window at each corner: its centre pixel (Eq. 11 spreads it over the window).
+    centre = (
+        jnp.minimum(jnp.arange(n1) + k // 2, n1 - 1)[:, None] * n2
+        + jnp.minimum(jnp.arange(n2) + k // 2, n2 - 1)[None, :]
+    ).ravel()
 
-    # Equal variances and a flat prior: log p(x|s)/T = (<mu_s, x> - |mu_s|^2 / 2) / (var T) + c(x).
+    if unfold:
+        # Equal variances and a flat prior: log p(x|s)/T = (<mu_s, x> - |mu_s|^2/2)/(var T) + c(x),
+        # and with the windows unfolded into rows U [S, K*K*C] the cross terms of a chunk of
+        # patches (themselves rows of U) are one matrix product [chunk, F] x [F, S].
+        windows, (m1, m2) = _unfold(epi, k, wrap)  # [S, F]
+        half_norm = 0.5 * jnp.sum(windows * windows, axis=-1)  # [S]
+
+        def gemm_body(acc, xs):
+            pos, row, wt = xs
+            cross = jnp.matmul(windows[row], windows.T, precision="highest")  # [chunk, S]
+            post = jax.nn.softmax((cross - half_norm) * scale, axis=1) * wt[:, None]
+            onehot = jax.nn.one_hot(cls.ravel()[centre[pos]], n_classes, dtype=jnp.float32)
+            return acc + jnp.matmul(onehot.T, post, precision="highest"), None  # [Cc, S]
+
+        acc0 = jnp.zeros((n_classes, m1 * m2), jnp.float32)
+        acc, _ = jax.lax.scan(gemm_body, acc0, (picks, rows, weights))
+        acc = acc.T.reshape(m1, m2, n_classes)
+        acc = jnp.pad(acc, ((0, n1 - m1), (0, n2 - m2), (0, 0)))
+        return box_spread(acc, (k, k), axes=(0, 1))
+
+    # General route (pixel class spreading, or tiles too large to unfold): correlations.
     maps = epi[None]  # [1, h, w, C]
     half_norm = 0.5 * box_sum(jnp.sum(epi * epi, axis=-1), (k, k))  # [h, w]
-    scale = 1.0 / (var * temperature)
     cls_onehot = jax.nn.one_hot(cls, n_classes, dtype=jnp.float32)  # [h, w, Cc]
 
     def extract(p):
@@ -306,33 +336,45 @@ def _self_counts(
         return jax.lax.dynamic_slice(epi, (r, c, 0), (k, k, epi.shape[-1]))
 
     def body(acc, xs):
-        pos, wt = xs
+        pos, _, wt = xs
         patches = jax.vmap(extract)(pos)  # [chunk, K, K, C]
         logits = (circular_correlate(maps, patches)[:, 0] - half_norm) * scale
         logits = jnp.where(valid, logits, -jnp.inf)
         post = jax.nn.softmax(logits, axis=(1, 2)) * wt[:, None, None]  # [chunk, h, w]
-        if class_spread == "window":  # Eq. 11: the centre pixel's class over the whole window
-            patch_cls = cls.ravel()[
-                jnp.minimum(pos // n2 + k // 2, n1 - 1) * n2
-                + jnp.minimum(pos % n2 + k // 2, n2 - 1)
-            ]
-            onehot = jax.nn.one_hot(patch_cls, n_classes, dtype=jnp.float32)
+        if class_spread == "window":
+            onehot = jax.nn.one_hot(cls.ravel()[centre[pos]], n_classes, dtype=jnp.float32)
             acc = acc + jnp.einsum("bc,bxy->xyc", onehot, post, precision="highest")
         else:  # "pixel": each pixel's own class lands where the pixel maps (Eq. 6 on classes)
             blocks = jax.vmap(
                 lambda p: jax.lax.dynamic_slice(cls_onehot, (p // n2, p % n2, 0), (k, k, n_classes))
             )(pos)
-            acc = acc + spread_labels(post, blocks)
+            acc = acc + circular_correlate_adjoint(post[:, None], blocks, map_size=(n1, n2))[0]
         return acc, None
 
-    def spread_labels(post, blocks):
-        return circular_correlate_adjoint(post[:, None], blocks, map_size=(n1, n2))[0]
-
     acc0 = jnp.zeros((n1, n2, n_classes), jnp.float32)
-    acc, _ = jax.lax.scan(body, acc0, (picks, weights))
+    acc, _ = jax.lax.scan(body, acc0, (picks, rows, weights))
     if class_spread == "window":
         return box_spread(acc, (k, k), axes=(0, 1))
     return acc
+
+
+_UNFOLD_BUDGET = 1 << 30  # bytes of unfolded windows before falling back to correlations
+
+
+def _unfold_bytes(shape: tuple[int, ...], k: int, wrap: bool) -> int:
+    n1, n2, c = shape
+    m1, m2 = (n1, n2) if wrap else (n1 - k + 1, n2 - k + 1)
+    return 4 * m1 * m2 * k * k * c
+
+
+def _unfold(epi: jax.Array, k: int, wrap: bool) -> tuple[jax.Array, tuple[int, int]]:
+    """``[N1, N2, C] -> [S, K*K*C]`` windows by top-left corner, row-major, features ``(i, j, c)``
+    like ``patch.reshape(-1)``: the inside windows, or every position of the torus with ``wrap``."""
+    if wrap:
+        epi = jnp.pad(epi, ((0, k - 1), (0, k - 1), (0, 0)), mode="wrap")
+    m1, m2 = epi.shape[0] - k + 1, epi.shape[1] - k + 1
+    shifted = [epi[i : i + m1, j : j + m2] for i in range(k) for j in range(k)]
+    return jnp.stack(shifted, axis=2).reshape(m1 * m2, -1), (m1, m2)
 
 
 def _upsample(probs: jax.Array, factor: int, shape: tuple[int, int]) -> jax.Array:
@@ -459,6 +501,8 @@ def self_epitomic_lsr(
         chunk=chunk,
         wrap=wrap,
         class_spread=class_spread,
+        unfold=class_spread == "window"
+        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= _UNFOLD_BUDGET,
     )
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)
