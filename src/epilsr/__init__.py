@@ -4,7 +4,7 @@ Malkin, Ortiz & Jojic, "Mining self-similarity: label super-resolution with epit
 representations". Pure functions on arrays and pytrees; callers ``jit``/``vmap``/shard them.
 """
 
-from epilsr import checkpoint, metrics, tiling
+from epilsr import checkpoint, metrics, segment, tiling
 from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
 from epilsr.embed import embed_classes, embed_labels, spread_class_posteriors
 from epilsr.epitome import Epitome, clamp_epitome, epitome_from_image, init_epitome
@@ -18,6 +18,13 @@ from epilsr.lsr import (
     super_resolve,
 )
 from epilsr.predict import predict
+from epilsr.segment import (
+    all_tile_lsr,
+    embed_class_maps,
+    embed_label_maps,
+    label_probs_from_counts,
+    predict_raster,
+)
 from epilsr.train import (
     TrainInfo,
     TrainState,
@@ -66,4 +73,10 @@ __all__ = [
     "checkpoint",
     "metrics",
     "tiling",
+    "segment",
+    "embed_label_maps",
+    "embed_class_maps",
+    "label_probs_from_counts",
+    "all_tile_lsr",
+    "predict_raster",
 ]

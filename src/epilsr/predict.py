@@ -17,7 +17,14 @@ from epilsr.correlate import circular_correlate
 from epilsr.epitome import Epitome, as_float_image
 from epilsr.likelihood import log_posterior
 
-__all__ = ["predict", "patch_label_predictions", "patch_grid"]
+__all__ = [
+    "predict",
+    "patch_label_predictions",
+    "patch_grid",
+    "grid_starts",
+    "window_sums",
+    "check_predict_inputs",
+]
 
 
 def patch_label_predictions(
@@ -46,10 +53,136 @@ def patch_label_predictions(
 
 def patch_grid(size: int, k: int, stride: int) -> jax.Array:
     """Top-left window coordinates along one axis: ``0, stride, ...`` and always ``size - k``."""
+    return jnp.asarray(grid_starts(size, k, stride), jnp.int32)
+
+
+def grid_starts(size: int, k: int, stride: int) -> list[int]:
+    """:func:`patch_grid` as a Python list (host-side tiling)."""
     starts = list(range(0, size - k + 1, stride))
     if starts[-1] != size - k:
         starts.append(size - k)
-    return jnp.asarray(starts, jnp.int32)
+    return starts
+
+
+def check_predict_inputs(
+    epitome: Epitome,
+    label_probs: ArrayLike,
+    *,
+    image_shape: tuple[int, ...],
+    patch_size: int,
+    label_size: int | None,
+    stride: int,
+) -> tuple[jax.Array, int, int]:
+    """Shape checks shared by :func:`predict` and tiled prediction.
+
+    Returns ``(label_probs float32, Kl, o)`` with ``Kl = label_size or K`` and
+    ``o = (K - Kl) // 2``.
+    """
+    epitome.check()
+    label_probs = jnp.asarray(label_probs, jnp.float32)
+    check_rank("label_probs", label_probs, 4, "[L, N1, N2, n]")
+    if label_probs.shape[:3] != epitome.prior_logits.shape:
+        raise ValueError(
+            f"label_probs: expected leading shape {epitome.prior_logits.shape} ([L, N1, N2]), "
+            f"got {label_probs.shape}"
+        )
+    if len(image_shape) != 3:
+        raise ValueError(f"image: expected rank 3 [H, W, C], got shape {tuple(image_shape)}")
+    h, w, c = image_shape
+    if c != epitome.channels:
+        raise ValueError(
+            f"image: expected {epitome.channels} channels to match the epitome, got {c} "
+            f"(image shape {tuple(image_shape)})"
+        )
+    k = patch_size
+    if int(k) != k or not 1 <= k <= min(epitome.size):
+        raise ValueError(f"patch_size: expected 1 <= K <= {min(epitome.size)} (the epitome "
+                         f"size), got {k}")
+    kl = k if label_size is None else label_size
+    if int(kl) != kl or not 1 <= kl <= k or (k - kl) % 2:
+        raise ValueError(
+            f"label_size: expected 1 <= Kl <= patch_size ({k}) with K - Kl even (a centred "
+            f"block), got {label_size}"
+        )
+    o = (k - kl) // 2
+    if not kl <= min(h, w) or (o and o >= min(h, w)):
+        what = "patch_size" if label_size is None else "label_size"
+        raise ValueError(
+            f"{what}: expected {'K' if label_size is None else 'Kl'} <= {min(h, w)} "
+            f"(image {h}x{w}) and a margin (K - Kl) / 2 < {min(h, w)}, got K={k}, Kl={kl}"
+        )
+    if not 1 <= stride <= kl:
+        bound = "patch_size" if label_size is None else "label_size"
+        raise ValueError(
+            f"stride: expected 1 <= stride <= {bound} ({kl}) so every pixel is covered, "
+            f"got {stride}"
+        )
+    return label_probs, kl, o
+
+
+def window_sums(
+    epitome: Epitome,
+    label_probs: jax.Array,
+    image: jax.Array,
+    starts: jax.Array,
+    weights: jax.Array,
+    *,
+    patch_size: int,
+    label_size: int | None = None,
+    temperature: float | ArrayLike,
+    mask: ArrayLike | None = None,
+    chunk: int = 256,
+    method: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Unnormalised Eq. 2 sums of the windows ``starts`` of one image (or raster tile).
+
+    Window ``b`` (top-left ``starts[b]``, ``K x K``) adds ``weights[b] * y_b[u]`` for the pixels
+    ``u`` of its centre ``Kl x Kl`` block (the whole window when ``label_size`` is None), with
+    ``y_b[u] = sum_s p(s|x_b) label_probs[s + u]``. Summing these over a partition of the
+    windows of a raster gives the same result as one call on the whole raster, which is what
+    tiled prediction relies on.
+
+    Args:
+      epitome: :class:`Epitome` ``[L, N1, N2, C]``.
+      label_probs: ``[L, N1, N2, n]``.
+      image: ``[H, W, C]`` float32.
+      starts: ``[P, 2]`` int window corners, ``P`` a multiple of ``chunk`` (pad with weight 0).
+      weights: ``[P]`` float (0 = padding).
+      patch_size: ``K``; label_size: ``Kl`` (centre block) or None.
+      temperature, mask, method: as in :func:`predict`.
+      chunk: windows per posterior batch.
+
+    Returns:
+      ``(acc [H, W, n], count [H, W])``.
+    """
+    h, w, c = image.shape
+    k = patch_size
+    kl = k if label_size is None else label_size
+    o = (k - kl) // 2
+    n = label_probs.shape[-1]
+    p = starts.shape[0]
+    starts = starts.reshape(p // chunk, chunk, 2)
+    weights = weights.reshape(p // chunk, chunk).astype(jnp.float32)
+    offs = jnp.arange(kl)
+
+    def body(carry, xs):
+        acc, count = carry
+        st, wt = xs
+        patches = jax.vmap(lambda s: jax.lax.dynamic_slice(image, (s[0], s[1], 0), (k, k, c)))(st)
+        post = jnp.exp(
+            log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
+        )
+        y = patch_label_predictions(label_probs, post, patch_size=(k, k), method=method)
+        y = y[:, o : o + kl, o : o + kl] * wt[:, None, None, None]
+        r = st[:, 0, None, None] + o + offs[None, :, None]  # [B, Kl, 1]
+        q = st[:, 1, None, None] + o + offs[None, None, :]  # [B, 1, Kl]
+        acc = acc.at[r, q].add(y)
+        count = count.at[r, q].add(jnp.broadcast_to(wt[:, None, None], (st.shape[0], kl, kl)))
+        return (acc, count), None
+
+    init = (jnp.zeros((h, w, n), jnp.float32), jnp.zeros((h, w), jnp.float32))
+    (acc, count), _ = jax.lax.scan(body, init, (starts, weights))
+    return acc, count
 
 
 def predict(
@@ -60,6 +193,7 @@ def predict(
     patch_size: int,
     temperature: float | ArrayLike,
     stride: int = 1,
+    label_size: int | None = None,
     mask: ArrayLike | None = None,
     chunk: int = 256,
     method: str = "auto",
@@ -71,13 +205,20 @@ def predict(
     output is the mean over the windows covering it. ``stride=1`` is exact Eq. 2 over all
     covering patches; larger strides trade accuracy for ``stride^2`` less work.
 
+    With ``label_size=Kl`` each window predicts only its centre ``Kl x Kl`` block (the paper's
+    scheme, matching a label embedding of centre blocks, Sec. 5.1): the image is reflect-padded
+    by ``(K - Kl) / 2`` so that border pixels are centre pixels of some window, and the blocks
+    lie on a ``stride`` grid (``stride <= Kl``; ``stride = Kl`` tiles the image with blocks).
+
     Args:
       epitome: :class:`Epitome` ``[L, N1, N2, C]``.
       label_probs: ``[L, N1, N2, n]`` label embedding ``p(l | m, n)``.
-      image: ``[H, W, C]`` (uint8/uint16 scaled to ``[0, 1]``), ``H, W >= K``.
+      image: ``[H, W, C]`` (uint8/uint16 scaled to ``[0, 1]``), ``H, W >= K`` (``>= Kl`` with
+        ``label_size``).
       patch_size: ``K``.
       temperature: posterior temperature ``T``.
-      stride: window spacing, ``1 <= stride <= K``.
+      stride: window spacing, ``1 <= stride <= K`` (``<= Kl``).
+      label_size: ``Kl``: predict the centre block only (``K - Kl`` even); None = whole window.
       mask: optional ``[L, N1, N2]`` allowed positions.
       chunk: patches per posterior batch (bounds memory to ``chunk * L * N1 * N2`` floats).
       method: correlation route.
@@ -87,49 +228,28 @@ def predict(
     """
     image = as_float_image(image)
     check_finite("image", image)
-    label_probs = jnp.asarray(label_probs, jnp.float32)
-    check_rank("label_probs", label_probs, 4, "[L, N1, N2, n]")
-    if label_probs.shape[:3] != epitome.prior_logits.shape:
-        raise ValueError(
-            f"label_probs: expected leading shape {epitome.prior_logits.shape} ([L, N1, N2]), "
-            f"got {label_probs.shape}"
-        )
-    h, w, c = image.shape
+    h, w, _ = image.shape
     k = patch_size
-    if not 1 <= k <= min(h, w):
+    if label_size is None and (int(k) != k or not 1 <= k <= min(h, w)):
         raise ValueError(f"patch_size: expected 1 <= K <= {min(h, w)} (image {h}x{w}), got {k}")
-    if not 1 <= stride <= k:
-        raise ValueError(
-            f"stride: expected 1 <= stride <= patch_size ({k}) so every pixel is covered, "
-            f"got {stride}"
-        )
-    rows, cols = patch_grid(h, k, stride), patch_grid(w, k, stride)
+    label_probs, kl, o = check_predict_inputs(
+        epitome, label_probs, image_shape=image.shape, patch_size=k, label_size=label_size,
+        stride=stride,
+    )
+    if o:
+        image = jnp.pad(image, ((o, o), (o, o), (0, 0)), mode="reflect")
+    # block corners on the (unpadded) grid == window corners in padded coordinates
+    rows, cols = patch_grid(h, kl, stride), patch_grid(w, kl, stride)
     rr, cc = jnp.meshgrid(rows, cols, indexing="ij")
     starts = jnp.stack([rr.ravel(), cc.ravel()], axis=1)  # [P, 2]
     p = starts.shape[0]
     chunk = min(chunk, p)
-    n_chunks = -(-p // chunk)
-    pad = n_chunks * chunk - p
-    valid = jnp.pad(jnp.ones((p,), jnp.float32), (0, pad)).reshape(n_chunks, chunk)
-    starts = jnp.pad(starts, ((0, pad), (0, 0))).reshape(n_chunks, chunk, 2)
-    n = label_probs.shape[-1]
-    offs = jnp.arange(k)
-
-    def body(carry, xs):
-        acc, count = carry
-        st, wt = xs
-        patches = jax.vmap(lambda s: jax.lax.dynamic_slice(image, (s[0], s[1], 0), (k, k, c)))(st)
-        post = jnp.exp(
-            log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
-        )
-        y = patch_label_predictions(label_probs, post, patch_size=(k, k), method=method)
-        y = y * wt[:, None, None, None]
-        r = st[:, 0, None, None] + offs[None, :, None]  # [B, K, 1]
-        q = st[:, 1, None, None] + offs[None, None, :]  # [B, 1, K]
-        acc = acc.at[r, q].add(y)
-        count = count.at[r, q].add(jnp.broadcast_to(wt[:, None, None], (st.shape[0], k, k)))
-        return (acc, count), None
-
-    init = (jnp.zeros((h, w, n), jnp.float32), jnp.zeros((h, w), jnp.float32))
-    (acc, count), _ = jax.lax.scan(body, init, (starts, valid))
+    pad = -(-p // chunk) * chunk - p
+    weights = jnp.pad(jnp.ones((p,), jnp.float32), (0, pad))
+    starts = jnp.pad(starts, ((0, pad), (0, 0)))
+    acc, count = window_sums(
+        epitome, label_probs, image, starts, weights, patch_size=k, label_size=label_size,
+        temperature=temperature, mask=mask, chunk=chunk, method=method,
+    )
+    acc, count = acc[o : o + h, o : o + w], count[o : o + h, o : o + w]
     return acc / count[..., None]
