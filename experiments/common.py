@@ -24,6 +24,7 @@ class LabelledTile(NamedTuple):
     table: np.ndarray  # [Cc, n] p(label | class)
     label_names: tuple[str, ...]
     label_colors: np.ndarray
+    geo: object = None  # epilsr.data.rasters.GeoInfo of the imagery, when read from a GeoTIFF
 
 
 def one_line_errors(main: Callable) -> Callable:
@@ -58,13 +59,19 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
             scene.label_names,
             colors,
         )
-    elif data.kind == "chesapeake":
+    elif data.kind in ("chesapeake", "chesapeake_lila"):
         from epilsr.data import chesapeake
+        from epilsr.data.rasters import read_geoinfo
 
         root = Path(data.root)
         csv = root / "nlcd_label_priors.csv"
         table = chesapeake.load_nlcd_table(csv if csv.exists() else None)
-        for stem in chesapeake.find_tiles(root):
+        if data.kind == "chesapeake":
+            stems = chesapeake.find_tiles(root)
+        else:  # LILA region: whole tiles of the chosen states/split, at most max_tiles
+            stems = chesapeake.find_lila_tiles(root, states=list(data.states), split=data.split)
+            stems = stems[: int(data.max_tiles)]
+        for stem in stems:
             tile = chesapeake.load_tile(stem)
             yield LabelledTile(
                 tile.name,
@@ -74,9 +81,12 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
                 table.mean,
                 chesapeake.LABEL_NAMES,
                 chesapeake.LABEL_COLORS,
+                read_geoinfo(f"{stem}_naip-new.tif"),
             )
     else:
-        raise ValueError(f"data.kind: expected 'synthetic' or 'chesapeake', got {data.kind!r}")
+        raise ValueError(
+            f"data.kind: expected 'synthetic', 'chesapeake' or 'chesapeake_lila', got {data.kind!r}"
+        )
 
 
 def atomic_write(path: Path, write) -> None:

@@ -4,9 +4,16 @@
     python -m experiments.lsr +exp=chesapeake_wv data.root=../shared/data/chesapeake_wv
     python -m experiments.lsr --help                             # options and experiments
 
-Prints per-tile and pooled accuracy / mIoU of self-epitomic LSR against painting each coarse
-cell with its most likely label, and writes label panels (PNG), probabilities (.npy) and
-``metrics.json`` into Hydra's output directory.
+    python -m experiments.lsr +exp=chesapeake data.root=/path/to/cvpr_chesapeake_landcover
+
+Runs self-epitomic LSR over every tile in windows of each size in ``raster.tile_sizes`` (the
+paper's Table 1 uses 256, 512, 1024 and 2048; windows overlap and are blended, see
+:mod:`epilsr.tiling`), and in the same run the two baselines: painting each coarse cell with its
+most likely label, and the published notebook's EM (``notebook``: uniform ``p(c)`` over all
+NLCD classes). Prints per-tile accuracy and a Table-1 style pooled table (method, W, accuracy,
+mIoU, per-class IoU) and writes, per tile and method, GeoTIFFs (labels uint8, entropy, optional
+float16 probabilities) with the input's georeferencing, PNG previews and ``metrics.json`` into
+Hydra's output directory.
 """
 
 from __future__ import annotations
@@ -19,23 +26,16 @@ from pathlib import Path
 import hydra
 import jax
 import numpy as np
+import tifffile
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import epilsr
-from epilsr import metrics, viz
+from epilsr import metrics, tiling, viz
 from experiments.common import atomic_write, format_table, iter_tiles, one_line_errors
 
 log = logging.getLogger("epilsr.lsr")
-
-
-def _npy_writer(array: np.ndarray):
-    def write(path: Path) -> None:
-        with open(path, "wb") as f:
-            np.save(f, array)
-
-    return write
 
 
 def _tile_panel(tile, paint, pred) -> np.ndarray:
@@ -50,67 +50,123 @@ def _tile_panel(tile, paint, pred) -> np.ndarray:
     return viz.panel(panels, titles, legend=legend)
 
 
+def _notebook_kwargs(cfg: DictConfig, window: int) -> dict:
+    """The published notebook's self-epitomic LSR: 2x-downsampled tile, 7x7 patches, 20 000
+    patches per 1024^2 of input, 20 EM iterations, uniform p(c) over every NLCD class."""
+    kwargs = OmegaConf.to_container(cfg.notebook, resolve=True)
+    per_pixel = kwargs.pop("patches_per_1024") / 1024**2
+    return {**kwargs, "sample_fraction": per_pixel, "cell_size": int(cfg.data.cell_size)}
+
+
+def _methods(cfg: DictConfig) -> list[tuple[str, str, dict | None]]:
+    """(key, table label, self_epitomic_lsr kwargs or None for the paint baseline)."""
+    ours = {**OmegaConf.to_container(cfg.lsr, resolve=True), "cell_size": int(cfg.data.cell_size)}
+    methods = [("paint", "paint each coarse cell (baseline)", None)]
+    if cfg.baselines.notebook:
+        methods.append(("notebook", "self-epitomic LSR, published notebook EM", "notebook"))
+    methods.append(("lsr", "self-epitomic LSR (epilsr defaults)", ours))
+    return methods
+
+
+def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str) -> np.ndarray:
+    """Self-epitomic LSR of one tile in ``window``-sized tiles (:func:`epilsr.tiling.lsr_raster`,
+    GeoTIFF outputs carrying the tile's georeferencing); returns the ``[H, W]`` uint8 labels."""
+    run = tiling.lsr_raster(
+        key,
+        tiling.array_reader(tile.image),
+        tiling.array_reader(tile.classes),
+        tile.table,
+        out_dir=out,
+        tile=window,
+        overlap=min(int(cfg.raster.overlap), window // 4),
+        lsr_kwargs=kwargs,
+        geo=tile.geo,
+        write_probs=bool(cfg.output.probs),
+        probs_dtype=np.float16,
+        prefix=prefix,
+        preview=1024 if cfg.output.png else None,
+        label_names=tile.label_names,
+        label_colors=tile.label_colors,
+        progress=False,
+    )
+    return tifffile.imread(run.labels)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
-    lsr_kwargs = OmegaConf.to_container(cfg.lsr, resolve=True)
-    log.info("self-epitomic LSR on %s data; outputs in %s", cfg.data.kind, out)
+    data = cfg.data
+    if data.kind == "chesapeake_lila" and cfg.raster.states is not None:
+        data = OmegaConf.merge(data, {"states": cfg.raster.states, "split": cfg.raster.split})
+    windows = sorted({int(w) for w in cfg.raster.tile_sizes})
+    if not windows or min(windows) < 1:
+        raise ValueError(f"raster.tile_sizes: expected positive window sides, got {windows}")
+    methods = _methods(cfg)
+    log.info("self-epitomic LSR on %s data, windows %s; outputs in %s", data.kind, windows, out)
     key = jax.random.key(cfg.seed)
-    n_labels = None
-    conf = {"paint": None, "lsr": None}
-    rows, per_tile = [], {}
-    tiles = list(iter_tiles(cfg.data))
-    for i, tile in enumerate(tqdm(tiles, desc="tiles", unit="tile")):
+    conf: dict[tuple[str, int], np.ndarray] = {}
+    rows, per_tile, names, n_tiles = [], {}, None, 0
+    for i, tile in enumerate(tqdm(iter_tiles(data), desc="tiles", unit="tile")):
+        n_tiles += 1
+        names = list(tile.label_names)
         n_labels = tile.table.shape[1]
-        start = time.perf_counter()
-        probs = epilsr.self_epitomic_lsr(
-            jax.random.fold_in(key, i),
-            tile.image,
-            tile.classes,
-            tile.table,
-            cell_size=int(cfg.data.cell_size),
-            **lsr_kwargs,
-        )
-        probs = np.asarray(jax.block_until_ready(probs))
-        seconds = time.perf_counter() - start
-        pred = probs.argmax(-1).astype(np.uint8)
-        paint = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
-        if cfg.output.probs:
-            atomic_write(out / f"{tile.name}_probs.npy", _npy_writer(probs.astype(np.float16)))
-        if cfg.output.png:
-            viz.save_png(out / f"{tile.name}.png", _tile_panel(tile, paint, pred))
-        if tile.labels is None:
-            rows.append([tile.name, "-", "-", f"{seconds:.2f}"])
-            continue
-        row = [tile.name]
-        for name, p in (("paint", paint), ("lsr", pred)):
-            cm = metrics.confusion_matrix(tile.labels, p, n_classes=n_labels, ignore=255)
-            conf[name] = cm if conf[name] is None else conf[name] + cm
-            row.append(metrics.accuracy_from_confusion(cm))
-        row.append(f"{seconds:.2f}")
+        tile_key = jax.random.fold_in(key, i)
+        side = max(tile.image.shape[:2])
+        record, row, done = {}, [tile.name], {}
+        for name, _, kwargs in methods:
+            for w in [0] if kwargs is None else windows:
+                start = time.perf_counter()
+                eff = min(w, side)  # windows at least as large as the tile are the whole tile
+                if (name, eff) in done:
+                    pred = done[(name, eff)]
+                elif kwargs is None:
+                    pred = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
+                else:
+                    kw = _notebook_kwargs(cfg, w) if kwargs == "notebook" else kwargs
+                    pred = _run_window_lsr(cfg, tile, tile_key, kw, w, out / tile.name,
+                                           f"{name}_W{eff}_")
+                done[(name, eff)] = pred
+                seconds = time.perf_counter() - start
+                tag = f"{name}" if not w else f"{name} W={w}"
+                entry = {"seconds": seconds}
+                if tile.labels is not None:
+                    cm = metrics.confusion_matrix(tile.labels, pred, n_classes=n_labels,
+                                                  ignore=255)
+                    conf[(name, w)] = conf[(name, w)] + cm if (name, w) in conf else cm
+                    entry["accuracy"] = metrics.accuracy_from_confusion(cm)
+                    row.append(entry["accuracy"])
+                else:
+                    row.append(f"{seconds:.1f}s")
+                record[tag] = entry
+                if name == "lsr" and w == windows[0] and cfg.output.png:
+                    paint = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
+                    viz.save_png(out / f"{tile.name}.png", _tile_panel(tile, paint, pred))
         rows.append(row)
-        per_tile[tile.name] = {"paint_acc": row[1], "lsr_acc": row[2], "seconds": seconds}
+        per_tile[tile.name] = record
+    if n_tiles == 0:
+        raise ValueError(f"data.root: no tiles found under {data.root}")
 
-    print(format_table(["tile", "paint acc", "LSR acc", "seconds"], rows))
+    header = ["tile"] + [t for t in next(iter(per_tile.values()))]
+    print(format_table(header, [r + [""] * (len(header) - len(r)) for r in rows]))
     results = {"tiles": per_tile, "config": OmegaConf.to_container(cfg, resolve=True)}
-    if conf["lsr"] is not None:
-        summary = []
-        for name, label in (
-            ("paint", "paint each coarse cell (baseline)"),
-            ("lsr", "self-epitomic LSR"),
-        ):
-            per_class, mean_iou = metrics.iou_from_confusion(conf[name])
-            acc = metrics.accuracy_from_confusion(conf[name])
-            summary.append([label, acc, float(mean_iou)] + [float(v) for v in per_class])
-            results[name] = {
-                "accuracy": acc,
-                "miou": float(mean_iou),
-                "iou": [None if np.isnan(v) else float(v) for v in per_class],
-            }
-        names = list(tiles[0].label_names)
-        print("\npooled over all tiles (IoU nan = class absent from truth and prediction)")
-        print(format_table(["method", "acc", "mIoU"] + [f"IoU {n}" for n in names], summary))
+    if conf:
+        summary, results["pooled"] = [], []
+        for name, label, kwargs in methods:
+            for w in [0] if kwargs is None else windows:
+                if (name, w) not in conf:
+                    continue
+                per_class, mean_iou = metrics.iou_from_confusion(conf[(name, w)])
+                acc = metrics.accuracy_from_confusion(conf[(name, w)])
+                summary.append([label, w or "-", acc, float(mean_iou)]
+                               + [float(v) for v in per_class])
+                results["pooled"].append({
+                    "method": name, "window": w or None, "accuracy": acc,
+                    "miou": float(mean_iou),
+                    "iou": [None if np.isnan(v) else float(v) for v in per_class],
+                })
+        print("\npooled over all tiles (Table 1; IoU nan = class absent from truth and prediction)")
+        print(format_table(["method", "W", "acc", "mIoU"] + [f"IoU {n}" for n in names], summary))
     atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
     log.info("wrote %s", out / "metrics.json")
     return results

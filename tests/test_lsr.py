@@ -260,3 +260,21 @@ def test_self_lsr_unfolded_route_matches_correlation_route(rng, wrap, monkeypatc
     monkeypatch.setattr(lsr_mod, "_UNFOLD_BUDGET", 0)
     slow = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
     np.testing.assert_allclose(fast, slow, atol=2e-5)
+
+
+def test_self_lsr_class_prior_options(rng):
+    """class_prior: None (observed), "uniform" (the notebook's variant) or an explicit array;
+    a uniform prior over a table with an absent class differs from the observed prior."""
+    img = rng.uniform(size=(15, 15, 3)).astype(np.float32)
+    classes = rng.integers(0, 2, size=(15, 15))
+    table = _table(rng, 3, 4)  # class 2 never occurs
+    args = dict(patch_size=3, sample_fraction=0.5, iters=5, **FAST)
+    key = jax.random.PRNGKey(0)
+    observed = self_epitomic_lsr(key, img, classes, table, **args)
+    uniform = self_epitomic_lsr(key, img, classes, table, class_prior="uniform", **args)
+    explicit = self_epitomic_lsr(key, img, classes, table, class_prior=np.full(3, 0.2), **args)
+    np.testing.assert_allclose(uniform, explicit, atol=1e-5)
+    np.testing.assert_allclose(np.sum(uniform, -1), 1.0, atol=1e-5)
+    assert np.abs(np.asarray(uniform) - np.asarray(observed)).max() > 1e-3
+    with pytest.raises(ValueError, match="class_prior"):
+        self_epitomic_lsr(key, img, classes, table, class_prior="flat", **args)

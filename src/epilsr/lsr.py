@@ -405,6 +405,7 @@ def self_epitomic_lsr(
     adapt_strength: float = 0.1,
     concentration: float | ArrayLike = 1.0,
     cell_size: int = 30,
+    class_prior: str | ArrayLike | None = None,
     chunk: int | None = None,
 ) -> jax.Array:
     """Self-epitomic label super-resolution of one tile (Sec. 5.1).
@@ -443,6 +444,10 @@ def self_epitomic_lsr(
         ``[Cc]`` (see :func:`dirichlet_concentration`; the NLCD table's s.d. give ~1).
       cell_size: side of one coarse cell in input pixels (30 for NLCD at 1 m); the evidence of
         class ``c`` is ``adapt_strength * (pixels of class c) / cell_size^2``.
+      class_prior: ``p(c)`` of the EM (Eq. 7): ``None`` = the tile's observed class proportions
+        (the paper); ``"uniform"`` = every row of the table equally, present in the tile or not
+        (the published notebook's variant, which pulls labels toward absent classes'
+        compositions; rows that are all zero get no weight); or a ``[Cc]`` array.
       chunk: patches per posterior batch (bounds memory; default keeps ``[chunk, h, w]`` ~64 MB).
 
     Returns:
@@ -486,6 +491,12 @@ def self_epitomic_lsr(
         raise ValueError(
             f"adapt_rounds/adapt_strength: expected >= 0, got {adapt_rounds}/{adapt_strength}"
         )
+    if isinstance(class_prior, str):
+        if class_prior != "uniform":
+            raise ValueError(
+                f"class_prior: expected None, 'uniform' or a [Cc] array, got {class_prior!r}"
+            )
+        class_prior = (jnp.sum(table, axis=1) > 0).astype(jnp.float32)  # every defined row
     if chunk is None:
         chunk = max(1, min(2048, (1 << 24) // (n1 * n2)))
     counts = _self_counts(
@@ -514,5 +525,6 @@ def self_epitomic_lsr(
         concentration=concentration,
         rounds=adapt_rounds,
         iters=iters,
+        class_prior=class_prior,
     )
     return _upsample(probs, downsample, image.shape[:2])
