@@ -18,6 +18,7 @@ Hydra's output directory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -106,9 +107,12 @@ def main(cfg: DictConfig) -> dict:
     log.info("self-epitomic LSR on %s data, windows %s; outputs in %s", data.kind, windows, out)
     key = jax.random.key(cfg.seed)
     conf: dict[tuple[str, int], np.ndarray] = {}
-    rows, per_tile, names, n_tiles = [], {}, None, 0
-    for i, tile in enumerate(tqdm(iter_tiles(data), desc="tiles", unit="tile")):
-        n_tiles += 1
+    rows, per_tile, names = [], {}, None
+    tiles = iter_tiles(data)
+    first = next(tiles, None)  # bad roots / missing files fail here, before the progress bar
+    if first is None:
+        raise ValueError(f"data.root: no tiles found under {data.root}")
+    for i, tile in enumerate(tqdm(itertools.chain([first], tiles), desc="tiles", unit="tile")):
         names = list(tile.label_names)
         n_labels = tile.table.shape[1]
         tile_key = jax.random.fold_in(key, i)
@@ -144,8 +148,6 @@ def main(cfg: DictConfig) -> dict:
                     viz.save_png(out / f"{tile.name}.png", _tile_panel(tile, paint, pred))
         rows.append(row)
         per_tile[tile.name] = record
-    if n_tiles == 0:
-        raise ValueError(f"data.root: no tiles found under {data.root}")
 
     header = ["tile"] + [t for t in next(iter(per_tile.values()))]
     print(format_table(header, [r + [""] * (len(header) - len(r)) for r in rows]))

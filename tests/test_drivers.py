@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from epilsr import checkpoint
 
@@ -33,11 +34,42 @@ def test_lsr_driver_on_demo_scene(tmp_path):
     proc = run("experiments.lsr", "data.size=128", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "self-epitomic LSR" in proc.stdout and "paint each coarse cell" in proc.stdout
+    assert "published notebook EM" in proc.stdout
     results = json.loads((tmp_path / "metrics.json").read_text())
-    assert results["lsr"]["accuracy"] > results["paint"]["accuracy"]
+    pooled = {r["method"]: r for r in results["pooled"]}
+    assert pooled["lsr"]["accuracy"] > pooled["paint"]["accuracy"]
+    assert pooled["lsr"]["window"] == 256 and set(pooled) == {"paint", "notebook", "lsr"}
     assert (tmp_path / "synthetic_seed0_128.png").exists()
-    probs = np.load(tmp_path / "synthetic_seed0_128_probs.npy")
-    assert probs.shape == (128, 128, 4)
+    labels = tifffile.imread(tmp_path / "synthetic_seed0_128" / "lsr_W128_labels.tif")
+    assert labels.shape == (128, 128) and labels.dtype == np.uint8
+
+
+def test_lsr_driver_windows_and_georeferencing(tmp_path):
+    """A flat folder of georeferenced tiles: every window size runs, outputs keep the geo tags."""
+    from epilsr.data.rasters import GeoInfo, read_geoinfo, write_raster
+    from epilsr.data.synthetic import make_scene
+
+    data = tmp_path / "data"
+    data.mkdir()
+    geo = GeoInfo(pixel_scale=(1.0, 1.0, 0.0), tiepoints=(0, 0, 0, 612000.0, 4200000.0, 0),
+                  geokeys=(1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32617))
+    scene = make_scene(3, size=96, block=32)
+    stem = data / "tile_a"
+    write_raster(f"{stem}_naip-new.tif", np.round(scene.image * 255).astype(np.uint8), geo=geo)
+    nlcd = np.where(scene.classes % 2 == 0, 41, 81).astype(np.uint8)  # forest / pasture
+    write_raster(f"{stem}_nlcd.tif", nlcd, geo=geo)
+    write_raster(f"{stem}_lc.tif", (scene.labels + 1).astype(np.uint8), geo=geo)
+    out = tmp_path / "out"
+    proc = run("experiments.lsr", "+exp=chesapeake_wv", f"data.root={data}", "lsr.patch_size=3",
+               "notebook.patch_size=3", "raster.tile_sizes=[64,128]", "raster.overlap=16",
+               "output.probs=true", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    pooled = json.loads((out / "metrics.json").read_text())["pooled"]
+    assert {(r["method"], r["window"]) for r in pooled} == {
+        ("paint", None), ("notebook", 64), ("notebook", 128), ("lsr", 64), ("lsr", 128)}
+    for name in ("lsr_W64_labels.tif", "lsr_W96_labels.tif", "lsr_W96_probs.tif"):
+        got = read_geoinfo(out / "tile_a" / name)
+        assert got.epsg == 32617 and got.tiepoints == geo.tiepoints, name
 
 
 def test_lsr_driver_bad_input_is_one_line(tmp_path):
