@@ -216,3 +216,20 @@ def test_train_driver_two_processes(tmp_path):
         if x
     ]
     assert steps == [1, 2, 3, 4]
+
+
+def test_lsr_driver_on_lila_north(tmp_path):
+    """+exp=chesapeake runs LSR on the North test split of a LILA-style tree (raster.states)."""
+    from tests.test_chesapeake import _fake_lila
+
+    _fake_lila(tmp_path / "lila", state="wv", split="train")  # South: must not be read
+    _fake_lila(tmp_path / "lila", state="pa", year=2013, split="test", names=("m_9_sw_18_1",))
+    out = tmp_path / "out"
+    proc = run("experiments.lsr", "+exp=chesapeake", f"data.root={tmp_path / 'lila'}",
+               "lsr.patch_size=3", "notebook.patch_size=3", "raster.tile_sizes=[32,64]",
+               "raster.overlap=8", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "metrics.json").read_text())
+    assert list(results["tiles"]) == ["m_9_sw_18_1"]
+    assert {r["window"] for r in results["pooled"] if r["method"] == "lsr"} == {32, 64}
+    assert (out / "m_9_sw_18_1" / "lsr_W32_labels.tif").exists()
