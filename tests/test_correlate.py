@@ -15,7 +15,7 @@ from epilsr.correlate import (
 )
 from tests.reference import box_spread_bf, box_sum_bf, circular_correlate_bf
 
-METHODS = ["direct", "fft"]
+METHODS = ["direct", "hybrid", "fft"]
 
 # Jitted once per shape: one compilation instead of one per primitive (keeps the suite fast).
 corr = jax.jit(circular_correlate, static_argnames="method")
@@ -192,3 +192,55 @@ def test_correlate_runs_under_jit(rng):
     for method in METHODS:
         f = jax.jit(lambda m, k, method=method: circular_correlate(m, k, method=method))
         assert _rel_err(f(maps, kernels), circular_correlate_bf(maps, kernels)) < 1e-5
+
+
+# ------------------------------------------------------------------ hybrid route internals
+
+
+@pytest.mark.parametrize("block", [1, 3, 5, 17])
+def test_hybrid_blocks_vs_loops(rng, monkeypatch, block):
+    """Every output block width T (many blocks, a ragged last block, one block) is exact."""
+    import epilsr.correlate as correlate
+
+    monkeypatch.setattr(correlate, "_dft_block", lambda n2, k1, k2, f: min(block, n2))
+    maps, kernels = _draw(rng, 2, 13, 17, 3, 4, 5, 7)
+    got = correlate.circular_correlate(maps, kernels, method="hybrid")
+    assert _rel_err(got, circular_correlate_bf(maps, kernels)) < 1e-5
+
+
+def test_hybrid_chunked_batch_equals_unchunked(rng, monkeypatch):
+    """Memory-bounded batching (chunks of the batch, ragged last chunk) changes nothing."""
+    import epilsr.correlate as correlate
+
+    maps, kernels = _draw(rng, 2, 13, 11, 3, 7, 4, 5)
+    whole = np.asarray(correlate.circular_correlate(maps, kernels, method="hybrid"))
+    monkeypatch.setattr(correlate, "_CHUNK_BYTES", 1)  # one patch per chunk
+    assert correlate._batch_chunk(7, 100) == (1, 7)
+    one = np.asarray(correlate.circular_correlate(maps, kernels, method="hybrid"))
+    monkeypatch.setattr(correlate, "_CHUNK_BYTES", 3 * 100)
+    assert correlate._batch_chunk(7, 100) == (3, 3)  # 3 chunks of 3, two padded patches
+    three = np.asarray(correlate.circular_correlate(maps, kernels, method="hybrid"))
+    np.testing.assert_allclose(one, whole, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(three, whole, rtol=1e-6, atol=1e-5)
+    assert _rel_err(three, circular_correlate_bf(maps, kernels)) < 1e-5
+
+
+def test_hybrid_gradient_matches_direct(rng):
+    """The VJP of the hybrid route in the maps equals the direct route's (used by training)."""
+    maps, kernels = _draw(rng, 2, 11, 13, 3, 3, 5, 4)
+    weights = rng.normal(size=(3, 2, 11, 13)).astype(np.float32)
+
+    def loss(m, method):
+        return (circular_correlate(m, kernels, method=method) * weights).sum()
+
+    g_h = jax.grad(loss)(maps, "hybrid")
+    g_d = jax.grad(loss)(maps, "direct")
+    assert _rel_err(g_h, g_d) < 1e-5
+
+
+def test_auto_route_choice():
+    from epilsr.correlate import _auto_method
+
+    assert _auto_method((1, 299, 299, 8), (64, 3, 3, 8)) == "direct"
+    for k in (7, 11, 21, 31):
+        assert _auto_method((1, 299, 299, 8), (64, k, k, 8)) == "hybrid"

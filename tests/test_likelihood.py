@@ -30,7 +30,7 @@ from tests.reference import (
     random_epitome_arrays,
 )
 
-METHODS = ["direct", "fft"]
+METHODS = ["direct", "hybrid", "fft"]
 
 # Jitted once per shape (one compilation instead of one per primitive); validation is tested
 # separately on the eager functions.

@@ -111,20 +111,164 @@ def _correlate_fft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     return out[..., :n1, :n2]
 
 
-def _prefers_fft(maps_shape, kernels_shape) -> bool:
-    """Flop model: direct ``B L N^2 K^2 F`` MACs vs transforms plus frequency products.
+# Intermediates of the batch-dependent part are kept under this many bytes per batch chunk.
+_CHUNK_BYTES = 1 << 28
 
-    The direct route runs through a tuned convolution, so its flops are cheaper; the
-    constant was measured on a 2-core x86 CPU (see benchmarks/correlate_crossover.py).
+
+def _batch_chunk(batch: int, per_example_bytes: int) -> tuple[int, int]:
+    """``(chunk, n_chunks)``: equal chunks of the batch, each under :data:`_CHUNK_BYTES`."""
+    chunk = max(1, min(batch, _CHUNK_BYTES // max(per_example_bytes, 1)))
+    n_chunks = -(-batch // chunk)
+    return -(-batch // n_chunks), n_chunks
+
+
+def _map_batch(fn, kernels: jax.Array, chunk: int, n_chunks: int) -> jax.Array:
+    """``fn`` over ``kernels`` in ``n_chunks`` chunks of ``chunk`` (zero-padded), concatenated."""
+    b = kernels.shape[0]
+    if n_chunks == 1:
+        return fn(kernels)
+    pad = n_chunks * chunk - b
+    kernels = jnp.pad(kernels, ((0, pad),) + ((0, 0),) * (kernels.ndim - 1))
+    out = lax.map(fn, kernels.reshape(n_chunks, chunk, *kernels.shape[1:]))
+    return out.reshape(n_chunks * chunk, *out.shape[2:])[:b]
+
+
+def _dft_block(n2: int, k1: int, k2: int, f: int) -> int:
+    """Output block ``T`` along axis 2 of the hybrid route: fewest multiply-adds per position.
+
+    Per block of ``T`` outputs the route does ``8 K1 F`` flops for each of the ``W = P//2 + 1``
+    frequencies of a length ``P = T + K2 - 1`` transform (the products) and ``4 W T`` (the
+    inverse), plus a pass over the block's outputs (counted as 64 flops each).
     """
+    best, best_cost = n2, math.inf
+    for t in range(1, n2 + 1):
+        nb = -(-n2 // t)
+        if t > 1 and -(-n2 // (t - 1)) == nb:
+            continue  # same block count with less padding: only the smallest T per count
+        w = (t + k2 - 1) // 2 + 1
+        cost = nb * (8 * w * k1 * f + 4 * w * t + 64 * t)
+        if cost < best_cost:
+            best, best_cost = t, cost
+    return best
+
+
+def _real_dft(length: int, size: int, freqs: int) -> tuple[np.ndarray, np.ndarray]:
+    """``cos, sin`` of ``2 pi u w / length`` for ``u < size``, ``w < freqs`` (float64)."""
+    theta = 2.0 * np.pi * np.outer(np.arange(size), np.arange(freqs)) / length
+    return np.cos(theta), np.sin(theta)
+
+
+def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
+    """Block DFTs along the second spatial axis, direct sums along the first; all products.
+
+    The ``N2`` outputs along axis 2 are cut into ``nb`` blocks of ``T``; block ``t`` needs the
+    wrap-padded map segment ``maps[:, :, tT : tT + P]``, ``P = T + K2 - 1``, and a length-``P``
+    real DFT makes the correlation along axis 2 a product per frequency ``w < W = P//2 + 1``
+    (``P >= T + K2 - 1``: no circular aliasing). Along axis 1 the ``K1`` row offsets are summed
+    directly, so per frequency one real matrix product
+
+        out[w, (q, b), (l, t, s1)] = sum_{(i, p, f)} rhs[w, (i, p, f), (q, b)]
+                                                      lhs[w, (l, t, s1), (i, p, f)]
+
+    does the work (``p``/``q``: real and imaginary parts of ``A conj(X)``), and the inverse
+    transform is one more product with the ``[2W, T]`` inverse-DFT matrix. Every transform is
+    a matrix product (a DFT of the ``K2`` non-zero columns of a patch, of the epitome's segments
+    once per call), so the route runs at the machine's matrix-multiply rate with
+    ``~(8 K1 F + 4 T) W nb`` flops per output row against ``2 K1 K2 F N2`` for the direct one.
+    """
+    lyr, n1, n2, f = maps.shape
+    b, k1, k2, _ = kernels.shape
+    t = _dft_block(n2, k1, k2, f)
+    nb = -(-n2 // t)
+    p_len = t + k2 - 1
+    w = p_len // 2 + 1
+    dtype = maps.dtype
+    cos_p, sin_p = _real_dft(p_len, p_len, w)
+    # Epitome side, once per call: segments [L, N1 + K1 - 1, nb, P, F] and their DFT.
+    rows = (jnp.arange(n1 + k1 - 1)) % n1
+    cols = (jnp.arange(nb)[:, None] * t + jnp.arange(p_len)[None, :]).ravel() % n2
+    seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
+    seg = seg.reshape(lyr, n1 + k1 - 1, nb, p_len, f)
+    fwd = jnp.asarray(np.stack([cos_p, -sin_p], axis=-1), dtype)  # [P, W, 2]: Re, Im of e^-i
+    spec = jnp.einsum("lrtuf,uwp->wltrpf", seg, fwd, precision=_HIGHEST)
+    lhs = jnp.stack([spec[:, :, :, i : i + n1] for i in range(k1)], axis=4)
+    lhs = lhs.reshape(w, lyr * nb * n1, k1 * 2 * f)  # [W, (l, t, s1), (i, p, f)]
+    # Patch side: X = DFT of the K2 non-zero columns; rhs is the real form of conj(X).
+    cos_k, sin_k = _real_dft(p_len, k2, w)
+    pat = np.stack([np.stack([cos_k, sin_k], -1), np.stack([-sin_k, cos_k], -1)], -2)
+    pat = jnp.asarray(pat, dtype)  # [K2, W, p, q]
+    # Inverse real DFT of length P, outputs u < T: weights 1 (w = 0, P/2), 2 otherwise.
+    cos_t, sin_t = _real_dft(p_len, t, w)
+    weight = np.full(w, 2.0)
+    weight[0] = 1.0
+    if p_len % 2 == 0:
+        weight[-1] = 1.0
+    inv = np.stack([cos_t.T, -sin_t.T], axis=1) * (weight / p_len)[:, None, None]  # [W, 2, T]
+    inv = jnp.asarray(inv, dtype)
+
+    def chunk_fn(ker: jax.Array) -> jax.Array:
+        bc = ker.shape[0]
+        rhs = jnp.einsum("bijf,jwpq->wipfqb", ker, pat, precision=_HIGHEST)
+        rhs = rhs.reshape(w, k1 * 2 * f, 2 * bc)
+        out = jnp.einsum("wkb,wnk->wbn", rhs, lhs, precision=_HIGHEST)  # [W, 2 bc, L nb N1]
+        out = out.reshape(w, 2, bc * lyr * nb * n1)
+        res = jnp.einsum("wqn,wqu->nu", out, inv, precision=_HIGHEST)  # [bc L nb N1, T]
+        res = res.reshape(bc, lyr, nb, n1, t).transpose(0, 1, 3, 2, 4)
+        return res.reshape(bc, lyr, n1, nb * t)[..., :n2]
+
+    per_example = 4 * lyr * nb * n1 * (4 * w + 2 * t)
+    chunk, n_chunks = _batch_chunk(b, per_example)
+    return _map_batch(chunk_fn, kernels, chunk, n_chunks)
+
+
+def _hybrid_swapped(maps: jax.Array, kernels: jax.Array) -> jax.Array:
+    """:func:`_correlate_hybrid` with the direct products along the axis of the shorter side."""
+    if kernels.shape[1] <= kernels.shape[2]:
+        return _correlate_hybrid(maps, kernels)
+    out = _correlate_hybrid(jnp.swapaxes(maps, 1, 2), jnp.swapaxes(kernels, 1, 2))
+    return jnp.swapaxes(out, 2, 3)
+
+
+def route_flops(route: str, maps_shape, kernels_shape) -> float:
+    """Flops of one correlation route (the cost model behind ``"auto"``, and the benchmarks'
+    roofline). Map-side transforms are counted once; index/copy work is not counted."""
     lyr, n1, n2, f = maps_shape
     b, k1, k2, _ = kernels_shape
-    m1, _ = _fft_plan(n1, k1)
-    m2, _ = _fft_plan(n2, k2)
-    direct = b * lyr * n1 * n2 * k1 * k2 * f
-    logm = math.log2(m1 * m2)
-    fft = (b * f + lyr * f + b * lyr) * m1 * m2 * logm * 2.5 + 4 * b * lyr * f * m1 * m2 / 2
-    return direct > 4.0 * fft
+    if route == "direct":
+        return 2.0 * b * lyr * n1 * n2 * k1 * k2 * f
+    if route == "hybrid":
+        if k1 > k2:
+            n1, n2, k1, k2 = n2, n1, k2, k1
+        t = _dft_block(n2, k1, k2, f)
+        nb = -(-n2 // t)
+        p_len = t + k2 - 1
+        w = p_len // 2 + 1
+        rows = b * lyr * nb * n1
+        products = 8.0 * w * k1 * f * rows  # [W] x [L nb N1, 2 K1 F] x [2 K1 F, 2 B]
+        inverse = 4.0 * w * t * rows  # [2W, T] inverse DFT per output row block
+        patch_dft = 8.0 * b * k1 * k2 * f * w
+        maps_dft = 4.0 * lyr * (n1 + k1 - 1) * nb * p_len * f * w
+        return products + inverse + patch_dft + maps_dft
+    if route == "fft":
+        m1, _ = _fft_plan(n1, k1)
+        m2, _ = _fft_plan(n2, k2)
+        logm = math.log2(m1 * m2)
+        return (b * f + lyr * f + b * lyr) * m1 * m2 * logm * 2.5 + 4.0 * b * lyr * f * m1 * m2
+    raise ValueError(f"route: expected 'direct', 'hybrid' or 'fft', got {route!r}")
+
+
+def _auto_method(maps_shape, kernels_shape) -> str:
+    """The route ``"auto"`` takes: ``"hybrid"`` unless the direct convolution does fewer than
+    1.5x its flops (tiny patches; XLA's convolution runs below its matrix-multiply rate).
+    Measured on a 2-core x86 CPU with ``benchmarks/posterior.py``."""
+    direct = route_flops("direct", maps_shape, kernels_shape)
+    hybrid = route_flops("hybrid", maps_shape, kernels_shape)
+    return "hybrid" if direct > 1.5 * hybrid else "direct"
+
+
+def _prefers_fft(maps_shape, kernels_shape) -> bool:
+    """Whether ``"auto"`` takes a transform route (kept for the crossover benchmark)."""
+    return _auto_method(maps_shape, kernels_shape) != "direct"
 
 
 def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "auto") -> jax.Array:
@@ -133,7 +277,7 @@ def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "au
     Args:
       maps: ``[L, N1, N2, F]`` epitome-side maps.
       kernels: ``[B, K1, K2, F]`` patch-side kernels, ``K1 <= N1``, ``K2 <= N2``.
-      method: ``"auto"``, ``"direct"`` or ``"fft"``.
+      method: ``"auto"``, ``"direct"``, ``"hybrid"`` or ``"fft"``.
 
     Returns:
       ``[B, L, N1, N2]`` with
@@ -149,12 +293,14 @@ def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "au
             f"patch size {kernels.shape[1:3]} is larger than the epitome {maps.shape[1:3]}"
         )
     if method == "auto":
-        method = "fft" if _prefers_fft(maps.shape, kernels.shape) else "direct"
+        method = _auto_method(maps.shape, kernels.shape)
     if method == "direct":
         return _correlate_direct(maps, kernels)
+    if method == "hybrid":
+        return _hybrid_swapped(maps, kernels)
     if method == "fft":
         return _correlate_fft(maps, kernels)
-    raise ValueError(f"method: expected 'auto', 'direct' or 'fft', got {method!r}")
+    raise ValueError(f"method: expected 'auto', 'direct', 'hybrid' or 'fft', got {method!r}")
 
 
 def circular_correlate_adjoint(

@@ -213,8 +213,10 @@ def _worst(scores: jax.Array, quantile: float) -> jax.Array:
     return jnp.zeros((b,), bool).at[idx].set(True)
 
 
-def _tempered_log_marginal(epitome: Epitome, patches: jax.Array, temperature, method: str):
-    logits = log_likelihood(epitome, patches, method=method) / temperature + log_prior(epitome)
+def _tempered_log_marginal(
+    epitome: Epitome, patches: jax.Array, temperature, method: str, loglik=log_likelihood
+):
+    logits = loglik(epitome, patches, method=method) / temperature + log_prior(epitome)
     return jax.nn.logsumexp(logits, axis=(1, 2, 3))
 
 
@@ -250,9 +252,25 @@ def objective(
     Returns:
       ``(loss [], aux)`` with ``aux`` an :class:`ObjectiveAux`.
     """
+    return _objective(
+        params,
+        patches,
+        temperature=temperature,
+        mask=mask,
+        quantile=quantile,
+        reference=reference,
+        method=method,
+    )
+
+
+def _objective(
+    params, patches, *, temperature, mask, quantile, reference, method, loglik=log_likelihood
+):
+    """:func:`objective` with the likelihood function injected (the sharded step passes
+    :func:`_sharded_log_likelihood`)."""
     quantile = _check_quantile(quantile)
     patches = check_patches(params, patches)
-    ll = log_likelihood(params, patches, method=method)  # [B, L, N1, N2]
+    ll = loglik(params, patches, method=method)  # [B, L, N1, N2]
     lp = log_prior(params)
     allowed = None if mask is None else _guard_mask(_check_mask(mask, params))
     logits, log_marginal = _masked_logsumexp(ll / temperature + lp, allowed)
@@ -260,7 +278,7 @@ def objective(
         scores = log_marginal
     else:
         reference = jax.tree.map(jax.lax.stop_gradient, reference)
-        scores = _tempered_log_marginal(reference, patches, temperature, method)
+        scores = _tempered_log_marginal(reference, patches, temperature, method, loglik)
     selected = _worst(jax.lax.stop_gradient(scores), quantile)
     count = _quantile_count(quantile, patches.shape[0])
     loss = -jnp.sum(jnp.where(selected, log_marginal, 0.0)) / count
@@ -339,6 +357,35 @@ def train_step(
     Returns:
       ``(new_state, info)`` with ``info`` a :class:`TrainInfo`.
     """
+    return _train_step(
+        state,
+        patches,
+        optimizer=optimizer,
+        temperature=temperature,
+        quantile=quantile,
+        promotion=promotion,
+        promotion_threshold=promotion_threshold,
+        delta=delta,
+        reference=reference,
+        method=method,
+    )
+
+
+def _train_step(
+    state,
+    patches,
+    *,
+    optimizer,
+    temperature=None,
+    quantile=0.25,
+    promotion=True,
+    promotion_threshold=None,
+    delta=0.05,
+    reference=None,
+    method="auto",
+    loglik=log_likelihood,
+):
+    """:func:`train_step` with the likelihood function injected."""
     params = state.params
     quantile = _check_quantile(quantile)
     patches = check_patches(params, patches)
@@ -360,7 +407,7 @@ def train_step(
     counters = state.counters
     allowed = _guard_mask(counters < promotion_threshold) if promotion else None
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(_objective, loglik=loglik), has_aux=True)
     (loss, aux), grads = grad_fn(
         params,
         patches,
@@ -429,7 +476,7 @@ def make_train_step(*, optimizer: optax.GradientTransformation, **hyper):
 
 
 def _step_with_reference(state, patches, reference=None, **kwargs):
-    return train_step(state, patches, reference=reference, **kwargs)
+    return _train_step(state, patches, reference=reference, **kwargs)
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -455,8 +502,34 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
 
 
+def _sharded_log_likelihood(mesh: Mesh):
+    """:func:`epilsr.log_likelihood` as a ``shard_map`` over the mesh axis ``"data"``.
+
+    Each device correlates its own patches with the (replicated) epitome, so the transform
+    routes stay data-parallel instead of GSPMD gathering the batch around them. The epitome
+    enters unvarying (``P()``); under ``check_vma`` the transpose of that broadcast is a
+    ``psum`` over ``"data"``, so the gradient is the exact sum over the global batch.
+    """
+
+    def loglik(epitome: Epitome, patches: jax.Array, *, method: str = "auto") -> jax.Array:
+        fn = jax.shard_map(
+            functools.partial(log_likelihood, method=method),
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec("data")),
+            out_specs=PartitionSpec("data"),
+        )
+        return fn(epitome, patches)
+
+    return loglik
+
+
 def make_sharded_train_step(mesh: Mesh, *, optimizer: optax.GradientTransformation, **hyper):
-    """Data-parallel :func:`train_step` over the 1-D mesh axis ``"data"`` (GSPMD).
+    """Data-parallel :func:`train_step` over the 1-D mesh axis ``"data"``.
+
+    The per-example likelihood (the correlation routes) runs under ``jax.shard_map`` over
+    ``"data"`` (each device transforms and correlates its own patches against the replicated
+    epitome; the epitome's gradient is ``psum``-ed); the rest of the step is partitioned by
+    GSPMD.
 
     The returned ``step(state, patches, reference=None) -> (state, info)`` (a thin wrapper
     over the jitted function, exposed with ``lower`` as ``step.jitted``) takes
@@ -473,7 +546,9 @@ def make_sharded_train_step(mesh: Mesh, *, optimizer: optax.GradientTransformati
         raise ValueError("reference: pass it to the returned step, not as a static hyperparameter")
     replicated = NamedSharding(mesh, PartitionSpec())
     batch = NamedSharding(mesh, PartitionSpec("data"))
-    fn = functools.partial(_step_with_reference, optimizer=optimizer, **hyper)
+    fn = functools.partial(
+        _step_with_reference, optimizer=optimizer, loglik=_sharded_log_likelihood(mesh), **hyper
+    )
     jitted = jax.jit(
         fn,
         in_shardings=(replicated, batch, replicated),
