@@ -122,10 +122,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         hyper["temperature"] = float(tcfg.temperature)
     n_proc, proc = jax.process_count(), jax.process_index()
     n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
-    # GSPMD does not partition FFTs over the batch (it gathers the batch on every device), so
-    # sharded runs use the direct route unless told otherwise (benchmarks/train_throughput).
-    sharded = n_proc > 1 or n_dev > 1
-    hyper["method"] = tcfg.method or ("direct" if sharded else "auto")
+    hyper["method"] = tcfg.method or "auto"  # sharded steps shard_map the likelihood
     if n_proc > 1:  # one global mesh over every process's devices; each feeds its own share
         mesh = train.data_mesh(jax.devices())
         n_dev = len(jax.devices())
