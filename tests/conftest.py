@@ -41,3 +41,14 @@ def data_root():
     if not (root / "chesapeake_wv").is_dir():
         pytest.skip(f"real data not found at {root / 'chesapeake_wv'}; set EPILSR_DATA")
     return root
+
+
+@pytest.fixture
+def consep_root():
+    """The shared CoNSeP patches; skips when ``<data_root>/consep`` is missing."""
+    from epilsr.data.consep import consep_root as _consep_root
+
+    root = _consep_root()
+    if not (root / "images").is_dir():
+        pytest.skip(f"CoNSeP data not found at {root}; set EPILSR_DATA")
+    return root

@@ -4,7 +4,7 @@ Malkin, Ortiz & Jojic, "Mining self-similarity: label super-resolution with epit
 representations". Pure functions on arrays and pytrees; callers ``jit``/``vmap``/shard them.
 """
 
-from epilsr import checkpoint, metrics, segment, tiling
+from epilsr import checkpoint, metrics, segment, til, tiling
 from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
 from epilsr.embed import embed_classes, embed_labels, spread_class_posteriors
 from epilsr.epitome import Epitome, clamp_epitome, epitome_from_image, init_epitome
@@ -74,6 +74,7 @@ __all__ = [
     "metrics",
     "tiling",
     "segment",
+    "til",
     "embed_label_maps",
     "embed_class_maps",
     "label_probs_from_counts",
