@@ -51,7 +51,7 @@ def _tile_panel(tile, paint, pred) -> np.ndarray:
     return viz.panel(panels, titles, legend=legend)
 
 
-def _notebook_kwargs(cfg: DictConfig, window: int) -> dict:
+def _notebook_kwargs(cfg: DictConfig) -> dict:
     """The published notebook's self-epitomic LSR: 2x-downsampled tile, 7x7 patches, 20 000
     patches per 1024^2 of input, 20 EM iterations, uniform p(c) over every NLCD class."""
     kwargs = OmegaConf.to_container(cfg.notebook, resolve=True)
@@ -59,8 +59,9 @@ def _notebook_kwargs(cfg: DictConfig, window: int) -> dict:
     return {**kwargs, "sample_fraction": per_pixel, "cell_size": int(cfg.data.cell_size)}
 
 
-def _methods(cfg: DictConfig) -> list[tuple[str, str, dict | None]]:
-    """(key, table label, self_epitomic_lsr kwargs or None for the paint baseline)."""
+def _methods(cfg: DictConfig) -> list[tuple[str, str, dict | str | None]]:
+    """(key, table label, self_epitomic_lsr kwargs; "notebook" for the notebook baseline, whose
+    kwargs come from :func:`_notebook_kwargs`; None for the paint baseline)."""
     ours = {**OmegaConf.to_container(cfg.lsr, resolve=True), "cell_size": int(cfg.data.cell_size)}
     methods = [("paint", "paint each coarse cell (baseline)", None)]
     if cfg.baselines.notebook:
@@ -127,7 +128,7 @@ def main(cfg: DictConfig) -> dict:
                 elif kwargs is None:
                     pred = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
                 else:
-                    kw = _notebook_kwargs(cfg, w) if kwargs == "notebook" else kwargs
+                    kw = _notebook_kwargs(cfg) if kwargs == "notebook" else kwargs
                     pred = _run_window_lsr(cfg, tile, tile_key, kw, w, out / tile.name,
                                            f"{name}_W{eff}_")
                 done[(name, eff)] = pred
