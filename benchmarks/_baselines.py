@@ -128,6 +128,13 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=False))
 
 
+def start(no_torch: bool) -> tuple[object, float, dict, dict]:
+    """Common benchmark start: ``(torch or None, start time, machine(), matmul_rate())``."""
+    torch = None if no_torch else torch_or_none()
+    t_start = time.perf_counter()
+    return torch, t_start, machine(torch), matmul_rate(torch)
+
+
 def matmul_rate(torch=None, size: int = 2048, rounds: int = 5) -> dict:
     """Measured float32 matrix-multiply rate (flop/s) of JAX (and torch), best of ``rounds``."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)

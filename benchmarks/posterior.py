@@ -130,10 +130,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    torch = None if args.no_torch else bl.torch_or_none()
-    t_start = time.perf_counter()
-    meta = bl.machine(torch)
-    rate = bl.matmul_rate(torch)
+    torch, t_start, meta, rate = bl.start(args.no_torch)
     print(
         f"{meta['device']} ({meta['processor']}, {meta['cpu_affinity']} cores), jax "
         f"{meta['jax']}, torch {meta.get('torch')} on {meta.get('torch_device')}; load "

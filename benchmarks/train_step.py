@@ -45,10 +45,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    torch = None if args.no_torch else bl.torch_or_none()
-    t_start = time.perf_counter()
-    meta = bl.machine(torch)
-    rate = bl.matmul_rate(torch)
+    torch, t_start, meta, rate = bl.start(args.no_torch)
     print(
         f"{meta['device']}, load {meta['load_average']:.2f}, matmul {rate['jax'] / 1e9:.0f} "
         f"GFLOP/s",

@@ -145,8 +145,8 @@ def main(cfg: DictConfig) -> dict:
                     row.append(f"{seconds:.1f}s")
                 record[tag] = entry
                 if name == "lsr" and w == windows[0] and cfg.output.png:
-                    paint = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
-                    viz.save_png(out / f"{tile.name}.png", _tile_panel(tile, paint, pred))
+                    viz.save_png(out / f"{tile.name}.png",
+                                 _tile_panel(tile, done[("paint", 0)], pred))
         rows.append(row)
         per_tile[tile.name] = record
 
