@@ -191,6 +191,25 @@ def test_self_lsr_deterministic(rng):
     assert not np.array_equal(a, c)  # a different key samples different patches
 
 
+@pytest.mark.parametrize("chunks", [(5, 7), (1, None)], ids=["5-7", "1-default"])
+def test_self_lsr_chunking_does_not_change_the_result(rng, chunks):
+    """Patches are batched in balanced chunks (zero-weight padding); the sum is the same."""
+    img = rng.uniform(size=(13, 11, 3)).astype(np.float32)
+    classes = rng.integers(0, 3, size=(13, 11))
+    table = _table(rng, 3, 4)
+    args = dict(patch_size=3, downsample=1, sample_fraction=0.37, **PLAIN)
+    a, b = (np.asarray(self_epitomic_lsr(jax.random.PRNGKey(2), img, classes, table,
+                                         chunk=c, **args)) for c in chunks)
+    np.testing.assert_allclose(a, b, atol=2e-4)  # float32 sums in another order, 20 EM steps
+
+
+def test_self_lsr_rejects_bad_chunk(rng):
+    img = rng.uniform(size=(9, 9, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="chunk"):
+        self_epitomic_lsr(jax.random.PRNGKey(0), img, np.zeros((9, 9), int), _table(rng, 1, 2),
+                          patch_size=3, chunk=0)
+
+
 def _general_route(img, classes, table, k, wrap, iters, spread="window"):
     """epitome_from_image + embed_classes/embed_labels + super_resolve, written out.
 

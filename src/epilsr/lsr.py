@@ -371,6 +371,22 @@ def _unfold_bytes(shape: tuple[int, ...], k: int, wrap: bool) -> int:
     return 4 * m1 * m2 * k * k * c
 
 
+def _default_chunk(positions: int, unfold: bool) -> int:
+    """Patches per posterior batch. The matrix-product route keeps ``[chunk, S]`` at ~256 MB and
+    at most 256 patches (the product then runs near the machine's matmul rate; larger chunks
+    measured no faster); the correlation route keeps ``[chunk, h, w]`` at ~64 MB."""
+    if unfold:
+        return max(1, min(256, (1 << 26) // positions))
+    return max(1, min(2048, (1 << 24) // positions))
+
+
+def _balanced_chunk(total: int, chunk: int) -> int:
+    """The smallest chunk that needs as many batches as ``chunk`` does (less zero padding)."""
+    chunk = max(1, min(chunk, total))
+    n_chunks = -(-total // chunk)
+    return -(-total // n_chunks)
+
+
 def _unfold(epi: jax.Array, k: int, wrap: bool) -> tuple[jax.Array, tuple[int, int]]:
     """``[N1, N2, C] -> [S, K*K*C]`` windows by top-left corner, row-major, features ``(i, j, c)``
     like ``patch.reshape(-1)``: the inside windows, or every position of the torus with ``wrap``."""
@@ -452,7 +468,8 @@ def self_epitomic_lsr(
         (the paper); ``"uniform"`` = every row of the table equally, present in the tile or not
         (the published notebook's variant, which pulls labels toward absent classes'
         compositions; rows that are all zero get no weight); or a ``[Cc]`` array.
-      chunk: patches per posterior batch (bounds memory; default keeps ``[chunk, h, w]`` ~64 MB).
+      chunk: patches per posterior batch (bounds memory; default: at most 256 patches with
+        ``[chunk, h, w]`` under ~256 MB on the matrix-product route, ~64 MB otherwise).
 
     Returns:
       ``[H, W, n]`` per-pixel label probabilities.
@@ -501,8 +518,16 @@ def self_epitomic_lsr(
                 f"class_prior: expected None, 'uniform' or a [Cc] array, got {class_prior!r}"
             )
         class_prior = (jnp.sum(table, axis=1) > 0).astype(jnp.float32)  # every defined row
+    unfold = (
+        class_spread == "window"
+        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= _UNFOLD_BUDGET
+    )
     if chunk is None:
-        chunk = max(1, min(2048, (1 << 24) // (n1 * n2)))
+        chunk = _default_chunk(n1 * n2, unfold)
+    elif chunk < 1:
+        raise ValueError(f"chunk: expected a positive number of patches, got {chunk}")
+    total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
+    chunk = _balanced_chunk(total, chunk)
     counts = _self_counts(
         key,
         image,
@@ -516,8 +541,7 @@ def self_epitomic_lsr(
         chunk=chunk,
         wrap=wrap,
         class_spread=class_spread,
-        unfold=class_spread == "window"
-        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= _UNFOLD_BUDGET,
+        unfold=unfold,
     )
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)
