@@ -191,7 +191,10 @@ def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     seg = seg.reshape(lyr, n1 + k1 - 1, nb, p_len, f)
     fwd = jnp.asarray(np.stack([cos_p, -sin_p], axis=-1), dtype)  # [P, W, 2]: Re, Im of e^-i
     spec = jnp.einsum("lrtuf,uwp->wltrpf", seg, fwd, precision=_HIGHEST)
-    lhs = jnp.stack([spec[:, :, :, i : i + n1] for i in range(k1)], axis=4)
+    if k1 > 8:  # one gather of the K1 row offsets (measured faster for large K1)
+        lhs = spec[:, :, :, np.arange(n1)[:, None] + np.arange(k1)[None, :]]
+    else:  # a few slices: cheaper than the gather
+        lhs = jnp.stack([spec[:, :, :, i : i + n1] for i in range(k1)], axis=4)
     lhs = lhs.reshape(w, lyr * nb * n1, k1 * 2 * f)  # [W, (l, t, s1), (i, p, f)]
     # Patch side: X = DFT of the K2 non-zero columns; rhs is the real form of conj(X).
     cos_k, sin_k = _real_dft(p_len, k2, w)
