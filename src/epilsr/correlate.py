@@ -207,17 +207,17 @@ def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     if p_len % 2 == 0:
         weight[-1] = 1.0
     inv = np.stack([cos_t.T, -sin_t.T], axis=1) * (weight / p_len)[:, None, None]  # [W, 2, T]
-    inv = jnp.asarray(inv, dtype)
+    inv_t = jnp.asarray(inv.reshape(2 * w, t).T, dtype)  # [T, (w, q)]
 
     def chunk_fn(ker: jax.Array) -> jax.Array:
         bc = ker.shape[0]
         rhs = jnp.einsum("bijf,jwpq->wipfqb", ker, pat, precision=_HIGHEST)
         rhs = rhs.reshape(w, k1 * 2 * f, 2 * bc)
         out = jnp.einsum("wkb,wnk->wbn", rhs, lhs, precision=_HIGHEST)  # [W, 2 bc, L nb N1]
-        out = out.reshape(w, 2, bc * lyr * nb * n1)
-        res = jnp.einsum("wqn,wqu->nu", out, inv, precision=_HIGHEST)  # [bc L nb N1, T]
-        res = res.reshape(bc, lyr, nb, n1, t).transpose(0, 1, 3, 2, 4)
-        return res.reshape(bc, lyr, n1, nb * t)[..., :n2]
+        out = out.reshape(w * 2, bc * lyr * nb * n1)
+        # [T, 2W] x [2W, (bc, L, nb, N1)]: the products' output is used in place, as laid out.
+        res = jnp.matmul(inv_t, out, precision=_HIGHEST).reshape(t, bc, lyr, nb, n1)
+        return res.transpose(1, 2, 4, 3, 0).reshape(bc, lyr, n1, nb * t)[..., :n2]
 
     per_example = 4 * lyr * nb * n1 * (4 * w + 2 * t)
     chunk, n_chunks = _batch_chunk(b, per_example)
