@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
 from epilsr import (
+    dirichlet_concentration,
     embed_classes,
     embed_labels,
     epitome_from_image,
@@ -297,3 +299,21 @@ def test_self_lsr_class_prior_options(rng):
     assert np.abs(np.asarray(uniform) - np.asarray(observed)).max() > 1e-3
     with pytest.raises(ValueError, match="class_prior"):
         self_epitomic_lsr(key, img, classes, table, class_prior="flat", **args)
+
+
+# ------------------------------------------------------------------ Dirichlet concentration
+
+
+def test_dirichlet_concentration_recovers_alpha(rng):
+    """Moments of Dir(alpha m): sd_l = sqrt(m_l (1 - m_l) / (alpha + 1)); rows with no usable
+    label get 10, estimates are floored at 0.5, and nothing warns."""
+    alpha = np.array([0.7, 3.0, 12.0, 0.1, 5.0])
+    mean = rng.dirichlet(np.ones(4), size=5)
+    sd = np.sqrt(mean * (1 - mean) / (alpha[:, None] + 1))
+    mean[4], sd[4] = [0.0, 1.0, 0.0, 0.0], 0.0  # a pure class: no label with 0 < m < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = dirichlet_concentration(mean, sd)
+    np.testing.assert_allclose(got, [0.7, 3.0, 12.0, 0.5, 10.0], rtol=1e-5)
+    with pytest.raises(ValueError, match="sd"):
+        dirichlet_concentration(mean, sd[:, :3])

@@ -162,8 +162,10 @@ def dirichlet_concentration(mean: ArrayLike, sd: ArrayLike) -> np.ndarray:
         raise ValueError(f"sd: expected shape {mean.shape} like mean, got {sd.shape}")
     ok = (mean > 0) & (mean < 1) & (sd > 0)
     est = np.where(ok, mean * (1 - mean) / np.where(ok, sd, 1.0) ** 2 - 1, np.nan)
-    with np.errstate(all="ignore"):
-        alpha = np.where(ok.any(-1), np.nanmedian(np.where(ok, est, np.nan), axis=-1), 10.0)
+    # Rows without a usable label (all-NaN) get the default; median only over the others.
+    alpha = np.full(mean.shape[0], 10.0)
+    rows = ok.any(-1)
+    alpha[rows] = np.nanmedian(est[rows], axis=-1)
     return np.maximum(np.nan_to_num(alpha, nan=10.0), 0.5).astype(np.float32)
 
 
