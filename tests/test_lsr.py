@@ -317,3 +317,20 @@ def test_dirichlet_concentration_recovers_alpha(rng):
     np.testing.assert_allclose(got, [0.7, 3.0, 12.0, 0.5, 10.0], rtol=1e-5)
     with pytest.raises(ValueError, match="sd"):
         dirichlet_concentration(mean, sd[:, :3])
+
+
+@pytest.mark.parametrize("used", [[1, 5, 17], [0, 2, 3, 4, 6, 7, 8, 9, 20]], ids=["3-of-22", "9-of-22"])
+def test_self_lsr_absent_table_rows_change_nothing(rng, used):
+    """A tile with a few of many classes (NLCD: ~5 of 22) gives the same labels as the same tile
+    against the table cut to its own rows (classes renumbered)."""
+    img = rng.uniform(size=(15, 17, 3)).astype(np.float32)
+    small = rng.integers(0, len(used), size=(15, 17))
+    small[0, :len(used)] = np.arange(len(used))  # every used class occurs
+    full_table = _table(rng, 22, 4)
+    args = dict(patch_size=3, downsample=1, sample_fraction=0.4, chunk=16)
+    got = self_epitomic_lsr(jax.random.PRNGKey(3), img, np.asarray(used)[small], full_table, **args)
+    want = self_epitomic_lsr(jax.random.PRNGKey(3), img, small, full_table[used], **args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    traced = jax.jit(lambda c: self_epitomic_lsr(jax.random.PRNGKey(3), img, c, full_table, **args))
+    np.testing.assert_allclose(np.asarray(traced(np.asarray(used)[small])), np.asarray(want),
+                               atol=2e-5)

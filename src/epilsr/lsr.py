@@ -373,6 +373,26 @@ def _unfold_bytes(shape: tuple[int, ...], k: int, wrap: bool) -> int:
     return 4 * m1 * m2 * k * k * c
 
 
+def _compact_classes(classes: jax.Array, n_classes: int) -> tuple[jax.Array, np.ndarray | None]:
+    """Renumber concrete ``classes`` to the ones present, so the per-chunk class products have
+    a row per present class (a tile has a few of the 22 NLCD classes). Returns the renumbered
+    ``[H, W]`` int32 map and ``[P]`` the table rows they stand for, padded with repeats of the
+    last present row to a bucket size (4, 8, 16, ...) so tiles share compilations; padded slots
+    get no pixels. Traced classes: unchanged and ``None``."""
+    if not is_concrete(classes):
+        return classes.astype(jnp.int32), None
+    present = np.unique(np.asarray(classes))
+    bucket = 4
+    while bucket < present.size:
+        bucket *= 2
+    if bucket >= n_classes:
+        return classes.astype(jnp.int32), None
+    lookup = np.zeros(n_classes, np.int32)
+    lookup[present] = np.arange(present.size)
+    padded = np.concatenate([present, np.full(bucket - present.size, present[-1])])
+    return jnp.asarray(lookup)[classes], padded
+
+
 def _default_chunk(positions: int, unfold: bool) -> int:
     """Patches per posterior batch. The matrix-product route keeps ``[chunk, S]`` at ~256 MB and
     at most 256 patches (the product then runs near the machine's matmul rate; larger chunks
@@ -530,13 +550,14 @@ def self_epitomic_lsr(
         raise ValueError(f"chunk: expected a positive number of patches, got {chunk}")
     total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
     chunk = _balanced_chunk(total, chunk)
+    compact, present = _compact_classes(classes, table.shape[0])
     counts = _self_counts(
         key,
         image,
-        classes.astype(jnp.int32),
+        compact,
         jnp.float32(var),
         jnp.float32(temperature),
-        n_classes=table.shape[0],
+        n_classes=present.size if present is not None else table.shape[0],
         patch_size=patch_size,
         downsample=downsample,
         n_patches=n_patches,
@@ -545,6 +566,9 @@ def self_epitomic_lsr(
         class_spread=class_spread,
         unfold=unfold,
     )
+    if present is not None:  # back to the rows of the table (absent classes: zero counts)
+        full = jnp.zeros((*counts.shape[:-1], table.shape[0]), counts.dtype)
+        counts = full.at[..., present].add(counts)
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)
     pixels = jnp.bincount(classes.ravel(), length=table.shape[0]).astype(jnp.float32)
