@@ -24,6 +24,7 @@ from pathlib import Path
 import hydra
 import jax
 import numpy as np
+import tifffile
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -173,18 +174,10 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
               chunk=int(cfg.segment.predict.chunk), method=cfg.segment.method)
     if out is None:
         return segment.predict_raster(epitome, label_probs, tile.image, **kw).probs
-    h, w = tile.image.shape[:2]
-    rows = np.zeros((h, w, label_probs.shape[-1]), np.float32)
-    on_rows, close = segment.raster_row_writer(out, height=h, width=w,
-                                               n_labels=label_probs.shape[-1], prefix=prefix)
-
-    def both(r0, probs):
-        rows[r0 : r0 + len(probs)] = probs
-        on_rows(r0, probs)
-
-    segment.predict_raster(epitome, label_probs, tile.image, on_rows=both, **kw)
-    close()
-    return rows
+    # GeoTIFFs written strip by strip, checkpointed: an interrupted run resumes where it stopped.
+    files = segment.predict_raster_files(epitome, label_probs, tile.image, out_dir=out,
+                                         prefix=prefix, probs=True, geo=tile.geo, **kw)
+    return tifffile.imread(files.probs)
 
 
 @hydra.main(config_path="../conf", config_name="segment", version_base="1.3")

@@ -124,6 +124,55 @@ def test_raster_row_writer_geotiff(rng, tmp_path):
     assert tifffile.imread(paths["entropy"]).shape == (20, 18)
 
 
+class _Crash(RuntimeError):
+    pass
+
+
+def _crashing_reader(image, after):
+    """An array reader that raises on its ``after``-th call (a crash halfway through a run)."""
+    calls = {"n": 0}
+
+    def read(row, col, h, w):
+        calls["n"] += 1
+        if calls["n"] == after:
+            raise _Crash("simulated crash")
+        return image[row : row + h, col : col + w]
+
+    read.shape = image.shape
+    return read
+
+
+def test_predict_raster_files_resumes_after_a_crash(rng, tmp_path):
+    """Checkpoint after every strip: a run killed halfway and rerun equals an uninterrupted run
+    (and predict), nothing from the finished strips is recomputed, other settings refuse."""
+    epi, (mean, _, _) = _epitome(rng, 1, 9, 9, 3)
+    image = _image_from(rng, mean, 23, 19)
+    lp = _label_probs(rng, (1, 9, 9), 3)
+    kw = dict(patch_size=3, temperature=9.0, stride=2, tile=5, probs=True)
+    whole = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "a", **kw)
+    want = np.asarray(predict(epi, lp, image, patch_size=3, temperature=9.0, stride=2))
+    np.testing.assert_allclose(tifffile.imread(whole.probs), want, atol=2e-5)
+
+    n_tiles = whole.tiles
+    with pytest.raises(_Crash):
+        sg.predict_raster_files(epi, lp, _crashing_reader(image, n_tiles // 2 + 1),
+                                out_dir=tmp_path / "b", **kw)
+    assert not (tmp_path / "b" / "labels.tif").exists()
+    with pytest.raises(ValueError, match="different settings"):
+        sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b",
+                                **{**kw, "temperature": 4.0})
+    again = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    assert again.resumed_from > 0 and again.windows < whole.windows
+    for name in ("labels", "probs", "entropy"):
+        np.testing.assert_array_equal(tifffile.imread(getattr(again, name)),
+                                      tifffile.imread(getattr(whole, name)))
+    done = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    assert done.windows == 0  # complete: nothing to do
+    fresh = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", resume=False,
+                                    **{**kw, "temperature": 4.0})
+    assert fresh.resumed_from == 0 and fresh.windows == whole.windows
+
+
 # --------------------------------------------------------------------------- embedding
 
 

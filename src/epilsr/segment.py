@@ -27,6 +27,7 @@ every stride; memory is one strip of ``tile + K`` rows plus one posterior chunk.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,8 @@ __all__ = [
     "all_tile_lsr",
     "predict_raster",
     "RasterPrediction",
+    "predict_raster_files",
+    "RasterFiles",
     "raster_row_writer",
 ]
 
@@ -487,47 +490,29 @@ def _float(block: np.ndarray) -> np.ndarray:
     return block.astype(np.float32)
 
 
-def predict_raster(
-    epitome: Epitome,
-    label_probs: ArrayLike,
-    image_reader: Callable[[int, int, int, int], ArrayLike] | ArrayLike,
-    *,
-    patch_size: int,
-    temperature: float,
-    stride: int = 1,
-    label_size: int | None = None,
-    tile: int = 256,
-    height: int | None = None,
-    width: int | None = None,
-    on_rows: Callable[[int, np.ndarray], None] | None = None,
-    mask: ArrayLike | None = None,
-    chunk: int = 64,
-    method: str = "auto",
-    progress: bool = False,
-) -> RasterPrediction:
-    """Dense Eq. 2 over a raster of any size, tile by tile (exact; see module doc).
+class _Strip(NamedTuple):
+    """One finished strip of :func:`_PredictPlan.strips`: rows ``row0 ..`` are final."""
 
-    Equals :func:`epilsr.predict` with the same ``patch_size``, ``stride``, ``label_size`` on
-    the whole raster. Window corners (block corners with ``label_size``) lie on the global grid
-    :func:`epilsr.predict.grid_starts`; :func:`epilsr.tiling.tile_grid` splits that grid into
-    ``tile x tile`` pieces and each piece's windows are evaluated on an image window of
-    ``tile + K - 1`` pixels. Finished rows are passed to ``on_rows(row0, probs [r, W, n])`` in
-    order (e.g. :func:`raster_row_writer`), else collected and returned.
+    row0: int
+    probs: np.ndarray  # [r, W, n]
+    next_strip: int
+    acc: np.ndarray  # [keep, W, n] carry: sums already added to the rows below
+    cnt: np.ndarray  # [keep, W]
+    windows: int  # windows evaluated in this strip
 
-    Args:
-      epitome: :class:`Epitome`; label_probs: ``[L, N1, N2, n]``.
-      image_reader: ``(row, col, h, w) -> [h, w, C]`` (e.g. a
-        :class:`~epilsr.data.rasters.RasterReader`) or an ``[H, W, C]`` array.
-      patch_size, temperature, stride, label_size, mask, chunk, method: as in
-        :func:`epilsr.predict` (``chunk`` bounds memory to ``chunk * L * N1 * N2`` floats).
-      tile: side of a tile of window corners (one jit compilation for all tiles).
-      height, width: raster size (default ``image_reader.shape``).
-      on_rows: row sink; None = return the ``[H, W, n]`` array.
-      progress: tqdm bar over tiles.
 
-    Returns:
-      :class:`RasterPrediction`.
-    """
+class _PredictPlan(NamedTuple):
+    height: int
+    width: int
+    n_labels: int
+    n_strips: int
+    n_tiles: int
+    strips: Callable[..., Any]  # (first_strip, carry, bar) -> iterator of _Strip
+
+
+def _predict_plan(epitome, label_probs, image_reader, *, patch_size, temperature, stride,
+                  label_size, tile, height, width, mask, chunk, method) -> _PredictPlan:
+    """Validated inputs, the tile grid and a generator over finished strips (Eq. 2, exact)."""
     if not callable(image_reader):
         from epilsr.tiling import array_reader
 
@@ -570,49 +555,281 @@ def predict_raster(
     fn = _jitted_sums(static)
     img_h, img_w = th + k - 1, tw + k - 1  # tile image window (padded coordinates)
     out_h = th + kl - 1  # raster rows touched by one strip
-    acc = np.zeros((out_h, width, n), np.float32)
-    cnt = np.zeros((out_h, width), np.float32)
-    full = np.zeros((height, width, n), np.float32) if on_rows is None else None
+
+    def strips(first_strip: int = 0, carry=None, bar=None):
+        acc = np.zeros((out_h, width, n), np.float32)
+        cnt = np.zeros((out_h, width), np.float32)
+        if carry is not None:
+            kc = carry[0].shape[0]
+            acc[:kc], cnt[:kc] = carry
+        for si in range(first_strip, len(strip_rows)):
+            r0 = strip_rows[si]
+            rs = owned(rows_g, strip_rows, si)
+            n_windows = 0
+            for cj, c0 in enumerate(col_starts):
+                cs = owned(cols_g, col_starts, cj)
+                rr, cc = np.meshgrid(rs, cs, indexing="ij")
+                st = np.zeros((p_pad, 2), np.int32)
+                wt = np.zeros((p_pad,), np.float32)
+                m = rr.size
+                st[:m, 0], st[:m, 1], wt[:m] = rr.ravel(), cc.ravel(), 1.0
+                block = _reflect_read(image_reader, height, width, o, r0, c0, img_h, img_w)
+                if block.ndim != 3 or block.shape[:2] != (img_h, img_w):
+                    raise ValueError(f"image_reader: window ({r0}, {c0}) gave shape "
+                                     f"{block.shape}, expected ({img_h}, {img_w}, C)")
+                if block.shape[-1] != epitome.channels:
+                    raise ValueError(f"image: expected {epitome.channels} channels to match "
+                                     f"the epitome, got {block.shape[-1]}")
+                a, c = fn(epitome, label_probs, jnp.asarray(_float(block)), jnp.asarray(st),
+                          jnp.asarray(wt), temperature=temperature, mask=mask)
+                a = np.asarray(a)[o : o + out_h, o : o + tw + kl - 1]
+                c = np.asarray(c)[o : o + out_h, o : o + tw + kl - 1]
+                acc[:, c0 : c0 + tw + kl - 1] += a
+                cnt[:, c0 : c0 + tw + kl - 1] += c
+                n_windows += m
+                if bar is not None:
+                    bar.update(1)
+            end = strip_rows[si + 1] if si + 1 < len(strip_rows) else height
+            n_out = end - r0
+            done = acc[:n_out] / np.maximum(cnt[:n_out], 1e-30)[..., None]
+            keep = out_h - n_out if si + 1 < len(strip_rows) else 0
+            acc[: out_h - n_out], cnt[: out_h - n_out] = acc[n_out:], cnt[n_out:]
+            acc[out_h - n_out :], cnt[out_h - n_out :] = 0.0, 0.0
+            yield _Strip(r0, done, si + 1, acc[:keep], cnt[:keep], n_windows)
+
+    return _PredictPlan(height, width, n, len(strip_rows), len(wins), strips)
+
+
+def predict_raster(
+    epitome: Epitome,
+    label_probs: ArrayLike,
+    image_reader: Callable[[int, int, int, int], ArrayLike] | ArrayLike,
+    *,
+    patch_size: int,
+    temperature: float,
+    stride: int = 1,
+    label_size: int | None = None,
+    tile: int = 256,
+    height: int | None = None,
+    width: int | None = None,
+    on_rows: Callable[[int, np.ndarray], None] | None = None,
+    mask: ArrayLike | None = None,
+    chunk: int = 64,
+    method: str = "auto",
+    progress: bool = False,
+) -> RasterPrediction:
+    """Dense Eq. 2 over a raster of any size, tile by tile (exact; see module doc).
+
+    Equals :func:`epilsr.predict` with the same ``patch_size``, ``stride``, ``label_size`` on
+    the whole raster. Window corners (block corners with ``label_size``) lie on the global grid
+    :func:`epilsr.predict.grid_starts`; :func:`epilsr.tiling.tile_grid` splits that grid into
+    ``tile x tile`` pieces and each piece's windows are evaluated on an image window of
+    ``tile + K - 1`` pixels. Finished rows are passed to ``on_rows(row0, probs [r, W, n])`` in
+    order (e.g. :func:`raster_row_writer`), else collected and returned.
+
+    Args:
+      epitome: :class:`Epitome`; label_probs: ``[L, N1, N2, n]``.
+      image_reader: ``(row, col, h, w) -> [h, w, C]`` (e.g. a
+        :class:`~epilsr.data.rasters.RasterReader`) or an ``[H, W, C]`` array.
+      patch_size, temperature, stride, label_size, mask, chunk, method: as in
+        :func:`epilsr.predict` (``chunk`` bounds memory to ``chunk * L * N1 * N2`` floats).
+      tile: side of a tile of window corners (one jit compilation for all tiles).
+      height, width: raster size (default ``image_reader.shape``).
+      on_rows: row sink; None = return the ``[H, W, n]`` array.
+      progress: tqdm bar over tiles.
+
+    Returns:
+      :class:`RasterPrediction`.
+    """
+    plan = _predict_plan(epitome, label_probs, image_reader, patch_size=patch_size,
+                         temperature=temperature, stride=stride, label_size=label_size,
+                         tile=tile, height=height, width=width, mask=mask, chunk=chunk,
+                         method=method)
+    full = None
+    if on_rows is None:
+        full = np.zeros((plan.height, plan.width, plan.n_labels), np.float32)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(wins), disable=not progress, unit="tile", desc="predict_raster")
     n_windows = 0
-    for si, r0 in enumerate(strip_rows):
-        rs = owned(rows_g, strip_rows, si)
-        for cj, c0 in enumerate(col_starts):
-            cs = owned(cols_g, col_starts, cj)
-            rr, cc = np.meshgrid(rs, cs, indexing="ij")
-            st = np.zeros((p_pad, 2), np.int32)
-            wt = np.zeros((p_pad,), np.float32)
-            m = rr.size
-            st[:m, 0], st[:m, 1], wt[:m] = rr.ravel(), cc.ravel(), 1.0
-            block = _reflect_read(image_reader, height, width, o, r0, c0, img_h, img_w)
-            if block.ndim != 3 or block.shape[:2] != (img_h, img_w):
-                raise ValueError(f"image_reader: window ({r0}, {c0}) gave shape {block.shape}, "
-                                 f"expected ({img_h}, {img_w}, C)")
-            if block.shape[-1] != epitome.channels:
-                raise ValueError(f"image: expected {epitome.channels} channels to match the "
-                                 f"epitome, got {block.shape[-1]}")
-            a, c = fn(epitome, label_probs, jnp.asarray(_float(block)), jnp.asarray(st),
-                      jnp.asarray(wt), temperature=temperature, mask=mask)
-            a = np.asarray(a)[o : o + out_h, o : o + tw + kl - 1]
-            c = np.asarray(c)[o : o + out_h, o : o + tw + kl - 1]
-            acc[:, c0 : c0 + tw + kl - 1] += a
-            cnt[:, c0 : c0 + tw + kl - 1] += c
-            n_windows += m
-            bar.update(1)
-        end = strip_rows[si + 1] if si + 1 < len(strip_rows) else height
-        n_out = end - r0
-        done = acc[:n_out] / np.maximum(cnt[:n_out], 1e-30)[..., None]
-        if full is not None:
-            full[r0:end] = done
-        else:
-            on_rows(r0, done)
-        keep = out_h - n_out
-        acc[:keep], cnt[:keep] = acc[n_out:], cnt[n_out:]
-        acc[keep:], cnt[keep:] = 0.0, 0.0
-    bar.close()
-    return RasterPrediction(full, len(wins), n_windows)
+    with tqdm(total=plan.n_tiles, disable=not progress, unit="tile",
+              desc="predict_raster") as bar:
+        for strip in plan.strips(bar=bar):
+            if full is not None:
+                full[strip.row0 : strip.row0 + len(strip.probs)] = strip.probs
+            else:
+                on_rows(strip.row0, strip.probs)
+            n_windows += strip.windows
+    return RasterPrediction(full, plan.n_tiles, n_windows)
+
+
+class RasterFiles(NamedTuple):
+    """What :func:`predict_raster_files` wrote and did."""
+
+    labels: Path  # [H, W] uint8 argmax, NODATA_LABEL where ``valid`` is False
+    probs: Path | None  # [H, W, n] float32 (NaN where no data)
+    entropy: Path | None  # [H, W] float32 nats (NaN where no data)
+    tiles: int  # tiles in the grid
+    windows: int  # K x K windows evaluated in this call
+    resumed_from: int  # strips already done when this call started
+
+
+def _digest(*arrays) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def predict_raster_files(
+    epitome: Epitome,
+    label_probs: ArrayLike,
+    image_reader: Callable[[int, int, int, int], ArrayLike] | ArrayLike,
+    *,
+    out_dir: str | os.PathLike,
+    patch_size: int,
+    temperature: float,
+    stride: int = 1,
+    label_size: int | None = None,
+    tile: int = 256,
+    height: int | None = None,
+    width: int | None = None,
+    geo: Any = None,
+    prefix: str = "",
+    probs: bool = False,
+    entropy: bool = True,
+    valid: Callable[[int, int, int, int], ArrayLike] | None = None,
+    mask: ArrayLike | None = None,
+    chunk: int = 64,
+    method: str = "auto",
+    resume: bool = True,
+    progress: bool = False,
+) -> RasterFiles:
+    """:func:`predict_raster` into GeoTIFFs, checkpointed after every strip and resumable.
+
+    Writes ``<prefix>labels.tif`` (and ``probs.tif`` / ``entropy.tif``) like
+    :func:`raster_row_writer`. After each strip of tiles the writers are made durable and the
+    strip buffer's carry rows and ``progress.json`` (next strip, writer states, a fingerprint of
+    the epitome, label embedding and settings) are saved atomically in
+    ``<out_dir>/.<prefix>predict_state/`` (the scheme of :func:`epilsr.tiling.lsr_raster`). A
+    rerun with ``resume=True`` continues from the last finished strip, and its output equals an
+    uninterrupted run's; at most one strip of work is lost. The reader is not fingerprinted:
+    the imagery must not change between the crash and the rerun.
+
+    Args:
+      out_dir: output folder; geo: :class:`~epilsr.data.rasters.GeoInfo` copied to the outputs;
+        prefix, probs, entropy, valid: as for :func:`raster_row_writer`; resume: continue an
+        interrupted run with the same settings (a different one raises ``ValueError``);
+        ``False`` starts over. Other arguments as for :func:`predict_raster`.
+    """
+    from tqdm.auto import tqdm
+
+    from epilsr.data.rasters import RasterWriter
+    from epilsr.tiling import _fingerprint, _Outputs, _save_npz_atomic, _write_json_atomic
+
+    plan = _predict_plan(epitome, label_probs, image_reader, patch_size=patch_size,
+                         temperature=temperature, stride=stride, label_size=label_size,
+                         tile=tile, height=height, width=width, mask=mask, chunk=chunk,
+                         method=method)
+    h, w, n = plan.height, plan.width, plan.n_labels
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = out_dir / f".{prefix}predict_state"
+    state_path = state_dir / "progress.json"
+    specs: dict[str, dict[str, Any]] = {"labels": dict(dtype=np.uint8, bands=None,
+                                                       nodata=NODATA_LABEL)}
+    if probs:
+        specs["probs"] = dict(dtype=np.float32, bands=n, nodata=float("nan"))
+    if entropy:
+        specs["entropy"] = dict(dtype=np.float32, bands=None, nodata=float("nan"))
+    paths = {name: out_dir / f"{prefix}{name}.tif" for name in specs}
+    fingerprint = _fingerprint(
+        version=1, height=h, width=w, patch_size=int(patch_size),
+        temperature=float(temperature), stride=int(stride), label_size=label_size,
+        tile=int(tile), outputs=sorted(specs), valid=valid is not None,
+        model=_digest(epitome.mean, epitome.log_var, epitome.prior_logits, label_probs,
+                      np.zeros(0) if mask is None else mask),
+    )
+
+    def writer_kwargs(name):
+        sp = specs[name]
+        return dict(height=h, width=w, dtype=sp["dtype"], bands=sp["bands"], geo=geo,
+                    nodata=sp["nodata"])
+
+    def result(windows, resumed):
+        return RasterFiles(paths["labels"], paths.get("probs"), paths.get("entropy"),
+                           plan.n_tiles, windows, resumed)
+
+    state = None
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"predict_raster_files: {state_dir} holds a run with different "
+                             "settings; pass resume=False to start over (or another prefix)")
+        if state.get("complete") and all(p.exists() for p in paths.values()):
+            return result(0, state["next_strip"])
+    first, carry, writers = 0, None, {}
+    if state is not None and not state.get("complete"):
+        first = state["next_strip"]
+        for name in specs:
+            ws = dict(state["writers"][name])
+            if ws["pending"]:
+                ws["pending"] = os.fspath(state_dir / ws["pending"])
+            writers[name] = RasterWriter.resume(paths[name], ws, **writer_kwargs(name))
+        if state.get("carry"):
+            with np.load(state_dir / state["carry"]) as z:
+                carry = (z["acc"], z["cnt"])
+    else:
+        if state_dir.exists():
+            for f in state_dir.iterdir():
+                f.unlink()
+        state_dir.mkdir(exist_ok=True)
+        writers = {name: RasterWriter(paths[name], **writer_kwargs(name)) for name in specs}
+    outputs = _Outputs(writers)
+    tiles_per_strip = plan.n_tiles // plan.n_strips
+    n_windows = 0
+    try:
+        with tqdm(total=plan.n_tiles, initial=first * tiles_per_strip, disable=not progress,
+                  unit="tile", desc="predict_raster") as bar:
+            for strip in plan.strips(first, carry, bar):
+                r = len(strip.probs)
+                nodata = np.zeros((r, w), bool)
+                if valid is not None:
+                    nodata = ~np.asarray(valid(strip.row0, 0, r, w), bool)
+                outputs.write(strip.probs, nodata)
+                n_windows += strip.windows
+                step = strip.next_strip
+                states = {}
+                for name, wr in writers.items():
+                    st = wr.checkpoint(state_dir / f"{name}.pending.{step}.npy")
+                    st["pending"] = Path(st["pending"]).name if st["pending"] else None
+                    states[name] = st
+                carry_name = None
+                if len(strip.acc):
+                    carry_name = f"carry.{step}.npz"
+                    _save_npz_atomic(state_dir / carry_name, acc=strip.acc, cnt=strip.cnt)
+                _write_json_atomic(state_path, dict(
+                    fingerprint=fingerprint, next_strip=step, writers=states,
+                    carry=carry_name, complete=False))
+                keep = {state_path.name, carry_name} | {
+                    st["pending"] for st in states.values() if st["pending"]}
+                for f in state_dir.iterdir():
+                    if f.name not in keep:
+                        f.unlink(missing_ok=True)
+        for wr in writers.values():
+            wr.close()
+    except BaseException:
+        outputs.abort()
+        raise
+    _write_json_atomic(state_path, dict(fingerprint=fingerprint, next_strip=plan.n_strips,
+                                        complete=True))
+    for f in state_dir.iterdir():
+        if f.name != state_path.name:
+            f.unlink(missing_ok=True)
+    return result(n_windows, first)
 
 
 def raster_row_writer(
