@@ -176,7 +176,8 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
         return segment.predict_raster(epitome, label_probs, tile.image, **kw).probs
     # GeoTIFFs written strip by strip, checkpointed: an interrupted run resumes where it stopped.
     files = segment.predict_raster_files(epitome, label_probs, tile.image, out_dir=out,
-                                         prefix=prefix, probs=True, geo=tile.geo, **kw)
+                                         prefix=prefix, probs=True, geo=tile.geo,
+                                         resume=bool(cfg.segment.resume), **kw)
     return tifffile.imread(files.probs)
 
 

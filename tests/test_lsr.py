@@ -317,6 +317,8 @@ def test_dirichlet_concentration_recovers_alpha(rng):
     np.testing.assert_allclose(got, [0.7, 3.0, 12.0, 0.5, 10.0], rtol=1e-5)
     with pytest.raises(ValueError, match="sd"):
         dirichlet_concentration(mean, sd[:, :3])
+    with pytest.raises(ValueError, match="mean"):
+        dirichlet_concentration(mean[0], sd[0])
 
 
 @pytest.mark.parametrize("used", [[1, 5, 17], [0, 2, 3, 4, 6, 7, 8, 9, 20]],

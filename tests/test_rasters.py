@@ -265,3 +265,20 @@ def test_writer_checkpoint_resume_identical(tmp_path, rng):
     w.close()
     np.testing.assert_array_equal(tifffile.imread(path), data)
     assert path.read_bytes() == ref.read_bytes()
+
+
+def test_writer_resume_when_every_row_was_written(tmp_path, rng):
+    """Checkpointed after the last rows (the partial last tile row already flushed), killed
+    before close: the resumed writer closes to the same file."""
+    data = rng.integers(0, 255, size=(300, 70), dtype=np.uint8)
+    ref = write_raster(tmp_path / "ref.tif", data, geo=GEO)
+    kwargs = dict(height=300, width=70, dtype=np.uint8, geo=GEO)
+    path = tmp_path / "out.tif"
+    w = RasterWriter(path, **kwargs)
+    w.write(data)
+    state = w.checkpoint(tmp_path / "pending.npy")
+    assert state["rows"] == 300 and state["pending"] is None
+    w.abort(keep_partial=True)
+    w = RasterWriter.resume(path, state, **kwargs)
+    w.close()
+    assert path.read_bytes() == ref.read_bytes()

@@ -161,16 +161,49 @@ def test_predict_raster_files_resumes_after_a_crash(rng, tmp_path):
     with pytest.raises(ValueError, match="different settings"):
         sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b",
                                 **{**kw, "temperature": 4.0})
-    again = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    again = sg.predict_raster_files(epi, lp, _crashing_reader(image, 10**9),
+                                    out_dir=tmp_path / "b", **kw)
     assert again.resumed_from > 0 and again.windows < whole.windows
     for name in ("labels", "probs", "entropy"):
         np.testing.assert_array_equal(tifffile.imread(getattr(again, name)),
                                       tifffile.imread(getattr(whole, name)))
-    done = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    done = sg.predict_raster_files(epi, lp, _crashing_reader(image, 10**9),
+                                   out_dir=tmp_path / "b", **kw)
     assert done.windows == 0  # complete: nothing to do
+    with pytest.raises(ValueError, match="different settings"):  # an array image is hashed
+        sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
     fresh = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", resume=False,
                                     **{**kw, "temperature": 4.0})
     assert fresh.resumed_from == 0 and fresh.windows == whole.windows
+
+
+def test_predict_raster_files_resumes_a_crash_while_closing(rng, tmp_path, monkeypatch):
+    """Killed after the last strip, between closing one output and the next: the rerun keeps
+    the closed file and finishes the others."""
+    from epilsr.data.rasters import RasterWriter
+
+    epi, (mean, _, _) = _epitome(rng, 1, 9, 9, 3)
+    image = _image_from(rng, mean, 12, 10)
+    lp = _label_probs(rng, (1, 9, 9), 3)
+    kw = dict(patch_size=3, temperature=9.0, tile=4, probs=True)
+    want = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "a", **kw)
+    close, calls = RasterWriter.close, {"n": 0}
+
+    def flaky_close(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Crash("killed while closing")
+        return close(self)
+
+    monkeypatch.setattr(RasterWriter, "close", flaky_close)
+    with pytest.raises(_Crash):
+        sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(RasterWriter, "close", close)
+    got = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    assert got.windows == 0
+    for name in ("labels", "probs", "entropy"):
+        np.testing.assert_array_equal(tifffile.imread(getattr(got, name)),
+                                      tifffile.imread(getattr(want, name)))
 
 
 # --------------------------------------------------------------------------- embedding

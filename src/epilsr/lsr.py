@@ -156,6 +156,7 @@ def dirichlet_concentration(mean: ArrayLike, sd: ArrayLike) -> np.ndarray:
       ``[Cc]`` float32 concentrations.
     """
     mean = np.asarray(mean, np.float64)
+    check_rank("mean", mean, 2, "[Cc, n]")
     mean = mean / np.maximum(mean.sum(-1, keepdims=True), 1e-12)
     sd = np.asarray(sd, np.float64)
     if sd.shape != mean.shape:

@@ -595,7 +595,7 @@ def _predict_plan(epitome, label_probs, image_reader, *, patch_size, temperature
             keep = out_h - n_out if si + 1 < len(strip_rows) else 0
             acc[: out_h - n_out], cnt[: out_h - n_out] = acc[n_out:], cnt[n_out:]
             acc[out_h - n_out :], cnt[out_h - n_out :] = 0.0, 0.0
-            yield _Strip(r0, done, si + 1, acc[:keep], cnt[:keep], n_windows)
+            yield _Strip(r0, done, si + 1, acc[:keep].copy(), cnt[:keep].copy(), n_windows)
 
     return _PredictPlan(height, width, n, len(strip_rows), len(wins), strips)
 
@@ -720,7 +720,9 @@ def predict_raster_files(
     the imagery must not change between the crash and the rerun.
 
     Args:
-      out_dir: output folder; geo: :class:`~epilsr.data.rasters.GeoInfo` copied to the outputs;
+      out_dir: output folder; geo: :class:`~epilsr.data.rasters.GeoInfo` copied to the outputs
+        (the fingerprint covers the model, every setting and an array image, not a reader's
+        data nor what ``valid`` returns);
         prefix, probs, entropy, valid: as for :func:`raster_row_writer`; resume: continue an
         interrupted run with the same settings (a different one raises ``ValueError``);
         ``False`` starts over. Other arguments as for :func:`predict_raster`.
@@ -749,9 +751,11 @@ def predict_raster_files(
     fingerprint = _fingerprint(
         version=1, height=h, width=w, patch_size=int(patch_size),
         temperature=float(temperature), stride=int(stride), label_size=label_size,
-        tile=int(tile), outputs=sorted(specs), valid=valid is not None,
+        tile=int(tile), chunk=int(chunk), method=method, outputs=sorted(specs),
+        valid=valid is not None,
         model=_digest(epitome.mean, epitome.log_var, epitome.prior_logits, label_probs,
                       np.zeros(0) if mask is None else mask),
+        image=None if callable(image_reader) else _digest(image_reader),
     )
 
     def writer_kwargs(name):
@@ -774,11 +778,21 @@ def predict_raster_files(
     first, carry, writers = 0, None, {}
     if state is not None and not state.get("complete"):
         first = state["next_strip"]
-        for name in specs:
-            ws = dict(state["writers"][name])
-            if ws["pending"]:
-                ws["pending"] = os.fspath(state_dir / ws["pending"])
-            writers[name] = RasterWriter.resume(paths[name], ws, **writer_kwargs(name))
+        try:
+            for name in specs:
+                ws = dict(state["writers"][name])
+                if ws["pending"]:
+                    ws["pending"] = os.fspath(state_dir / ws["pending"])
+                spool = paths[name].with_name(paths[name].name + ".partial")
+                if not spool.exists():
+                    if first == plan.n_strips and paths[name].exists():
+                        continue  # closed before the interruption
+                    raise FileNotFoundError(
+                        f"predict_raster_files: {spool} is missing; pass resume=False")
+                writers[name] = RasterWriter.resume(paths[name], ws, **writer_kwargs(name))
+        except BaseException:
+            _Outputs(writers).abort()
+            raise
         if state.get("carry"):
             with np.load(state_dir / state["carry"]) as z:
                 carry = (z["acc"], z["cnt"])

@@ -449,7 +449,8 @@ class RasterWriter:
             self._spool.seek(0, os.SEEK_END)
             self._bytecounts = [int(b) for b in _state["bytecounts"]]
             self._rows = int(_state["rows"])
-            self._n_pending = self._rows % self.tile
+            # A writer holding every row has flushed its last (partial) tile row.
+            self._n_pending = 0 if self._rows == self.height else self._rows % self.tile
             if self._n_pending:
                 pend = np.load(_state["pending"])
                 self._pending[: self._n_pending] = pend.reshape(self._n_pending, self.width, spp)
