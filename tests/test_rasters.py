@@ -282,3 +282,13 @@ def test_writer_resume_when_every_row_was_written(tmp_path, rng):
     w = RasterWriter.resume(path, state, **kwargs)
     w.close()
     assert path.read_bytes() == ref.read_bytes()
+
+
+def test_writer_single_band(tmp_path, rng):
+    """``bands=1`` writes a plain 2-D page (read back as ``[H, W]``)."""
+    data = rng.random((40, 33, 1)).astype(np.float32)
+    w = RasterWriter(tmp_path / "one.tif", height=40, width=33, dtype=np.float32, bands=1,
+                     geo=GEO)
+    w.write(data)
+    w.close()
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "one.tif"), data[..., 0])

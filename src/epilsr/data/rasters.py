@@ -389,7 +389,8 @@ class RasterWriter:
       path: the final ``.tif`` path.
       height, width: raster size.
       dtype: e.g. ``uint8`` labels, ``float32``/``float16`` probabilities.
-      bands: ``None`` for ``[H, W]`` rasters, else ``C`` for ``[H, W, C]`` (interleaved).
+      bands: ``None`` for ``[H, W]`` rasters, else ``C`` for ``[H, W, C]`` (interleaved; ``C = 1``
+        is stored as a plain ``[H, W]`` page).
       geo: georeferencing to copy (e.g. the input's :class:`GeoInfo`).
       nodata: GDAL_NODATA of this output (overrides ``geo.nodata``; NaN allowed).
       compression: ``"deflate"`` (default), ``"lzw"`` or ``None``.
@@ -547,7 +548,7 @@ class RasterWriter:
             raise ValueError(f"{self.path.name}: only {self._rows} of {self.height} rows written")
         self._spool.close()
         spp = self.bands or 1
-        shape = (self.height, self.width) + ((spp,) if self.bands is not None else ())
+        shape = (self.height, self.width) + ((spp,) if spp > 1 else ())
         nbytes = self.height * self.width * spp * self.dtype.itemsize
         tmp = self.path.with_name(self.path.name + ".partial.tif")
         with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**32 - 2**27, byteorder="<") as tw:
@@ -559,7 +560,7 @@ class RasterWriter:
                 compression=self._compression,
                 predictor=self._predictor if self._predictor > 1 else None,
                 photometric="minisblack",
-                planarconfig="contig" if self.bands is not None else None,
+                planarconfig="contig" if spp > 1 else None,  # one band: a plain 2-D page
                 extratags=self.geo.extratags(),
                 metadata=None,
                 software="epilsr",
