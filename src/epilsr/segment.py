@@ -730,7 +730,13 @@ def predict_raster_files(
     from tqdm.auto import tqdm
 
     from epilsr.data.rasters import RasterWriter
-    from epilsr.tiling import _fingerprint, _Outputs, _save_npz_atomic, _write_json_atomic
+    from epilsr.tiling import (
+        _fingerprint,
+        _Outputs,
+        _resume_writers,
+        _save_npz_atomic,
+        _write_json_atomic,
+    )
 
     plan = _predict_plan(epitome, label_probs, image_reader, patch_size=patch_size,
                          temperature=temperature, stride=stride, label_size=label_size,
@@ -778,21 +784,8 @@ def predict_raster_files(
     first, carry, writers = 0, None, {}
     if state is not None and not state.get("complete"):
         first = state["next_strip"]
-        try:
-            for name in specs:
-                ws = dict(state["writers"][name])
-                if ws["pending"]:
-                    ws["pending"] = os.fspath(state_dir / ws["pending"])
-                spool = paths[name].with_name(paths[name].name + ".partial")
-                if not spool.exists():
-                    if first == plan.n_strips and paths[name].exists():
-                        continue  # closed before the interruption
-                    raise FileNotFoundError(
-                        f"predict_raster_files: {spool} is missing; pass resume=False")
-                writers[name] = RasterWriter.resume(paths[name], ws, **writer_kwargs(name))
-        except BaseException:
-            _Outputs(writers).abort()
-            raise
+        writers = _resume_writers(state, state_dir, paths, writer_kwargs,
+                                  finished=first == plan.n_strips, who="predict_raster_files")
         if state.get("carry"):
             with np.load(state_dir / state["carry"]) as z:
                 carry = (z["acc"], z["cnt"])

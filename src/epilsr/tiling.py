@@ -285,6 +285,30 @@ def _default_palette(n: int) -> tuple[list[str], np.ndarray]:
     return [f"label {i}" for i in range(n)], base[np.arange(n) % len(base)]
 
 
+def _resume_writers(state: dict, state_dir: Path, paths: Mapping[str, Path],
+                    writer_kwargs: Callable[[str], dict], *, finished: bool,
+                    who: str) -> dict[str, RasterWriter]:
+    """Reopen the checkpointed writers of ``state["writers"]``. With ``finished`` (every strip
+    done, interrupted while closing) outputs already closed are skipped; on failure the writers
+    reopened so far are released (their ``.partial`` kept)."""
+    writers: dict[str, RasterWriter] = {}
+    try:
+        for name, path in paths.items():
+            ws = dict(state["writers"][name])
+            if ws["pending"]:
+                ws["pending"] = os.fspath(state_dir / ws["pending"])
+            spool = path.with_name(path.name + ".partial")
+            if not spool.exists():
+                if finished and path.exists():
+                    continue  # closed before the interruption
+                raise FileNotFoundError(f"{who}: {spool} is missing; pass resume=False")
+            writers[name] = RasterWriter.resume(path, ws, **writer_kwargs(name))
+    except BaseException:
+        _Outputs(writers).abort()
+        raise
+    return writers
+
+
 @dataclasses.dataclass
 class _Outputs:
     """The run's writers by name ("labels", "probs", "entropy")."""
@@ -445,16 +469,8 @@ def lsr_raster(
     writers: dict[str, RasterWriter] = {}
     if state is not None and not state.get("complete"):
         first_strip, done, skipped = state["next_strip"], state["windows_done"], state["skipped"]
-        for name in specs:
-            ws = dict(state["writers"][name])
-            if ws["pending"]:
-                ws["pending"] = os.fspath(state_dir / ws["pending"])
-            spool = paths[name].with_name(paths[name].name + ".partial")
-            if not spool.exists():
-                if first_strip == len(strips) and paths[name].exists():
-                    continue  # closed before the interruption
-                raise FileNotFoundError(f"lsr_raster: {spool} is missing; pass resume=False")
-            writers[name] = RasterWriter.resume(paths[name], ws, **writer_kwargs(name))
+        writers = _resume_writers(state, state_dir, paths, writer_kwargs,
+                                  finished=first_strip == len(strips), who="lsr_raster")
         if state.get("carry"):
             carry = np.load(state_dir / state["carry"])
             k = carry["acc"].shape[0]
