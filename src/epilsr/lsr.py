@@ -374,15 +374,16 @@ def _unfold_bytes(shape: tuple[int, ...], k: int, wrap: bool) -> int:
     return 4 * m1 * m2 * k * k * c
 
 
-def _compact_classes(classes: jax.Array, n_classes: int) -> tuple[jax.Array, np.ndarray | None]:
-    """Renumber concrete ``classes`` to the ones present, so the per-chunk class products have
-    a row per present class (a tile has a few of the 22 NLCD classes). Returns the renumbered
-    ``[H, W]`` int32 map and ``[P]`` the table rows they stand for, padded with repeats of the
-    last present row to a bucket size (4, 8, 16, ...) so tiles share compilations; padded slots
-    get no pixels. Traced classes: unchanged and ``None``."""
-    if not is_concrete(classes):
+def _compact_classes(
+    classes: jax.Array, present: np.ndarray | None, n_classes: int
+) -> tuple[jax.Array, np.ndarray | None]:
+    """Renumber ``classes`` to the ``present`` ones (sorted; ``None`` for traced classes), so
+    the per-chunk class products have a row per present class (a tile has a few of the 22 NLCD
+    classes). Returns the renumbered ``[H, W]`` int32 map and ``[P]`` the table rows they stand
+    for, padded with repeats of the last present row to a bucket size (4, 8, 16, ...) so tiles
+    share compilations; padded slots get no pixels. Without ``present``: unchanged and ``None``."""
+    if present is None:
         return classes.astype(jnp.int32), None
-    present = np.unique(np.asarray(classes))
     bucket = 4
     while bucket < present.size:
         bucket *= 2
@@ -508,8 +509,9 @@ def self_epitomic_lsr(
     table = jnp.asarray(label_given_class, jnp.float32)
     check_rank("label_given_class", table, 2, "[Cc, n]")
     check_index_range("classes", classes, table.shape[0], "class")
-    if is_concrete(classes):
-        check_distribution_table("label_given_class", table, np.unique(np.asarray(classes)))
+    present = np.unique(np.asarray(classes)) if is_concrete(classes) else None
+    if present is not None:
+        check_distribution_table("label_given_class", table, present)
     if downsample < 1:
         raise ValueError(f"downsample: expected an integer >= 1, got {downsample}")
     n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
@@ -551,7 +553,7 @@ def self_epitomic_lsr(
         raise ValueError(f"chunk: expected a positive number of patches, got {chunk}")
     total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
     chunk = _balanced_chunk(total, chunk)
-    compact, present = _compact_classes(classes, table.shape[0])
+    compact, present = _compact_classes(classes, present, table.shape[0])
     counts = _self_counts(
         key,
         image,

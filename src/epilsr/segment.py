@@ -39,9 +39,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
+from epilsr._validate import check_finite
 from epilsr.data.samplers import extract_patches, sample_positions
 from epilsr.embed import embed_labels, spread_class_posteriors
-from epilsr.epitome import Epitome
+from epilsr.epitome import Epitome, as_float_image
 from epilsr.likelihood import log_posterior
 from epilsr.lsr import super_resolve
 from epilsr.predict import check_predict_inputs, grid_starts, window_sums
@@ -478,18 +479,6 @@ def _reflect_read(reader, height, width, margin, row, col, h, w) -> np.ndarray:
     return np.pad(block, pad, mode="reflect") if any(sum(p) for p in pad) else block
 
 
-def _float(block: np.ndarray) -> np.ndarray:
-    if block.dtype == np.uint8:
-        return block.astype(np.float32) / 255.0
-    if block.dtype == np.uint16:
-        return block.astype(np.float32) / 65535.0
-    if not np.issubdtype(block.dtype, np.floating):
-        raise ValueError(f"image: expected uint8, uint16 or float imagery, got {block.dtype}")
-    if not np.all(np.isfinite(block)):
-        raise ValueError("image: expected finite values, found NaN/inf")
-    return block.astype(np.float32)
-
-
 class _Strip(NamedTuple):
     """One finished strip of :func:`_PredictPlan.strips`: rows ``row0 ..`` are final."""
 
@@ -580,7 +569,9 @@ def _predict_plan(epitome, label_probs, image_reader, *, patch_size, temperature
                 if block.shape[-1] != epitome.channels:
                     raise ValueError(f"image: expected {epitome.channels} channels to match "
                                      f"the epitome, got {block.shape[-1]}")
-                a, c = fn(epitome, label_probs, jnp.asarray(_float(block)), jnp.asarray(st),
+                image = as_float_image(block)
+                check_finite("image", image)
+                a, c = fn(epitome, label_probs, image, jnp.asarray(st),
                           jnp.asarray(wt), temperature=temperature, mask=mask)
                 a = np.asarray(a)[o : o + out_h, o : o + tw + kl - 1]
                 c = np.asarray(c)[o : o + out_h, o : o + tw + kl - 1]
