@@ -169,7 +169,7 @@ def test_replicate_keeps_typed_keys():
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize("method", ["hybrid", "fft", "direct"])
+@pytest.mark.parametrize("method", ["hybrid", "dft", "fft", "direct"])
 def test_sharded_likelihood_route_matches_single_device(method):
     """The shard_map'd likelihood (each device correlates its own patches) gives the same
     step as one device, with the transform routes too, and keeps the batch split."""

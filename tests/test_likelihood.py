@@ -30,7 +30,7 @@ from tests.reference import (
     random_epitome_arrays,
 )
 
-METHODS = ["direct", "hybrid", "fft"]
+METHODS = ["direct", "hybrid", "dft", "fft"]
 
 # Jitted once per shape (one compilation instead of one per primitive); validation is tested
 # separately on the eager functions.

@@ -4,16 +4,20 @@ The patch-dependent part of ``log p(x|s)`` (paper Eq. 5) is a sum of circular co
 
     out[b, l, s1, s2] = sum_{i, j, f} maps[l, (s1 + i) % N1, (s2 + j) % N2, f] * kernels[b, i, j, f]
 
-computed by one of two routes behind :func:`circular_correlate`:
+computed by one of four routes behind :func:`circular_correlate`:
 
 * ``"direct"``: wrap-pad the maps by ``K - 1`` and run one ``lax.conv`` whose output channels
   are the patches (``O(B L N^2 K^2 F)``, excellent for small ``K``);
+* ``"hybrid"``: block DFTs (as matrix products) along one axis, direct sums over the ``K1`` row
+  offsets along the other (moderate ``K``);
+* ``"dft"``: block DFTs along both axes, all of them matrix products, and one small product
+  per frequency summing the ``F`` channels (large ``K``);
 * ``"fft"``: wrap-pad the maps to ``N + K - 1``, zero-pad both sides to a smooth FFT length
   ``M >= N + K - 1`` (prime ``N`` such as 299 or 499 never hits a slow transform), multiply
   in the frequency domain, sum over the ``F`` feature channels *before* the single inverse
   transform per (patch, layer) (``O((B + L) F M^2 log M + B L F M^2)``).
 
-``"auto"`` picks by a flop model calibrated on CPU. The adjoint (spreading values from
+``"auto"`` picks by a cost model calibrated on CPU. The adjoint (spreading values from
 positions back over their windows, used by the embeddings of Eqs. 6 and 11) is obtained as the
 exact VJP of the correlation, so both stay consistent by construction.
 """
@@ -232,6 +236,136 @@ def _hybrid_swapped(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     return jnp.swapaxes(out, 2, 3)
 
 
+def _complex_form(theta: np.ndarray, sign: int) -> np.ndarray:
+    """``[..., 2, 2]`` real form ``m[..., c_in, c_out]`` of multiplying by ``exp(sign i theta)``
+    (index 0: real part, 1: imaginary part)."""
+    c, s = np.cos(theta), sign * np.sin(theta)
+    return np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2)
+
+
+def _dft_sizes(n: int, k: int, t: int) -> tuple[int, int, int]:
+    """``(blocks, P, W)`` of the 2-D block route along one axis with output blocks of ``t``."""
+    p_len = t + k - 1
+    return -(-n // t), p_len, p_len // 2 + 1
+
+
+# Cost of one float through memory in flops of matrix products, fitted on CPU (2-core x86,
+# benchmarks/posterior.py shapes): the 2-D block route is bound by its passes over memory.
+_FLOAT_COST = 384
+
+
+def _dft2_cost(n1: int, n2: int, k1: int, k2: int, f: int, t1: int, t2: int) -> float:
+    """Modelled per-patch cost of :func:`_correlate_dft` (one layer) in flops: its arithmetic
+    plus :data:`_FLOAT_COST` per float of the patch spectrum, the products, the half-inverted
+    products and the output."""
+    nb1, p1, _ = _dft_sizes(n1, k1, t1)
+    nb2, p2, w2 = _dft_sizes(n2, k2, t2)
+    nblk = nb1 * nb2
+    flops = (
+        4 * k1 * k2 * f * w2  # patch DFT along axis 2 (real -> half spectrum)
+        + 8 * p1 * k1 * f * w2  # ... and along axis 1 (complex)
+        + 8 * p1 * w2 * nblk * 2 * f  # per-frequency products [2 blk, 2F] x [2F, B]
+        + 8 * w2 * t1 * p1 * nblk  # inverse along axis 1 (complex, outputs < T1)
+        + 4 * t2 * w2 * t1 * nblk  # inverse along axis 2 (real outputs < T2)
+    )
+    floats = 2 * p1 * w2 * f + 2 * p1 * w2 * nblk + 2 * w2 * t1 * nblk + 2 * t1 * t2 * nblk
+    return float(flops + _FLOAT_COST * floats)
+
+
+def _block_candidates(n: int) -> list[int]:
+    """Output block lengths worth trying along an axis: the smallest per block count."""
+    return [t for t in range(1, n + 1) if t == 1 or -(-n // (t - 1)) != -(-n // t)]
+
+
+@functools.cache
+def _dft2_blocks(n1: int, n2: int, k1: int, k2: int, f: int) -> tuple[int, int]:
+    """Output blocks ``(T1, T2)`` of :func:`_correlate_dft` with the least modelled cost."""
+    best, best_cost = (n1, n2), math.inf
+    for t1 in _block_candidates(n1):
+        for t2 in _block_candidates(n2):
+            cost = _dft2_cost(n1, n2, k1, k2, f, t1, t2)
+            if cost < best_cost:
+                best, best_cost = (t1, t2), cost
+    return best
+
+
+def _correlate_dft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
+    """Block DFTs along both spatial axes, every transform and product a matrix product.
+
+    The outputs are cut into ``nb1 x nb2`` blocks of ``T1 x T2``; block ``(a, c)`` needs the
+    wrap-padded map segment of ``P1 x P2 = (T1 + K1 - 1) x (T2 + K2 - 1)``, on which the
+    correlation is circular without aliasing. With the segments' 2-D DFTs ``A`` (once per
+    call; real DFT along axis 2, ``W2 = P2//2 + 1`` frequencies) and the patches' ``X`` (a DFT
+    of the ``K1 x K2`` non-zero entries), each frequency needs ``sum_f A conj(X)``: one small
+    real product ``[2 L nb1 nb2, 2F] x [2F, B]`` per frequency. Two matrix products invert the
+    transforms (axis 1, complex, outputs ``< T1``; axis 2, real, outputs ``< T2``). Unlike the
+    hybrid route the product stage no longer grows with ``K1`` (no direct sum over row offsets),
+    which wins for large patches; the blocks are chosen by :func:`_dft2_blocks`.
+    """
+    lyr, n1, n2, f = maps.shape
+    b, k1, k2, _ = kernels.shape
+    t1, t2 = _dft2_blocks(n1, n2, k1, k2, f)
+    nb1, p1, _ = _dft_sizes(n1, k1, t1)
+    nb2, p2, w2 = _dft_sizes(n2, k2, t2)
+    nblk = lyr * nb1 * nb2
+    dtype = maps.dtype
+
+    # Epitome side, once per call: A[w2, w1, (q, blk), (p, f)], the real form of A conj(.)
+    # (q: real / imaginary part of the product; p: real / imaginary part of X).
+    rows = (np.arange(nb1)[:, None] * t1 + np.arange(p1)[None, :]).ravel() % n1
+    cols = (np.arange(nb2)[:, None] * t2 + np.arange(p2)[None, :]).ravel() % n2
+    seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
+    seg = seg.reshape(lyr, nb1, p1, nb2, p2, f)
+    theta2 = 2.0 * np.pi * np.outer(np.arange(p2), np.arange(w2)) / p2
+    fwd2 = jnp.asarray(np.stack([np.cos(theta2), -np.sin(theta2)], -1), dtype)  # [P2, W2, 2]
+    half = jnp.einsum("lavbuf,uwc->wclabvf", seg, fwd2, precision=_HIGHEST)
+    theta1 = 2.0 * np.pi * np.outer(np.arange(p1), np.arange(p1)) / p1
+    fwd1 = jnp.asarray(_complex_form(theta1, -1), dtype)  # [P1 (u), P1 (w), 2, 2]
+    spec = jnp.einsum("wclabvf,vxcd->wxlabdf", half, fwd1, precision=_HIGHEST)
+    spec = spec.reshape(w2, p1, nblk, 2, f)
+    re, im = spec[:, :, :, 0], spec[:, :, :, 1]
+    lhs = jnp.stack([jnp.concatenate([re, im], -1), jnp.concatenate([im, -re], -1)], axis=2)
+    lhs = lhs.reshape(w2, p1, 2 * nblk, 2 * f)
+
+    # Patch side: DFT of the K1 x K2 non-zero entries, axis 2 then axis 1 (complex).
+    theta_k2 = 2.0 * np.pi * np.outer(np.arange(k2), np.arange(w2)) / p2
+    fwd_k2 = jnp.asarray(np.stack([np.cos(theta_k2), -np.sin(theta_k2)], -1), dtype)
+    theta_k1 = 2.0 * np.pi * np.outer(np.arange(k1), np.arange(p1)) / p1
+    fwd_k1 = _complex_form(theta_k1, -1).transpose(1, 3, 2, 0).reshape(2 * p1, 2 * k1)
+    fwd_k1 = jnp.asarray(fwd_k1, dtype)  # [(w1, p), (c, i)]
+    # Inverse along axis 1 (complex, outputs u1 < T1): [(d, u1), (w1, q)].
+    theta_i1 = 2.0 * np.pi * np.outer(np.arange(p1), np.arange(t1)) / p1
+    inv1 = _complex_form(theta_i1, +1).transpose(3, 1, 0, 2).reshape(2 * t1, 2 * p1)
+    inv1 = jnp.asarray(inv1, dtype)
+    # Inverse real DFT along axis 2 (outputs u2 < T2): weights 1 (w = 0, P2/2), 2 otherwise.
+    weight = np.full(w2, 2.0)
+    weight[0] = 1.0
+    if p2 % 2 == 0:
+        weight[-1] = 1.0
+    theta_i2 = 2.0 * np.pi * np.outer(np.arange(w2), np.arange(t2)) / p2
+    inv2 = np.stack([np.cos(theta_i2), -np.sin(theta_i2)], 1) * (weight / (p1 * p2))[:, None, None]
+    inv2 = jnp.asarray(inv2.reshape(2 * w2, t2), dtype)  # [(w2, d), u2]
+
+    def chunk_fn(ker: jax.Array) -> jax.Array:
+        bc = ker.shape[0]
+        x = jnp.einsum("bijf,jwc->wcifb", ker, fwd_k2, precision=_HIGHEST)
+        x = x.reshape(w2, 2 * k1, f * bc)
+        x = jnp.matmul(jnp.broadcast_to(fwd_k1, (w2, *fwd_k1.shape)), x, precision=_HIGHEST)
+        x = x.reshape(w2, p1, 2 * f, bc)  # X[w2, w1, (p, f), b]
+        y = jnp.matmul(lhs, x, precision=_HIGHEST)  # [w2, w1, (q, blk), b]
+        y = y.reshape(w2, 2 * p1, nblk * bc)
+        z = jnp.matmul(jnp.broadcast_to(inv1, (w2, *inv1.shape)), y, precision=_HIGHEST)
+        z = z.reshape(2 * w2, t1 * nblk * bc)  # [(w2, d), (u1, l, a, c, b)]
+        out = jnp.matmul(z.T, inv2, precision=_HIGHEST)  # [(u1, l, a, c, b), u2]
+        out = out.reshape(t1, lyr, nb1, nb2, bc, t2).transpose(4, 1, 2, 0, 3, 5)
+        return out.reshape(bc, lyr, nb1 * t1, nb2 * t2)[:, :, :n1, :n2]
+
+    spectrum = 2 * p1 * w2  # floats of one complex P1 x W2 spectrum
+    per_example = 4 * (spectrum * (f + nblk) + 2 * w2 * t1 * nblk + 2 * t1 * t2 * nblk)
+    chunk, n_chunks = _batch_chunk(b, per_example)
+    return _map_batch(chunk_fn, kernels, chunk, n_chunks)
+
+
 def route_flops(route: str, maps_shape, kernels_shape) -> float:
     """Flops of one correlation route (the cost model behind ``"auto"``, and the benchmarks'
     roofline). Map-side transforms are counted once; index/copy work is not counted."""
@@ -252,21 +386,47 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
         patch_dft = 8.0 * b * k1 * k2 * f * w
         maps_dft = 4.0 * lyr * (n1 + k1 - 1) * nb * p_len * f * w
         return products + inverse + patch_dft + maps_dft
+    if route == "dft":  # arithmetic only (the roofline); "auto" uses _dft2_cost
+        t1, t2 = _dft2_blocks(n1, n2, k1, k2, f)
+        nb1, p1, _ = _dft_sizes(n1, k1, t1)
+        nb2, p2, w2 = _dft_sizes(n2, k2, t2)
+        nblk = lyr * nb1 * nb2
+        per_patch = (
+            4 * k1 * k2 * f * w2
+            + 8 * p1 * k1 * f * w2
+            + 8 * p1 * w2 * nblk * 2 * f
+            + 8 * w2 * t1 * p1 * nblk
+            + 4 * t2 * w2 * t1 * nblk
+        )
+        maps_dft = 4.0 * lyr * nb1 * nb2 * f * p1 * p2 * (w2 + 2 * p1)
+        return float(b * per_patch + maps_dft)
     if route == "fft":
         m1, _ = _fft_plan(n1, k1)
         m2, _ = _fft_plan(n2, k2)
         logm = math.log2(m1 * m2)
         return (b * f + lyr * f + b * lyr) * m1 * m2 * logm * 2.5 + 4.0 * b * lyr * f * m1 * m2
-    raise ValueError(f"route: expected 'direct', 'hybrid' or 'fft', got {route!r}")
+    raise ValueError(f"route: expected 'direct', 'hybrid', 'dft' or 'fft', got {route!r}")
+
+
+# The hybrid route runs at ~1/3 of the rate the 2-D block route's cost model assumes for
+# products (its per-frequency products are strided, its row-offset gather is memory-bound).
+_HYBRID_COST = 3.0
 
 
 def _auto_method(maps_shape, kernels_shape) -> str:
-    """The route ``"auto"`` takes: ``"hybrid"`` unless the direct convolution does fewer than
-    1.5x its flops (tiny patches; XLA's convolution runs below its matrix-multiply rate).
-    Measured on a 2-core x86 CPU with ``benchmarks/posterior.py``."""
+    """The route ``"auto"`` takes: ``"direct"`` while it does fewer than 1.5x the hybrid route's
+    flops (tiny patches; XLA's convolution runs below its matrix-multiply rate), else
+    ``"dft"`` where its modelled cost (:func:`_dft2_cost`) is below ``_HYBRID_COST`` times the
+    hybrid flops (large patches), else ``"hybrid"``. Calibrated on a 2-core x86 CPU with
+    ``benchmarks/posterior.py``."""
     direct = route_flops("direct", maps_shape, kernels_shape)
     hybrid = route_flops("hybrid", maps_shape, kernels_shape)
-    return "hybrid" if direct > 1.5 * hybrid else "direct"
+    if direct <= 1.5 * hybrid:
+        return "direct"
+    lyr, n1, n2, f = maps_shape
+    b, k1, k2, _ = kernels_shape
+    dft = b * lyr * _dft2_cost(n1, n2, k1, k2, f, *_dft2_blocks(n1, n2, k1, k2, f))
+    return "dft" if dft < _HYBRID_COST * hybrid else "hybrid"
 
 
 def _prefers_fft(maps_shape, kernels_shape) -> bool:
@@ -280,7 +440,7 @@ def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "au
     Args:
       maps: ``[L, N1, N2, F]`` epitome-side maps.
       kernels: ``[B, K1, K2, F]`` patch-side kernels, ``K1 <= N1``, ``K2 <= N2``.
-      method: ``"auto"``, ``"direct"``, ``"hybrid"`` or ``"fft"``.
+      method: ``"auto"``, ``"direct"``, ``"hybrid"``, ``"dft"`` or ``"fft"``.
 
     Returns:
       ``[B, L, N1, N2]`` with
@@ -301,9 +461,11 @@ def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "au
         return _correlate_direct(maps, kernels)
     if method == "hybrid":
         return _hybrid_swapped(maps, kernels)
+    if method == "dft":
+        return _correlate_dft(maps, kernels)
     if method == "fft":
         return _correlate_fft(maps, kernels)
-    raise ValueError(f"method: expected 'auto', 'direct', 'hybrid' or 'fft', got {method!r}")
+    raise ValueError(f"method: expected 'auto', 'direct', 'hybrid', 'dft' or 'fft', got {method!r}")
 
 
 def circular_correlate_adjoint(

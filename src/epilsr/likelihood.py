@@ -52,7 +52,8 @@ def log_likelihood(epitome: Epitome, patches: ArrayLike, *, method: str = "auto"
     Args:
       epitome: :class:`Epitome` with ``mean, log_var [L, N1, N2, C]``.
       patches: ``[B, K1, K2, C]`` float patches.
-      method: correlation route, ``"auto"``, ``"direct"`` or ``"fft"``.
+      method: correlation route, ``"auto"``, ``"direct"``, ``"hybrid"``, ``"dft"`` or ``"fft"``
+        (see :func:`epilsr.correlate.circular_correlate`).
 
     Returns:
       ``[B, L, N1, N2]``; entry ``[b, l, s1, s2]`` is the log-density of patch ``b`` under the
