@@ -264,7 +264,8 @@ def _dft2_cost(n1: int, n2: int, k1: int, k2: int, f: int, t1: int, t2: int) -> 
     flops = (
         4 * k1 * k2 * f * w2  # patch DFT along axis 2 (real -> half spectrum)
         + 8 * p1 * k1 * f * w2  # ... and along axis 1 (complex)
-        + 8 * p1 * w2 * nblk * 2 * f  # per-frequency products [2 blk, 2F] x [2F, B]
+        + 16 * p1 * w2 * nblk * f  # per-frequency products [2 blk, 2F] x [2F, B]: twice
+        # their flops (tiny products run at about half the rate of the others; fitted)
         + 8 * w2 * t1 * p1 * nblk  # inverse along axis 1 (complex, outputs < T1)
         + 4 * t2 * w2 * t1 * nblk  # inverse along axis 2 (real outputs < T2)
     )
@@ -299,8 +300,8 @@ def _correlate_dft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     of the ``K1 x K2`` non-zero entries), each frequency needs ``sum_f A conj(X)``: one small
     real product ``[2 L nb1 nb2, 2F] x [2F, B]`` per frequency. Two matrix products invert the
     transforms (axis 1, complex, outputs ``< T1``; axis 2, real, outputs ``< T2``). Unlike the
-    hybrid route the product stage no longer grows with ``K1`` (no direct sum over row offsets),
-    which wins for large patches; the blocks are chosen by :func:`_dft2_blocks`.
+    hybrid route the size of each per-frequency product no longer grows with ``K1`` (no direct
+    sum over row offsets), which wins for large patches; :func:`_dft2_blocks` picks the blocks.
     """
     lyr, n1, n2, f = maps.shape
     b, k1, k2, _ = kernels.shape
@@ -367,8 +368,9 @@ def _correlate_dft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
 
 
 def route_flops(route: str, maps_shape, kernels_shape) -> float:
-    """Flops of one correlation route (the cost model behind ``"auto"``, and the benchmarks'
-    roofline). Map-side transforms are counted once; index/copy work is not counted."""
+    """Flops of one correlation route (the benchmarks' roofline; ``"auto"`` compares the direct
+    and hybrid counts, and :func:`_dft2_cost` for the 2-D block route). Map-side transforms are
+    counted once; index/copy work is not counted."""
     lyr, n1, n2, f = maps_shape
     b, k1, k2, _ = kernels_shape
     if route == "direct":
@@ -394,11 +396,11 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
         per_patch = (
             4 * k1 * k2 * f * w2
             + 8 * p1 * k1 * f * w2
-            + 8 * p1 * w2 * nblk * 2 * f
+            + 8 * p1 * w2 * nblk * f
             + 8 * w2 * t1 * p1 * nblk
             + 4 * t2 * w2 * t1 * nblk
         )
-        maps_dft = 4.0 * lyr * nb1 * nb2 * f * p1 * p2 * (w2 + 2 * p1)
+        maps_dft = 4.0 * lyr * nb1 * nb2 * f * p1 * w2 * (p2 + 2 * p1)
         return float(b * per_patch + maps_dft)
     if route == "fft":
         m1, _ = _fft_plan(n1, k1)
