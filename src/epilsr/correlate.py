@@ -162,6 +162,23 @@ def _real_dft(length: int, size: int, freqs: int) -> tuple[np.ndarray, np.ndarra
     return np.cos(theta), np.sin(theta)
 
 
+def _complex_form(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """``[..., 2, 2]`` real form ``m[..., c_in, c_out]`` of multiplying by ``cos + i sin``
+    (index 0: real part, 1: imaginary part)."""
+    return np.stack([np.stack([cos, sin], -1), np.stack([-sin, cos], -1)], -2)
+
+
+def _half_spectrum_weights(p_len: int) -> np.ndarray:
+    """``[P//2 + 1]`` weights of the inverse real DFT of length ``P`` from its half spectrum:
+    1 for ``w = 0`` (and ``P/2`` when ``P`` is even), 2 for the frequencies that stand for a
+    conjugate pair."""
+    weight = np.full(p_len // 2 + 1, 2.0)
+    weight[0] = 1.0
+    if p_len % 2 == 0:
+        weight[-1] = 1.0
+    return weight
+
+
 def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     """Block DFTs along the second spatial axis, direct sums along the first; all products.
 
@@ -202,15 +219,11 @@ def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     lhs = lhs.reshape(w, lyr * nb * n1, k1 * 2 * f)  # [W, (l, t, s1), (i, p, f)]
     # Patch side: X = DFT of the K2 non-zero columns; rhs is the real form of conj(X).
     cos_k, sin_k = _real_dft(p_len, k2, w)
-    pat = np.stack([np.stack([cos_k, sin_k], -1), np.stack([-sin_k, cos_k], -1)], -2)
-    pat = jnp.asarray(pat, dtype)  # [K2, W, p, q]
+    pat = jnp.asarray(_complex_form(cos_k, sin_k), dtype)  # [K2, W, p, q]
     # Inverse real DFT of length P, outputs u < T: weights 1 (w = 0, P/2), 2 otherwise.
     cos_t, sin_t = _real_dft(p_len, t, w)
-    weight = np.full(w, 2.0)
-    weight[0] = 1.0
-    if p_len % 2 == 0:
-        weight[-1] = 1.0
-    inv = np.stack([cos_t.T, -sin_t.T], axis=1) * (weight / p_len)[:, None, None]  # [W, 2, T]
+    weight = _half_spectrum_weights(p_len) / p_len
+    inv = np.stack([cos_t.T, -sin_t.T], axis=1) * weight[:, None, None]  # [W, 2, T]
     inv_t = jnp.asarray(inv.reshape(2 * w, t).T, dtype)  # [T, (w, q)]
 
     def chunk_fn(ker: jax.Array) -> jax.Array:
@@ -236,13 +249,6 @@ def _hybrid_swapped(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     return jnp.swapaxes(out, 2, 3)
 
 
-def _complex_form(theta: np.ndarray, sign: int) -> np.ndarray:
-    """``[..., 2, 2]`` real form ``m[..., c_in, c_out]`` of multiplying by ``exp(sign i theta)``
-    (index 0: real part, 1: imaginary part)."""
-    c, s = np.cos(theta), sign * np.sin(theta)
-    return np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2)
-
-
 def _dft_sizes(n: int, k: int, t: int) -> tuple[int, int, int]:
     """``(blocks, P, W)`` of the 2-D block route along one axis with output blocks of ``t``."""
     p_len = t + k - 1
@@ -254,23 +260,31 @@ def _dft_sizes(n: int, k: int, t: int) -> tuple[int, int, int]:
 _FLOAT_COST = 384
 
 
-def _dft2_cost(n1: int, n2: int, k1: int, k2: int, f: int, t1: int, t2: int) -> float:
-    """Modelled per-patch cost of :func:`_correlate_dft` (one layer) in flops: its arithmetic
-    plus :data:`_FLOAT_COST` per float of the patch spectrum, the products, the half-inverted
-    products and the output."""
+def _dft2_work(n1, n2, k1, k2, f, t1, t2, lyr=1) -> tuple[int, int, int]:
+    """Per-patch ``(transform flops, per-frequency product flops, floats)`` of
+    :func:`_correlate_dft` with ``lyr`` layers: the patch DFT and the two inverse products;
+    the ``[2 blk, 2F] x [2F, B]`` products; the floats of the patch spectrum, the products,
+    the half-inverted products and the output."""
     nb1, p1, _ = _dft_sizes(n1, k1, t1)
     nb2, p2, w2 = _dft_sizes(n2, k2, t2)
-    nblk = nb1 * nb2
-    flops = (
+    nblk = lyr * nb1 * nb2
+    transforms = (
         4 * k1 * k2 * f * w2  # patch DFT along axis 2 (real -> half spectrum)
         + 8 * p1 * k1 * f * w2  # ... and along axis 1 (complex)
-        + 16 * p1 * w2 * nblk * f  # per-frequency products [2 blk, 2F] x [2F, B]: twice
-        # their flops (tiny products run at about half the rate of the others; fitted)
         + 8 * w2 * t1 * p1 * nblk  # inverse along axis 1 (complex, outputs < T1)
         + 4 * t2 * w2 * t1 * nblk  # inverse along axis 2 (real outputs < T2)
     )
+    products = 8 * p1 * w2 * nblk * f
     floats = 2 * p1 * w2 * f + 2 * p1 * w2 * nblk + 2 * w2 * t1 * nblk + 2 * t1 * t2 * nblk
-    return float(flops + _FLOAT_COST * floats)
+    return transforms, products, floats
+
+
+def _dft2_cost(n1: int, n2: int, k1: int, k2: int, f: int, t1: int, t2: int) -> float:
+    """Modelled per-patch cost of :func:`_correlate_dft` (one layer) in flops: its arithmetic,
+    the per-frequency products counted twice (tiny products run at about half the rate of the
+    others; fitted), plus :data:`_FLOAT_COST` per float moved (:func:`_dft2_work`)."""
+    transforms, products, floats = _dft2_work(n1, n2, k1, k2, f, t1, t2)
+    return float(transforms + 2 * products + _FLOAT_COST * floats)
 
 
 def _block_candidates(n: int) -> list[int]:
@@ -317,34 +331,29 @@ def _correlate_dft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     cols = (np.arange(nb2)[:, None] * t2 + np.arange(p2)[None, :]).ravel() % n2
     seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
     seg = seg.reshape(lyr, nb1, p1, nb2, p2, f)
-    theta2 = 2.0 * np.pi * np.outer(np.arange(p2), np.arange(w2)) / p2
-    fwd2 = jnp.asarray(np.stack([np.cos(theta2), -np.sin(theta2)], -1), dtype)  # [P2, W2, 2]
-    half = jnp.einsum("lavbuf,uwc->wclabvf", seg, fwd2, precision=_HIGHEST)
-    theta1 = 2.0 * np.pi * np.outer(np.arange(p1), np.arange(p1)) / p1
-    fwd1 = jnp.asarray(_complex_form(theta1, -1), dtype)  # [P1 (u), P1 (w), 2, 2]
-    spec = jnp.einsum("wclabvf,vxcd->wxlabdf", half, fwd1, precision=_HIGHEST)
+    cos2, sin2 = _real_dft(p2, p2, w2)
+    fwd2 = np.stack([cos2, -sin2], -1)  # [P2 (u), W2, 2]: Re, Im of e^-i
+    half = jnp.einsum("lavbuf,uwc->wclabvf", seg, jnp.asarray(fwd2, dtype), precision=_HIGHEST)
+    cos1, sin1 = _real_dft(p1, p1, p1)
+    fwd1 = _complex_form(cos1, -sin1)  # [P1 (u), P1 (w), 2, 2]
+    spec = jnp.einsum("wclabvf,vxcd->wxlabdf", half, jnp.asarray(fwd1, dtype), precision=_HIGHEST)
     spec = spec.reshape(w2, p1, nblk, 2, f)
     re, im = spec[:, :, :, 0], spec[:, :, :, 1]
     lhs = jnp.stack([jnp.concatenate([re, im], -1), jnp.concatenate([im, -re], -1)], axis=2)
     lhs = lhs.reshape(w2, p1, 2 * nblk, 2 * f)
 
-    # Patch side: DFT of the K1 x K2 non-zero entries, axis 2 then axis 1 (complex).
-    theta_k2 = 2.0 * np.pi * np.outer(np.arange(k2), np.arange(w2)) / p2
-    fwd_k2 = jnp.asarray(np.stack([np.cos(theta_k2), -np.sin(theta_k2)], -1), dtype)
-    theta_k1 = 2.0 * np.pi * np.outer(np.arange(k1), np.arange(p1)) / p1
-    fwd_k1 = _complex_form(theta_k1, -1).transpose(1, 3, 2, 0).reshape(2 * p1, 2 * k1)
+    # Patch side: DFT of the K1 x K2 non-zero entries (the first rows of the same matrices),
+    # axis 2 then axis 1 (complex).
+    fwd_k2 = jnp.asarray(fwd2[:k2], dtype)  # [K2, W2, 2]
+    fwd_k1 = fwd1[:k1].transpose(1, 3, 2, 0).reshape(2 * p1, 2 * k1)
     fwd_k1 = jnp.asarray(fwd_k1, dtype)  # [(w1, p), (c, i)]
     # Inverse along axis 1 (complex, outputs u1 < T1): [(d, u1), (w1, q)].
-    theta_i1 = 2.0 * np.pi * np.outer(np.arange(p1), np.arange(t1)) / p1
-    inv1 = _complex_form(theta_i1, +1).transpose(3, 1, 0, 2).reshape(2 * t1, 2 * p1)
+    inv1 = _complex_form(*_real_dft(p1, p1, t1)).transpose(3, 1, 0, 2).reshape(2 * t1, 2 * p1)
     inv1 = jnp.asarray(inv1, dtype)
-    # Inverse real DFT along axis 2 (outputs u2 < T2): weights 1 (w = 0, P2/2), 2 otherwise.
-    weight = np.full(w2, 2.0)
-    weight[0] = 1.0
-    if p2 % 2 == 0:
-        weight[-1] = 1.0
-    theta_i2 = 2.0 * np.pi * np.outer(np.arange(w2), np.arange(t2)) / p2
-    inv2 = np.stack([np.cos(theta_i2), -np.sin(theta_i2)], 1) * (weight / (p1 * p2))[:, None, None]
+    # Inverse real DFT along axis 2 (outputs u2 < T2) from the half spectrum.
+    cos_i2, sin_i2 = _real_dft(p2, w2, t2)
+    weight = _half_spectrum_weights(p2) / (p1 * p2)
+    inv2 = np.stack([cos_i2, -sin_i2], 1) * weight[:, None, None]
     inv2 = jnp.asarray(inv2.reshape(2 * w2, t2), dtype)  # [(w2, d), u2]
 
     def chunk_fn(ker: jax.Array) -> jax.Array:
@@ -392,16 +401,9 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
         t1, t2 = _dft2_blocks(n1, n2, k1, k2, f)
         nb1, p1, _ = _dft_sizes(n1, k1, t1)
         nb2, p2, w2 = _dft_sizes(n2, k2, t2)
-        nblk = lyr * nb1 * nb2
-        per_patch = (
-            4 * k1 * k2 * f * w2
-            + 8 * p1 * k1 * f * w2
-            + 8 * p1 * w2 * nblk * f
-            + 8 * w2 * t1 * p1 * nblk
-            + 4 * t2 * w2 * t1 * nblk
-        )
+        transforms, products, _ = _dft2_work(n1, n2, k1, k2, f, t1, t2, lyr)
         maps_dft = 4.0 * lyr * nb1 * nb2 * f * p1 * w2 * (p2 + 2 * p1)
-        return float(b * per_patch + maps_dft)
+        return float(b * (transforms + products) + maps_dft)
     if route == "fft":
         m1, _ = _fft_plan(n1, k1)
         m2, _ = _fft_plan(n2, k2)
