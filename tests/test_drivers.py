@@ -39,6 +39,9 @@ def test_lsr_driver_on_demo_scene(tmp_path):
     pooled = {r["method"]: r for r in results["pooled"]}
     assert pooled["lsr"]["accuracy"] > pooled["paint"]["accuracy"]
     assert pooled["lsr"]["window"] == 256 and set(pooled) == {"paint", "notebook", "lsr"}
+    eq7 = results["tiles"]["synthetic_seed0_128"]["eq7"]  # Eq. 7 of paint / LSR / truth maps
+    assert set(eq7) == {"paint", "lsr", "truth"} and all(v < 0 for v in eq7.values())
+    assert eq7["lsr"] > eq7["paint"] and "Eq. 7" in proc.stdout
     assert (tmp_path / "synthetic_seed0_128.png").exists()
     labels = tifffile.imread(tmp_path / "synthetic_seed0_128" / "lsr_W128_labels.tif")
     assert labels.shape == (128, 128) and labels.dtype == np.uint8

@@ -16,7 +16,9 @@ from epilsr import (
     epitome_from_image,
     lsr_objective,
     paint_classes,
+    self_epitomic_counts,
     self_epitomic_lsr,
+    adapt_compositions,
     super_resolve,
 )
 from tests.reference import lsr_objective_bf, super_resolve_bf
@@ -212,8 +214,8 @@ def test_self_lsr_rejects_bad_chunk(rng):
                           patch_size=3, chunk=0)
 
 
-def _general_route(img, classes, table, k, wrap, iters, spread="window"):
-    """epitome_from_image + embed_classes/embed_labels + super_resolve, written out.
+def _general_counts(img, classes, n_classes, k, wrap, spread="window"):
+    """epitome_from_image + embed_classes/embed_labels, written out: ``[1, h, w, Cc]`` counts.
 
     Patches: every ``K x K`` window lying inside the tile, once. Positions they may map to: all
     toroidal windows of the tile when ``wrap``, else only the windows inside the tile (mask).
@@ -228,15 +230,19 @@ def _general_route(img, classes, table, k, wrap, iters, spread="window"):
     if not wrap:
         mask = np.zeros((1, h, w), bool)
         mask[0, : h - k + 1, : w - k + 1] = True
-    n_classes = table.shape[0]
     if spread == "window":  # the class of each window's centre pixel
         centre = np.array([classes[r + k // 2, c + k // 2] for r, c in starts])
-        counts = emb_classes(epi, patches, centre, n_classes=n_classes,
-                               temperature=float(k * k), mask=mask)
-    else:  # each pixel's own class, embedded as a one-hot label block (Eq. 6)
-        blocks = np.stack([np.eye(n_classes, dtype=np.float32)[classes[np.ix_(r, c)]]
-                           for r, c in zip(rows, cols, strict=True)])
-        counts = emb_labels(epi, patches, blocks, temperature=float(k * k), mask=mask)
+        return emb_classes(epi, patches, centre, n_classes=n_classes,
+                           temperature=float(k * k), mask=mask)
+    # each pixel's own class, embedded as a one-hot label block (Eq. 6)
+    blocks = np.stack([np.eye(n_classes, dtype=np.float32)[classes[np.ix_(r, c)]]
+                       for r, c in zip(rows, cols, strict=True)])
+    return emb_labels(epi, patches, blocks, temperature=float(k * k), mask=mask)
+
+
+def _general_route(img, classes, table, k, wrap, iters, spread="window"):
+    """:func:`_general_counts` + super_resolve."""
+    counts = _general_counts(img, classes, table.shape[0], k, wrap, spread)
     return np.asarray(sr_static(counts, table, iters=iters))[0]
 
 
@@ -281,6 +287,38 @@ def test_self_lsr_unfolded_route_matches_correlation_route(rng, wrap, monkeypatc
     monkeypatch.setattr(lsr_mod, "_UNFOLD_BUDGET", 0)
     slow = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
     np.testing.assert_allclose(fast, slow, atol=2e-5)
+
+
+@pytest.mark.parametrize("downsample,fraction", [(1, None), (2, 0.45)], ids=["dense", "ds2"])
+def test_self_epitomic_counts_mass_and_lsr(rng, downsample, fraction):
+    """Counts: one unit per patch spread over its K x K window (K^2 per patch, dense: every
+    window once); the class of each patch is its centre's; self_epitomic_lsr is these counts +
+    adapt_compositions with the documented table preprocessing."""
+    import epilsr.lsr as lsr_mod
+
+    h, w, k, n_rows = 23, 19, 3, 5
+    img = rng.uniform(size=(h, w, 3)).astype(np.float32)
+    classes = rng.integers(0, 3, size=(h, w))  # rows 3, 4 never occur
+    key = jax.random.PRNGKey(4)
+    args = dict(patch_size=k, downsample=downsample, sample_fraction=fraction, chunk=16)
+    counts = np.asarray(self_epitomic_counts(key, img, classes, n_rows, **args), np.float64)
+    h1, w1 = -(-h // downsample), -(-w // downsample)
+    assert counts.shape == (h1, w1, n_rows) and np.all(counts >= 0)
+    n_patches = (h1 - k + 1) * (w1 - k + 1) if fraction is None else round(fraction * h * w)
+    np.testing.assert_allclose(counts.sum(), k * k * n_patches, rtol=1e-5)
+    np.testing.assert_array_equal(counts[..., 3:], 0.0)
+    if fraction is None:  # every inside window once == the general embedding route
+        want = np.asarray(_general_counts(img, classes, n_rows, k, wrap=False))[0]
+        np.testing.assert_allclose(counts, want, rtol=1e-4, atol=1e-4)
+    table = np.concatenate([_table(rng, 3, 4), _table(rng, 2, 4)])
+    got = self_epitomic_lsr(key, img, classes, table, adapt_rounds=2, min_share=0.0, iters=6,
+                            **args)
+    pixels = np.bincount(classes.ravel(), minlength=n_rows).astype(np.float32)
+    want, _ = adapt_compositions(counts.astype(np.float32), table, evidence=0.1 * pixels / 900,
+                                 rounds=2, iters=6)
+    np.testing.assert_allclose(got, lsr_mod._upsample(want, downsample, (h, w)), atol=1e-5)
+    with pytest.raises(ValueError, match="class"):
+        self_epitomic_counts(key, img, classes, 2, **args)  # class 2 >= n_classes
 
 
 def test_self_lsr_class_prior_options(rng):

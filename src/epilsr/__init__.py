@@ -14,6 +14,7 @@ from epilsr.lsr import (
     dirichlet_concentration,
     lsr_objective,
     paint_classes,
+    self_epitomic_counts,
     self_epitomic_lsr,
     super_resolve,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "super_resolve",
     "lsr_objective",
     "paint_classes",
+    "self_epitomic_counts",
     "self_epitomic_lsr",
     "predict",
     "circular_correlate",

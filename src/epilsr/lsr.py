@@ -35,6 +35,7 @@ __all__ = [
     "dirichlet_concentration",
     "lsr_objective",
     "paint_classes",
+    "self_epitomic_counts",
     "self_epitomic_lsr",
 ]
 
@@ -430,6 +431,115 @@ def _upsample(probs: jax.Array, factor: int, shape: tuple[int, int]) -> jax.Arra
     return _normalise(jnp.maximum(up[: shape[0], : shape[1]], 0.0), axis=-1)
 
 
+def _check_sampling(image, classes, n_rows, patch_size, downsample, var, class_spread,
+                    sample_fraction, chunk):
+    """Shared argument checks of the self-epitomic functions; returns the float image, the
+    classes, the classes present (``None`` if traced) and the number of sampled patches."""
+    image = as_float_image(image)
+    check_finite("image", image)
+    classes = jnp.asarray(classes)
+    check_rank("classes", classes, 2, "[H, W]")
+    if classes.shape != image.shape[:2]:
+        raise ValueError(
+            f"classes: expected shape {image.shape[:2]} to match image, got {classes.shape}"
+        )
+    check_index_range("classes", classes, n_rows, "class")
+    present = np.unique(np.asarray(classes)) if is_concrete(classes) else None
+    if downsample < 1:
+        raise ValueError(f"downsample: expected an integer >= 1, got {downsample}")
+    n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
+    if patch_size < 1 or patch_size > min(n1, n2):
+        raise ValueError(
+            f"patch_size: expected 1 <= K <= {min(n1, n2)} (the downsampled tile is {n1}x{n2}), "
+            f"got {patch_size}"
+        )
+    if not var > 0:
+        raise ValueError(f"var: expected a positive variance, got {var}")
+    if class_spread not in ("window", "pixel"):
+        raise ValueError(f"class_spread: expected 'window' or 'pixel', got {class_spread!r}")
+    if sample_fraction is None:
+        n_patches = None
+    else:
+        if not sample_fraction > 0:
+            raise ValueError(f"sample_fraction: expected > 0 or None, got {sample_fraction}")
+        n_patches = max(1, round(sample_fraction * image.shape[0] * image.shape[1]))
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk: expected a positive number of patches, got {chunk}")
+    return image, classes, present, n_patches
+
+
+def _counts(key, image, classes, present, n_rows, n_patches, *, patch_size, var, downsample,
+            temperature, wrap, class_spread, chunk):
+    """Eq. 11 counts ``[h, w, n_rows]`` of checked inputs (see :func:`self_epitomic_counts`)."""
+    n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
+    temperature = float(patch_size**2) if temperature is None else temperature
+    unfold = (
+        class_spread == "window"
+        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= _UNFOLD_BUDGET
+    )
+    if chunk is None:
+        chunk = _default_chunk(n1 * n2, unfold)
+    total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
+    chunk = _balanced_chunk(total, chunk)
+    compact, rows = _compact_classes(classes, present, n_rows)
+    counts = _self_counts(
+        key,
+        image,
+        compact,
+        jnp.float32(var),
+        jnp.float32(temperature),
+        n_classes=rows.size if rows is not None else n_rows,
+        patch_size=patch_size,
+        downsample=downsample,
+        n_patches=n_patches,
+        chunk=chunk,
+        wrap=wrap,
+        class_spread=class_spread,
+        unfold=unfold,
+    )
+    if rows is not None:  # back to the rows of the table (absent classes: zero counts)
+        full = jnp.zeros((*counts.shape[:-1], n_rows), counts.dtype)
+        counts = full.at[..., rows].add(counts)
+    return counts
+
+
+def self_epitomic_counts(
+    key: ArrayLike,
+    image: ArrayLike,
+    classes: ArrayLike,
+    n_classes: int,
+    *,
+    patch_size: int = 7,
+    var: float = 0.01,
+    downsample: int = 1,
+    sample_fraction: float | None = 0.05,
+    temperature: float | None = None,
+    wrap: bool = False,
+    class_spread: str = "window",
+    chunk: int | None = None,
+) -> jax.Array:
+    """The class counts that self-epitomic LSR feeds to its EM (Eq. 11, the tile as epitome).
+
+    The first half of :func:`self_epitomic_lsr`, for users who run their own EM or score a
+    labelling with :func:`lsr_objective` (e.g. to ask whether the coarse data support a
+    reference map at all). Arguments as there; runs jitted.
+
+    Returns:
+      ``[h, w, n_classes]`` non-negative counts on the ``downsample``-times smaller grid
+      ``h = ceil(H / downsample)``. Each sampled patch spreads one unit of posterior mass over
+      its ``K x K`` window, so class ``c``'s total is ``K^2`` times its number of patches.
+    """
+    image, classes, present, n_patches = _check_sampling(
+        image, classes, n_classes, patch_size, downsample, var, class_spread, sample_fraction,
+        chunk,
+    )
+    return _counts(
+        key, image, classes, present, n_classes, n_patches, patch_size=patch_size, var=var,
+        downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
+        chunk=chunk,
+    )
+
+
 def self_epitomic_lsr(
     key: ArrayLike,
     image: ArrayLike,
@@ -498,39 +608,14 @@ def self_epitomic_lsr(
     Returns:
       ``[H, W, n]`` per-pixel label probabilities.
     """
-    image = as_float_image(image)
-    check_finite("image", image)
-    classes = jnp.asarray(classes)
-    check_rank("classes", classes, 2, "[H, W]")
-    if classes.shape != image.shape[:2]:
-        raise ValueError(
-            f"classes: expected shape {image.shape[:2]} to match image, got {classes.shape}"
-        )
     table = jnp.asarray(label_given_class, jnp.float32)
     check_rank("label_given_class", table, 2, "[Cc, n]")
-    check_index_range("classes", classes, table.shape[0], "class")
-    present = np.unique(np.asarray(classes)) if is_concrete(classes) else None
+    image, classes, present, n_patches = _check_sampling(
+        image, classes, table.shape[0], patch_size, downsample, var, class_spread,
+        sample_fraction, chunk,
+    )
     if present is not None:
         check_distribution_table("label_given_class", table, present)
-    if downsample < 1:
-        raise ValueError(f"downsample: expected an integer >= 1, got {downsample}")
-    n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
-    if patch_size < 1 or patch_size > min(n1, n2):
-        raise ValueError(
-            f"patch_size: expected 1 <= K <= {min(n1, n2)} (the downsampled tile is {n1}x{n2}), "
-            f"got {patch_size}"
-        )
-    if not var > 0:
-        raise ValueError(f"var: expected a positive variance, got {var}")
-    if class_spread not in ("window", "pixel"):
-        raise ValueError(f"class_spread: expected 'window' or 'pixel', got {class_spread!r}")
-    if sample_fraction is None:
-        n_patches = None
-    else:
-        if not sample_fraction > 0:
-            raise ValueError(f"sample_fraction: expected > 0 or None, got {sample_fraction}")
-        n_patches = max(1, round(sample_fraction * image.shape[0] * image.shape[1]))
-    temperature = float(patch_size**2) if temperature is None else temperature
     if not 0 <= min_share < 1:
         raise ValueError(f"min_share: expected a share in [0, 1), got {min_share}")
     if adapt_rounds < 0 or adapt_strength < 0:
@@ -543,35 +628,11 @@ def self_epitomic_lsr(
                 f"class_prior: expected None, 'uniform' or a [Cc] array, got {class_prior!r}"
             )
         class_prior = (jnp.sum(table, axis=1) > 0).astype(jnp.float32)  # every defined row
-    unfold = (
-        class_spread == "window"
-        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= _UNFOLD_BUDGET
-    )
-    if chunk is None:
-        chunk = _default_chunk(n1 * n2, unfold)
-    elif chunk < 1:
-        raise ValueError(f"chunk: expected a positive number of patches, got {chunk}")
-    total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
-    chunk = _balanced_chunk(total, chunk)
-    compact, present = _compact_classes(classes, present, table.shape[0])
-    counts = _self_counts(
-        key,
-        image,
-        compact,
-        jnp.float32(var),
-        jnp.float32(temperature),
-        n_classes=present.size if present is not None else table.shape[0],
-        patch_size=patch_size,
-        downsample=downsample,
-        n_patches=n_patches,
+    counts = _counts(
+        key, image, classes, present, table.shape[0], n_patches, patch_size=patch_size, var=var,
+        downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
         chunk=chunk,
-        wrap=wrap,
-        class_spread=class_spread,
-        unfold=unfold,
     )
-    if present is not None:  # back to the rows of the table (absent classes: zero counts)
-        full = jnp.zeros((*counts.shape[:-1], table.shape[0]), counts.dtype)
-        counts = full.at[..., present].add(counts)
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)
     pixels = jnp.bincount(classes.ravel(), length=table.shape[0]).astype(jnp.float32)
