@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from epilsr import (
+    adapt_compositions,
     dirichlet_concentration,
     embed_classes,
     embed_labels,
@@ -18,7 +19,6 @@ from epilsr import (
     paint_classes,
     self_epitomic_counts,
     self_epitomic_lsr,
-    adapt_compositions,
     super_resolve,
 )
 from tests.reference import lsr_objective_bf, super_resolve_bf
