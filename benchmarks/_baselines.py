@@ -109,17 +109,38 @@ def _cpu_name() -> str:
 # --------------------------------------------------------------------------- timing
 
 
-def time_round_robin(fns: dict, rounds: int) -> dict[str, list[float]]:
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_round_robin(fns: dict, rounds: int, faults: dict | None = None) -> dict[str, list[float]]:
     """One warm-up call of each ``fn()`` (which must block until done), then ``rounds`` rounds
-    in which every function runs once, so variants compared share the same background load."""
+    in which every function runs once, so variants compared share the same background load.
+    With ``faults`` (a dict), also records each call's minor page faults under its name: on
+    Linux/glibc, allocations above 32 MiB are fresh ``mmap``s whose pages fault on first touch
+    at every call, a cost that the timings include and that depends on the allocation pattern
+    of everything else in the process."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    if faults is not None:
+        faults.update({name: [] for name in fns})
     for _ in range(rounds):
         for name, fn in fns.items():
+            f0 = minor_faults()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if faults is not None:
+                faults[name].append(minor_faults() - f0)
     return times
 
 

@@ -88,7 +88,8 @@ def bench_one(n, b, k, *, rounds, torch, direct_gflop, key):
         agree = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
     else:
         agree = None
-    times = bl.time_round_robin(fns, rounds)
+    faults: dict[str, list[int]] = {}
+    times = bl.time_round_robin(fns, rounds, faults)
     med = {name: statistics.median(t) for name, t in times.items()}
     mem = bl.jax_memory(ll, epi, patches)
     row = {
@@ -101,6 +102,10 @@ def bench_one(n, b, k, *, rounds, torch, direct_gflop, key):
         "times_s": times,
         "median_s": med,
         "min_s": {k_: min(t) for k_, t in times.items()},
+        # Pages first touched per call (median, MiB): fresh mmaps of large temporaries.
+        "faults_mib_per_call": {
+            k_: statistics.median(v) * bl.PAGE_BYTES / 2**20 for k_, v in faults.items()
+        },
         "posteriors_per_s": b * L * n * n / med["jax_ll"],
         "patches_per_s": b / med["jax_ll"],
         "memory": mem,
@@ -179,6 +184,8 @@ def main(argv=None) -> dict:
         "GFLOP",
         "of_mm",
         "equiv",
+        "fault_MiB",
+        "torch_fault_MiB",
     ]
     print(
         f"\nlog_likelihood / log_posterior, C={C} L={L}, median of {args.rounds} rounds; "
@@ -220,6 +227,8 @@ def _cells(r) -> list:
         r["flops"] / 1e9,
         r["roofline"]["fraction_of_matmul"],
         r["roofline"]["direct_equivalent_fraction"],
+        r["faults_mib_per_call"]["jax_ll"],
+        r["faults_mib_per_call"].get("torch_ll", "-"),
     ]
 
 
