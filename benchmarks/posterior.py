@@ -1,6 +1,7 @@
 """`log_likelihood` / `log_posterior` throughput against a PyTorch conv2d and direct lax.conv.
 
     python -m benchmarks.posterior [--quick] [--rounds 3] [--direct-gflop 200] [--out PATH]
+                                   [--shape N,B,K ...] [--chunk-mib M]
 
 For every ``N`` in {128, 299, 499}, ``K`` in {7, 11, 21, 31}, ``B`` in {64, 256} (``C = 4``,
 ``L = 1``, uniform patches, an epitome from :func:`epilsr.init_epitome`), times in one
@@ -22,7 +23,11 @@ the fraction of this machine's matrix-multiply rate it reaches, the rate measure
 run (2048^3 float32 products). The direct ``conv2d`` does ``2 B L N^2 K^2 2C`` flops; the
 fraction of the matmul rate the *direct-equivalent* work would need is also given
 (``equiv``). ``--quick`` runs the acceptance shapes only (N=299 B=64 K=7,31; N=499 B=256
-K=31). Prints a table and writes ``benchmarks/results/posterior.json``.
+K=31); ``--shape`` picks shapes. Also reported: the minor page faults per call (MiB of pages
+first touched) of ours and of torch's log-likelihood. ``--chunk-mib`` overrides the memory per
+batch chunk of the transform routes (``epilsr.correlate._CHUNK_BYTES``, 256 MiB), to see how
+the temporaries' size moves both sides' faults. Prints a table and writes
+``benchmarks/results/posterior.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import epilsr
+import epilsr.correlate
 from benchmarks import _baselines as bl
 from epilsr.correlate import _auto_method
 from epilsr.correlate import route_flops as _route_flops
@@ -133,8 +139,24 @@ def main(argv=None) -> dict:
         help="skip the lax.conv route above this many GFLOP per call",
     )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--shape", action="append", default=None, metavar="N,B,K",
+                   help="shapes to run (repeatable; default: --quick or the full grid)")
+    p.add_argument("--chunk-mib", type=float, default=None,
+                   help="override the transform routes' memory per batch chunk (MiB)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    shapes = QUICK if args.quick else FULL
+    if args.shape:
+        try:
+            shapes = [tuple(int(v) for v in s_.split(",")) for s_ in args.shape]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(s_) != 3 or min(s_) < 1 for s_ in shapes):
+            p.error(f"--shape: expected N,B,K with positive integers, got {args.shape}")
+    if args.chunk_mib is not None:
+        if not args.chunk_mib > 0:
+            p.error(f"--chunk-mib: expected a positive size, got {args.chunk_mib}")
+        epilsr.correlate._CHUNK_BYTES = int(args.chunk_mib * 2**20)
     torch, t_start, meta, rate = bl.start(args.no_torch)
     print(
         f"{meta['device']} ({meta['processor']}, {meta['cpu_affinity']} cores), jax "
@@ -144,7 +166,8 @@ def main(argv=None) -> dict:
         flush=True,
     )
     rows = []
-    for n, b, k in QUICK if args.quick else FULL:
+    meta["chunk_bytes"] = epilsr.correlate._CHUNK_BYTES
+    for n, b, k in shapes:
         r = bench_one(
             n,
             b,
