@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 __all__ = [
     "circular_correlate",
@@ -126,15 +127,58 @@ def _batch_chunk(batch: int, per_example_bytes: int) -> tuple[int, int]:
     return -(-batch // n_chunks), n_chunks
 
 
-def _map_batch(fn, kernels: jax.Array, chunk: int, n_chunks: int) -> jax.Array:
-    """``fn`` over ``kernels`` in ``n_chunks`` chunks of ``chunk`` (zero-padded), concatenated."""
+def _map_batch(fn, kernels: jax.Array, chunk: int, n_chunks: int, in_place: bool) -> jax.Array:
+    """``fn`` over ``kernels`` in ``n_chunks`` chunks of ``chunk``.
+
+    ``in_place``: each chunk is written into the ``[B, ...]`` result (a scan; the last chunk is
+    shifted back to end at ``B``, overlapping the one before): no stacked copy of the outputs,
+    the fastest forward pass. Otherwise ``lax.map`` over zero-padded chunks and a concatenation,
+    whose transpose (reverse mode) is much cheaper than the in-place scan's; the routes use it
+    for derivatives (see :func:`_bilinear`)."""
     b = kernels.shape[0]
     if n_chunks == 1:
         return fn(kernels)
-    pad = n_chunks * chunk - b
-    kernels = jnp.pad(kernels, ((0, pad),) + ((0, 0),) * (kernels.ndim - 1))
-    out = lax.map(fn, kernels.reshape(n_chunks, chunk, *kernels.shape[1:]))
-    return out.reshape(n_chunks * chunk, *out.shape[2:])[:b]
+    if not in_place:
+        pad = n_chunks * chunk - b
+        kernels = jnp.pad(kernels, ((0, pad),) + ((0, 0),) * (kernels.ndim - 1))
+        out = lax.map(fn, kernels.reshape(n_chunks, chunk, *kernels.shape[1:]))
+        return out.reshape(n_chunks * chunk, *out.shape[2:])[:b]
+    starts = np.minimum(np.arange(n_chunks) * chunk, b - chunk)
+    shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk, *kernels.shape[1:]), kernels.dtype))
+
+    def body(out, start):
+        res = fn(lax.dynamic_slice_in_dim(kernels, start, chunk, axis=0))
+        return lax.dynamic_update_slice_in_dim(out, res, start, axis=0), None
+
+    out0 = jnp.zeros((b, *shape.shape[1:]), shape.dtype)
+    return lax.scan(body, out0, jnp.asarray(starts, jnp.int32))[0]
+
+
+def _bilinear(impl):
+    """``impl(maps, kernels, in_place)`` (bilinear in ``maps`` and ``kernels``) as a function
+    of ``(maps, kernels)`` whose values come from the in-place variant and whose derivatives
+    from the other one: ``d(out) = impl(dmaps, kernels) + impl(maps, dkernels)``, which reverse
+    mode transposes without carrying the whole output through a scan (N=299 B=256 K=21, maps
+    gradient of the 2-D block route: 438 ms in place vs 154 ms)."""
+
+    @jax.custom_jvp
+    def f(maps, kernels):
+        return impl(maps, kernels, True)
+
+    def jvp(primals, tangents):
+        maps, kernels = primals
+        d_maps, d_kernels = tangents
+        out = impl(maps, kernels, True)
+        parts = []
+        if not isinstance(d_maps, SymbolicZero):
+            parts.append(impl(d_maps, kernels, False))
+        if not isinstance(d_kernels, SymbolicZero):
+            parts.append(impl(maps, d_kernels, False))
+        tangent = functools.reduce(jnp.add, parts) if parts else jnp.zeros_like(out)
+        return out, tangent
+
+    f.defjvp(jvp, symbolic_zeros=True)
+    return f
 
 
 def _dft_block(n2: int, k1: int, k2: int, f: int) -> int:
@@ -179,7 +223,36 @@ def _half_spectrum_weights(p_len: int) -> np.ndarray:
     return weight
 
 
-def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
+# Temporaries per column group of the hybrid route. glibc serves allocations above 32 MiB with
+# fresh mmaps whose pages fault on first touch at every call (~1 us per 4 KiB page on the
+# benchmark CPU); groups this small are reused from the heap instead.
+_GROUP_BYTES = 24 << 20
+
+
+# Patches per batch chunk of the 2-D block route on CPU: its per-frequency products run best
+# with ~16 patch columns, and the chunk's temporaries then stay small (N=299 B=64 K=21/31:
+# 75/95 -> 57/86 ms; N=499 B=256 K=31: 761 -> 705 ms).
+_DFT_CPU_CHUNK = 16
+
+
+def _on_cpu() -> bool:
+    """Whether computations run on the CPU (the small-chunk rules are CPU-specific: on an
+    accelerator a scan over chunks only serialises work)."""
+    return jax.default_backend() == "cpu"
+
+
+def _hybrid_group(lyr: int, n1: int, k1: int, f: int, b: int, t: int, w: int, nb: int) -> int:
+    """Output blocks per column group of :func:`_correlate_hybrid`: the most whose largest
+    temporaries (the spectra at the ``K1`` row offsets, the per-frequency products and the
+    inverse, for ``b`` patches) fit in :data:`_GROUP_BYTES`; at least 1, at most ``nb``
+    (always ``nb`` off the CPU)."""
+    if not _on_cpu():
+        return nb
+    per_block = 4 * lyr * n1 * (2 * w * f * k1 + 2 * w * b + t * b)
+    return max(1, min(nb, _GROUP_BYTES // per_block))
+
+
+def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Array:
     """Block DFTs along the second spatial axis, direct sums along the first; all products.
 
     The ``N2`` outputs along axis 2 are cut into ``nb`` blocks of ``T``; block ``t`` needs the
@@ -196,6 +269,10 @@ def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     a matrix product (a DFT of the ``K2`` non-zero columns of a patch, of the epitome's segments
     once per call), so the route runs at the machine's matrix-multiply rate with
     ``~(8 K1 F + 4 T) W nb`` flops per output row against ``2 K1 K2 F N2`` for the direct one.
+    With ``in_place``, blocks are processed in column groups of :func:`_hybrid_group` blocks (a
+    scan writing each group's columns in place; the last group is shifted left to end at
+    ``N2``), which keeps the temporaries small enough to be reused between calls instead of
+    page-faulted afresh; derivatives use all blocks at once (see :func:`_bilinear`).
     """
     lyr, n1, n2, f = maps.shape
     b, k1, k2, _ = kernels.shape
@@ -205,18 +282,7 @@ def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     w = p_len // 2 + 1
     dtype = maps.dtype
     cos_p, sin_p = _real_dft(p_len, p_len, w)
-    # Epitome side, once per call: segments [L, N1 + K1 - 1, nb, P, F] and their DFT.
-    rows = (jnp.arange(n1 + k1 - 1)) % n1
-    cols = (jnp.arange(nb)[:, None] * t + jnp.arange(p_len)[None, :]).ravel() % n2
-    seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
-    seg = seg.reshape(lyr, n1 + k1 - 1, nb, p_len, f)
     fwd = jnp.asarray(np.stack([cos_p, -sin_p], axis=-1), dtype)  # [P, W, 2]: Re, Im of e^-i
-    spec = jnp.einsum("lrtuf,uwp->wltrpf", seg, fwd, precision=_HIGHEST)
-    if k1 > 8:  # one gather of the K1 row offsets (measured faster for large K1)
-        lhs = spec[:, :, :, np.arange(n1)[:, None] + np.arange(k1)[None, :]]
-    else:  # a few slices: cheaper than the gather
-        lhs = jnp.stack([spec[:, :, :, i : i + n1] for i in range(k1)], axis=4)
-    lhs = lhs.reshape(w, lyr * nb * n1, k1 * 2 * f)  # [W, (l, t, s1), (i, p, f)]
     # Patch side: X = DFT of the K2 non-zero columns; rhs is the real form of conj(X).
     cos_k, sin_k = _real_dft(p_len, k2, w)
     pat = jnp.asarray(_complex_form(cos_k, sin_k), dtype)  # [K2, W, p, q]
@@ -225,20 +291,63 @@ def _correlate_hybrid(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     weight = _half_spectrum_weights(p_len) / p_len
     inv = np.stack([cos_t.T, -sin_t.T], axis=1) * weight[:, None, None]  # [W, 2, T]
     inv_t = jnp.asarray(inv.reshape(2 * w, t).T, dtype)  # [T, (w, q)]
+    # Wrap-padded rows (the K1 offsets) and columns (every group's segments).
+    rows = np.arange(n1 + k1 - 1) % n1
 
-    def chunk_fn(ker: jax.Array) -> jax.Array:
-        bc = ker.shape[0]
+    def segment_rows(seg: jax.Array) -> jax.Array:
+        """``[L, N1 + K1 - 1, g, P, F]`` segments of ``g`` consecutive blocks -> their spectra
+        at the ``K1`` row offsets, ``[W, (l, t, s1), (i, p, f)]``."""
+        g = seg.shape[2]
+        spec = jnp.einsum("lrtuf,uwp->wltrpf", seg, fwd, precision=_HIGHEST)
+        if k1 > 8:  # one gather of the K1 row offsets (measured faster for large K1)
+            lhs = spec[:, :, :, np.arange(n1)[:, None] + np.arange(k1)[None, :]]
+        else:  # a few slices: cheaper than the gather
+            lhs = jnp.stack([spec[:, :, :, i : i + n1] for i in range(k1)], axis=4)
+        return lhs.reshape(w, lyr * g * n1, k1 * 2 * f)
+
+    def blocks(ker: jax.Array, lhs: jax.Array) -> jax.Array:
+        """``[bc, K1, K2, F]`` patches and a group's ``lhs`` -> ``[bc, L, N1, g T]``."""
+        bc, g = ker.shape[0], lhs.shape[1] // (lyr * n1)
         rhs = jnp.einsum("bijf,jwpq->wipfqb", ker, pat, precision=_HIGHEST)
         rhs = rhs.reshape(w, k1 * 2 * f, 2 * bc)
-        out = jnp.einsum("wkb,wnk->wbn", rhs, lhs, precision=_HIGHEST)  # [W, 2 bc, L nb N1]
-        out = out.reshape(w * 2, bc * lyr * nb * n1)
-        # [T, 2W] x [2W, (bc, L, nb, N1)]: the products' output is used in place, as laid out.
-        res = jnp.matmul(inv_t, out, precision=_HIGHEST).reshape(t, bc, lyr, nb, n1)
-        return res.transpose(1, 2, 4, 3, 0).reshape(bc, lyr, n1, nb * t)[..., :n2]
+        out = jnp.einsum("wkb,wnk->wbn", rhs, lhs, precision=_HIGHEST)  # [W, 2 bc, L g N1]
+        out = out.reshape(w * 2, bc * lyr * g * n1)
+        # [T, 2W] x [2W, (bc, L, g, N1)]: the products' output is used in place, as laid out.
+        res = jnp.matmul(inv_t, out, precision=_HIGHEST).reshape(t, bc, lyr, g, n1)
+        return res.transpose(1, 2, 4, 3, 0).reshape(bc, lyr, n1, g * t)
 
     per_example = 4 * lyr * nb * n1 * (4 * w + 2 * t)
     chunk, n_chunks = _batch_chunk(b, per_example)
-    return _map_batch(chunk_fn, kernels, chunk, n_chunks)
+    g = _hybrid_group(lyr, n1, k1, f, chunk, t, w, nb) if in_place else nb
+    if g == nb or g * t > n2:  # one group: every block at once
+        cols = (np.arange(nb)[:, None] * t + np.arange(p_len)[None, :]).ravel() % n2
+        seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
+        lhs = segment_rows(seg.reshape(lyr, n1 + k1 - 1, nb, p_len, f))  # once per call
+        def all_blocks(ker: jax.Array) -> jax.Array:
+            return blocks(ker, lhs)[..., :n2]
+
+        return _map_batch(all_blocks, kernels, chunk, n_chunks, in_place)
+
+    # Groups of g blocks: columns [s, s + g T) for s = 0, gT, ..., the last one n2 - g T.
+    n_groups = -(-nb // g)
+    starts = np.minimum(np.arange(n_groups) * g * t, n2 - g * t)
+    padded = jnp.take(jnp.take(maps, rows, axis=1), np.arange(n2 + k2 - 1) % n2, axis=2)
+    seg_cols = (np.arange(g)[:, None] * t + np.arange(p_len)[None, :]).ravel()
+
+    def chunk_fn(ker: jax.Array) -> jax.Array:
+        def body(out, start):
+            win = lax.dynamic_slice_in_dim(padded, start, g * t + k2 - 1, axis=2)
+            seg = jnp.take(win, seg_cols, axis=2).reshape(lyr, n1 + k1 - 1, g, p_len, f)
+            res = blocks(ker, segment_rows(seg))
+            return lax.dynamic_update_slice(out, res, (0, 0, 0, start)), None
+
+        out0 = jnp.zeros((ker.shape[0], lyr, n1, n2), dtype)
+        return lax.scan(body, out0, jnp.asarray(starts, jnp.int32))[0]
+
+    return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place)
+
+
+_correlate_hybrid = _bilinear(_hybrid_impl)
 
 
 def _hybrid_swapped(maps: jax.Array, kernels: jax.Array) -> jax.Array:
@@ -304,7 +413,7 @@ def _dft2_blocks(n1: int, n2: int, k1: int, k2: int, f: int) -> tuple[int, int]:
     return best
 
 
-def _correlate_dft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
+def _dft_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Array:
     """Block DFTs along both spatial axes, every transform and product a matrix product.
 
     The outputs are cut into ``nb1 x nb2`` blocks of ``T1 x T2``; block ``(a, c)`` needs the
@@ -316,6 +425,8 @@ def _correlate_dft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     transforms (axis 1, complex, outputs ``< T1``; axis 2, real, outputs ``< T2``). Unlike the
     hybrid route the size of each per-frequency product no longer grows with ``K1`` (no direct
     sum over row offsets), which wins for large patches; :func:`_dft2_blocks` picks the blocks.
+    Patches go in batch chunks (of :data:`_DFT_CPU_CHUNK` on the CPU), written in place for
+    values and stacked for derivatives (``in_place``, see :func:`_bilinear`).
     """
     lyr, n1, n2, f = maps.shape
     b, k1, k2, _ = kernels.shape
@@ -373,7 +484,13 @@ def _correlate_dft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     spectrum = 2 * p1 * w2  # floats of one complex P1 x W2 spectrum
     per_example = 4 * (spectrum * (f + nblk) + 2 * w2 * t1 * nblk + 2 * t1 * t2 * nblk)
     chunk, n_chunks = _batch_chunk(b, per_example)
-    return _map_batch(chunk_fn, kernels, chunk, n_chunks)
+    if _on_cpu() and chunk > _DFT_CPU_CHUNK:
+        n_chunks = -(-b // _DFT_CPU_CHUNK)
+        chunk = -(-b // n_chunks)
+    return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place)
+
+
+_correlate_dft = _bilinear(_dft_impl)
 
 
 def route_flops(route: str, maps_shape, kernels_shape) -> float:
@@ -412,9 +529,12 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
     raise ValueError(f"route: expected 'direct', 'hybrid', 'dft' or 'fft', got {route!r}")
 
 
-# The hybrid route runs at ~1/3 of the rate the 2-D block route's cost model assumes for
+# The hybrid route runs at ~1/4 of the rate the 2-D block route's cost model assumes for
 # products (its per-frequency products are strided, its row-offset gather is memory-bound).
-_HYBRID_COST = 3.0
+# Refitted after both routes got their CPU chunking (hybrid vs dft ms, best of 15: N=299 B=64
+# K=11 37 / 36, K=13 43 / 39; N=128 B=256 K=15 46 / 32, K=21 66 / 46; N=299 B=256 K=15
+# 181 / 193; N=499 B=256 K=11 386 / 404).
+_HYBRID_COST = 4.0
 
 
 def _auto_method(maps_shape, kernels_shape) -> str:
