@@ -23,11 +23,12 @@ the fraction of this machine's matrix-multiply rate it reaches, the rate measure
 run (2048^3 float32 products). The direct ``conv2d`` does ``2 B L N^2 K^2 2C`` flops; the
 fraction of the matmul rate the *direct-equivalent* work would need is also given
 (``equiv``). ``--quick`` runs the acceptance shapes only (N=299 B=64 K=7,31; N=499 B=256
-K=31); ``--shape`` picks shapes. Also reported: the minor page faults per call (MiB of pages
-first touched) of ours and of torch's log-likelihood. ``--chunk-mib`` overrides the memory per
-batch chunk of the transform routes (``epilsr.correlate._CHUNK_BYTES``, 256 MiB), to see how
-the temporaries' size moves both sides' faults. Prints a table and writes
-``benchmarks/results/posterior.json``.
+K=31); ``--shape`` (repeatable) replaces the shape list. Also reported: the minor page faults
+per call (MiB of pages first touched) of ours and of torch's log-likelihood. ``--chunk-mib``
+overrides the memory bound of the transform routes' batch chunks
+(``epilsr.correlate._CHUNK_BYTES``, 256 MiB; on the CPU the 2-D block route also caps chunks
+at 16 patches and the hybrid route groups its column blocks by ``_GROUP_BYTES``, which this
+does not change). Prints a table and writes ``benchmarks/results/posterior.json``.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def _objective_check(cfg, tile, key, maps: dict[str, np.ndarray]) -> dict[str, f
     of the ``lsr`` settings and the published table (after ``min_share``), each map as ``p(l|s)``
     with 2 % label smoothing; no-data pixels uniform in every map. A reference map that scores
     *below* ours is one the coarse data and the table do not support: no optimiser of Eq. 7 will
-    find it. ``None`` for tiles larger than ``report.objective_max_side``."""
+    find it. The EM's class prior is the observed one (the library default). ``None`` for
+    tiles larger than ``report.objective_max_side``."""
     if tile.labels is None or max(tile.image.shape[:2]) > int(cfg.report.objective_max_side):
         return None
     kw = OmegaConf.to_container(cfg.lsr, resolve=True)
@@ -185,7 +186,7 @@ def main(cfg: DictConfig) -> dict:
                 record["eq7"] = scores
                 objective_rows.append([tile.name] + [scores[k] for k in maps]
                                       + ["yes" if scores["truth"] < scores["lsr"] else "no"])
-                objective_pixels.append(tile.labels.size)
+                objective_pixels.append(int(np.sum(tile.labels != 255)))  # scored pixels
         rows.append(row)
         per_tile[tile.name] = record
 

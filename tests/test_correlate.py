@@ -230,6 +230,22 @@ def test_hybrid_column_groups_vs_loops(rng, monkeypatch, group, chunked):
     assert _rel_err(jax.grad(loss)(maps, "hybrid"), jax.grad(loss)(maps, "direct")) < 1e-5
 
 
+def test_hybrid_column_groups_mixed_dtypes_and_x64(rng, monkeypatch):
+    """The group path promotes like the other routes (bfloat16 maps with float32 kernels, as
+    a bfloat16 epitome gives) and runs with 64-bit indices and floats enabled."""
+    import epilsr.correlate as correlate
+
+    monkeypatch.setattr(correlate, "_dft_block", lambda n2, k1, k2, f: 3)
+    monkeypatch.setattr(correlate, "_hybrid_group", lambda *args: 2)
+    maps, kernels = _draw(rng, 1, 13, 17, 3, 4, 3, 5)
+    want = circular_correlate_bf(maps, kernels)
+    got = correlate.circular_correlate(maps.astype(jax.numpy.bfloat16), kernels, method="hybrid")
+    assert got.dtype == np.float32 and _rel_err(got, want) < 3e-2  # bfloat16 maps
+    with jax.enable_x64(True):
+        got = correlate.circular_correlate(maps, kernels.astype(np.float64), method="hybrid")
+        assert got.dtype == np.float64 and _rel_err(got, want) < 1e-5
+
+
 def test_hybrid_group_fits_the_budget():
     """At least one block, at most all of them, more blocks for fewer patches."""
     from epilsr.correlate import _GROUP_BYTES, _hybrid_group

@@ -241,14 +241,16 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _hybrid_group(lyr: int, n1: int, k1: int, f: int, b: int, t: int, w: int, nb: int) -> int:
+def _hybrid_group(
+    lyr: int, n1: int, k1: int, f: int, b: int, t: int, w: int, nb: int, itemsize: int = 4
+) -> int:
     """Output blocks per column group of :func:`_correlate_hybrid`: the most whose largest
     temporaries (the spectra at the ``K1`` row offsets, the per-frequency products and the
     inverse, for ``b`` patches) fit in :data:`_GROUP_BYTES`; at least 1, at most ``nb``
     (always ``nb`` off the CPU)."""
     if not _on_cpu():
         return nb
-    per_block = 4 * lyr * n1 * (2 * w * f * k1 + 2 * w * b + t * b)
+    per_block = itemsize * lyr * n1 * (2 * w * f * k1 + 2 * w * b + t * b)
     return max(1, min(nb, _GROUP_BYTES // per_block))
 
 
@@ -318,7 +320,8 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
 
     per_example = 4 * lyr * nb * n1 * (4 * w + 2 * t)
     chunk, n_chunks = _batch_chunk(b, per_example)
-    g = _hybrid_group(lyr, n1, k1, f, chunk, t, w, nb) if in_place else nb
+    itemsize = jnp.result_type(dtype, kernels.dtype).itemsize
+    g = _hybrid_group(lyr, n1, k1, f, chunk, t, w, nb, itemsize) if in_place else nb
     if g == nb or g * t > n2:  # one group: every block at once
         cols = (np.arange(nb)[:, None] * t + np.arange(p_len)[None, :]).ravel() % n2
         seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
@@ -339,9 +342,9 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
             win = lax.dynamic_slice_in_dim(padded, start, g * t + k2 - 1, axis=2)
             seg = jnp.take(win, seg_cols, axis=2).reshape(lyr, n1 + k1 - 1, g, p_len, f)
             res = blocks(ker, segment_rows(seg))
-            return lax.dynamic_update_slice(out, res, (0, 0, 0, start)), None
+            return lax.dynamic_update_slice_in_dim(out, res, start, axis=3), None
 
-        out0 = jnp.zeros((ker.shape[0], lyr, n1, n2), dtype)
+        out0 = jnp.zeros((ker.shape[0], lyr, n1, n2), jnp.result_type(dtype, ker.dtype))
         return lax.scan(body, out0, jnp.asarray(starts, jnp.int32))[0]
 
     return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place)
@@ -532,8 +535,8 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
 # The hybrid route runs at ~1/4 of the rate the 2-D block route's cost model assumes for
 # products (its per-frequency products are strided, its row-offset gather is memory-bound).
 # Refitted after both routes got their CPU chunking (hybrid vs dft ms, best of 15: N=299 B=64
-# K=11 37 / 36, K=13 43 / 39; N=128 B=256 K=15 46 / 32, K=21 66 / 46; N=299 B=256 K=15
-# 181 / 193; N=499 B=256 K=11 386 / 404).
+# K=11 37 / 36, K=13 43 / 39; N=128 B=256 K=15 46 / 32, K=21 66 / 46; N=499 B=256 K=11
+# 386 / 404; the one loss: N=299 B=256 K=15 181 / 193, where it now takes the 2-D route).
 _HYBRID_COST = 4.0
 
 
