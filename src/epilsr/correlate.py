@@ -537,19 +537,23 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
     raise ValueError(f"route: expected 'direct', 'hybrid', 'dft' or 'fft', got {route!r}")
 
 
-# The hybrid route runs at ~1/4 of the rate the 2-D block route's cost model assumes for
-# products (its per-frequency products are strided, its row-offset gather is memory-bound).
-# Refitted after both routes got their CPU chunking (hybrid vs dft ms, best of 15: N=299 B=64
-# K=11 37 / 36, K=13 43 / 39; N=128 B=256 K=15 46 / 32, K=21 66 / 46; N=499 B=256 K=11
-# 386 / 404; the one loss: N=299 B=256 K=15 181 / 193, where it now takes the 2-D route).
+# The hybrid route runs at ~1/4 (maps under 256^2) or ~1/5 (larger maps) of the rate the 2-D
+# block route's cost model assumes for products (its per-frequency products are strided, its
+# row-offset gather is memory-bound). Refitted after both routes got their CPU chunking, on a
+# grid of N = 128 / 299 / 499, B = 32 / 64 / 256, K = 7 / 11 / 15 / 21 (hybrid vs dft, best of
+# 5-7 calls): at N = 128 the hybrid route wins to K ~ 11 (B=64 K=11 6.2 vs 8.2 ms) and the 2-D
+# route from K ~ 15 at B = 256 (44 vs 31 ms); at N >= 299 the 2-D route wins from K = 11 (B=32
+# 29 vs 19 ms, B=256 176 vs 144 ms; N=499 B=256 536 vs 405 ms), the hybrid at K = 7, B = 64.
 _HYBRID_COST = 4.0
+_HYBRID_COST_LARGE = 5.0  # maps of at least 256^2 positions
 
 
 def _auto_method(maps_shape, kernels_shape) -> str:
     """The route ``"auto"`` takes: ``"direct"`` while it does fewer than 1.5x the hybrid route's
     flops (tiny patches; XLA's convolution runs below its matrix-multiply rate), else
-    ``"dft"`` where its modelled cost (:func:`_dft2_cost`) is below ``_HYBRID_COST`` times the
-    hybrid flops (large patches), else ``"hybrid"``. Calibrated on a 2-core x86 CPU with
+    ``"dft"`` where its modelled cost (:func:`_dft2_cost`) is below ``_HYBRID_COST`` (maps
+    under 256^2) or ``_HYBRID_COST_LARGE`` times the hybrid flops (larger patches), else
+    ``"hybrid"``. Calibrated on a 2-core x86 CPU with
     ``benchmarks/posterior.py``."""
     direct = route_flops("direct", maps_shape, kernels_shape)
     hybrid = route_flops("hybrid", maps_shape, kernels_shape)
@@ -558,7 +562,8 @@ def _auto_method(maps_shape, kernels_shape) -> str:
     lyr, n1, n2, f = maps_shape
     b, k1, k2, _ = kernels_shape
     dft = b * lyr * _dft2_cost(n1, n2, k1, k2, f, *_dft2_blocks(n1, n2, k1, k2, f))
-    return "dft" if dft < _HYBRID_COST * hybrid else "hybrid"
+    ratio = _HYBRID_COST_LARGE if n1 * n2 >= 256 * 256 else _HYBRID_COST
+    return "dft" if dft < ratio * hybrid else "hybrid"
 
 
 def _prefers_fft(maps_shape, kernels_shape) -> bool:
