@@ -1,74 +1,88 @@
-"""Where the FFT route of `circular_correlate` beats the direct route, and what "auto" picks.
+"""Which correlation route is fastest for which shape, and how close `"auto"` comes.
 
-    python -m benchmarks.correlate_crossover [--quick]
+    python -m benchmarks.correlate_crossover [--quick] [--repeats 7] [--direct-gflop 20]
 
-Times both routes (jitted, after warm-up, median of repeats) on the likelihood's shapes
-(F = 2C features) and on the self-epitomic LSR shapes (F = C), prints a table with the ratio
-direct/fft and whether the shape model in `epilsr.correlate._prefers_fft` chose the faster route,
-and writes benchmarks/results/correlate_crossover.json.
+Times the routes of :func:`epilsr.circular_correlate` (jitted, after a warm-up call, best of
+``--repeats``) on the likelihood's shapes (``F = 2C = 8`` features, one layer): ``N`` in {128,
+299, 499}, ``B`` in {32, 64, 256}, ``K`` in {7, 11, 15, 21}, plus small-``K`` shapes where the
+direct route should win. Routes: ``hybrid``, ``dft`` and ``direct`` (the last skipped above
+``--direct-gflop`` of arithmetic; the FFT route is far slower on the CPU and not timed). For
+each shape it prints the times, the route ``"auto"`` picks (``epilsr.correlate._auto_method``)
+and how much slower that is than the fastest route timed, then a summary; writes
+``benchmarks/results/correlate_crossover.json``. This is the data the auto route's constants
+(``_HYBRID_COST``, ``_HYBRID_COST_LARGE``) are fitted to.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epilsr.correlate import _prefers_fft, circular_correlate
+from benchmarks import _baselines as bl
+from epilsr.correlate import _auto_method, circular_correlate, route_flops
+
+F = 8
+GRID = [(n, b, k) for n in (128, 299, 499) for b in (32, 64, 256) for k in (7, 11, 15, 21)
+        if (n, b, k) != (499, 256, 21)]
+SMALL_K = [(64, 64, 3), (128, 64, 3), (128, 256, 5), (299, 64, 5)]
+QUICK = [(128, 64, 7), (128, 256, 15), (299, 64, 7), (299, 64, 11), (299, 256, 21), (128, 64, 3)]
 
 
-def best_time(fn, *args, repeats: int = 3) -> float:
+def best_time(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(min(times))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    args = parser.parse_args()
-    shapes = [  # (L, N, F, B, K)
-        (1, 64, 8, 64, 3), (1, 64, 8, 64, 7), (1, 64, 8, 64, 11), (1, 64, 8, 64, 21),
-        (1, 128, 4, 512, 5), (1, 128, 4, 512, 7), (1, 128, 4, 512, 11),
-        (1, 256, 4, 512, 7), (1, 128, 8, 64, 11), (1, 128, 8, 64, 21), (1, 128, 8, 64, 31),
-        (1, 299, 8, 64, 7), (1, 299, 8, 64, 11), (1, 299, 8, 64, 21), (1, 299, 8, 64, 31),
-    ]
-    if args.quick:
-        shapes = shapes[::3]
-    rows = []
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="six shapes")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per route and shape")
+    p.add_argument("--direct-gflop", type=float, default=20.0,
+                   help="skip the direct route above this many GFLOP per call")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    meta = bl.machine(None)
     key = jax.random.key(0)
-    for lyr, n, f, b, k in shapes:
-        maps = jax.random.uniform(key, (lyr, n, n, f))
-        kernels = jax.random.uniform(jax.random.fold_in(key, 1), (b, k, k, f))
-        t = {}
-        for method in ("direct", "fft"):
+    rows = []
+    for n, b, k in QUICK if args.quick else SMALL_K + GRID:
+        maps = jax.random.uniform(key, (1, n, n, F))
+        kernels = jax.random.uniform(jax.random.fold_in(key, 1), (b, k, k, F))
+        times = {}
+        for method in ("direct", "hybrid", "dft"):
+            if method == "direct" and route_flops("direct", maps.shape, kernels.shape) > (
+                args.direct_gflop * 1e9
+            ):
+                continue
             fn = jax.jit(lambda m, x, method=method: circular_correlate(m, x, method=method))
-            t[method] = best_time(fn, maps, kernels)
-        picks_fft = _prefers_fft(maps.shape, kernels.shape)
-        faster = "fft" if t["fft"] < t["direct"] else "direct"
-        rows.append({"L": lyr, "N": n, "F": f, "B": b, "K": k, "direct_s": t["direct"],
-                     "fft_s": t["fft"], "ratio_direct_over_fft": t["direct"] / t["fft"],
-                     "auto": "fft" if picks_fft else "direct", "faster": faster})
-        r = rows[-1]
-        print(f"L={lyr} N={n:3d} F={f} B={b:3d} K={k:2d}  direct {t['direct']*1e3:8.1f} ms  "
-              f"fft {t['fft']*1e3:8.1f} ms  direct/fft {r['ratio_direct_over_fft']:6.2f}  "
-              f"auto={r['auto']:6s} {'ok' if r['auto'] == faster else 'WRONG'}", flush=True)
-    out = Path(__file__).parent / "results" / "correlate_crossover.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"jax": jax.__version__, "cpu": platform.processor(), "devices": str(jax.devices())}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    right = sum(r["auto"] == r["faster"] for r in rows)
-    print(f"auto picked the faster route in {right}/{len(rows)} shapes; wrote {out}")
+            times[method] = best_time(fn, maps, kernels, repeats=args.repeats)
+        auto = _auto_method(maps.shape, kernels.shape)
+        fastest = min(times, key=times.get)
+        loss = times[auto] / times[fastest] - 1 if auto in times else None
+        rows.append({"N": n, "B": b, "K": k, "F": F, "times_s": times, "auto": auto,
+                     "fastest": fastest, "auto_slower_by": loss})
+        cells = "  ".join(f"{m} {t * 1e3:7.1f} ms" for m, t in times.items())
+        verdict = "-" if loss is None else f"{loss * 100:4.0f} % slower" if loss > 0 else "fastest"
+        print(f"N={n:3d} B={b:3d} K={k:2d}  {cells}  auto={auto:6s} {verdict}", flush=True)
+    scored = [r for r in rows if r["auto_slower_by"] is not None]
+    best = sum(r["auto_slower_by"] == 0 for r in scored)
+    worst = max(scored, key=lambda r: r["auto_slower_by"])
+    mean = float(np.mean([r["auto_slower_by"] for r in scored]))
+    print(f"\nauto picked the fastest route in {best}/{len(scored)} shapes; mean excess "
+          f"{mean * 100:.1f} %, worst {worst['auto_slower_by'] * 100:.0f} % (N={worst['N']} "
+          f"B={worst['B']} K={worst['K']}: {worst['auto']} vs {worst['fastest']})")
+    path = bl.write_json("correlate_crossover", {"meta": meta, "rows": rows,
+                                                 "repeats": args.repeats}, args.out)
+    print(f"wrote {path}")
+    return {"rows": rows, "meta": meta}
 
 
 if __name__ == "__main__":

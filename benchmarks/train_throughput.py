@@ -56,7 +56,7 @@ import optax  # noqa: E402
 
 import epilsr  # noqa: E402
 from epilsr import train  # noqa: E402
-from epilsr.correlate import _prefers_fft  # noqa: E402
+from epilsr.correlate import _auto_method  # noqa: E402
 
 N, LAYERS, CHANNELS, BATCH = 299, 1, 4, 256
 
@@ -141,8 +141,7 @@ def _max_abs_diff(a: epilsr.Epitome, b: epilsr.Epitome) -> dict:
 
 
 def _routing(size: int) -> str:
-    fft = _prefers_fft((LAYERS, N, N, 2 * CHANNELS), (BATCH, size, size, 2 * CHANNELS))
-    return "fft" if fft else "direct"
+    return _auto_method((LAYERS, N, N, 2 * CHANNELS), (BATCH, size, size, 2 * CHANNELS))
 
 
 _COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|reduce-scatter)\(")

@@ -169,13 +169,26 @@ def test_replicate_keeps_typed_keys():
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize("method", ["hybrid", "dft", "fft", "direct"])
-def test_sharded_likelihood_route_matches_single_device(method):
+@pytest.mark.parametrize("method,pieces", [
+    ("hybrid", False), ("hybrid", True), ("dft", False), ("dft", True), ("fft", False),
+    ("direct", False),
+])
+def test_sharded_likelihood_route_matches_single_device(monkeypatch, method, pieces):
     """The shard_map'd likelihood (each device correlates its own patches) gives the same
-    step as one device, with the transform routes too, and keeps the batch split."""
+    step as one device, with the transform routes too (``pieces``: forced into batch chunks
+    and column groups, i.e. scans whose carry varies over the mesh), and keeps the batch
+    split."""
     if jax.device_count() < 4:
         pytest.skip(f"needs 4 devices, got {jax.device_count()}")
     import optax
+
+    if pieces:
+        import epilsr.correlate as correlate
+
+        monkeypatch.setattr(correlate, "_batch_chunk", lambda b, per_example: (2, -(-b // 2)))
+        monkeypatch.setattr(correlate, "_DFT_CPU_CHUNK", 2)
+        monkeypatch.setattr(correlate, "_dft_block", lambda n2, k1, k2, f: 3)
+        monkeypatch.setattr(correlate, "_hybrid_group", lambda *args: 1)
 
     from epilsr import init_epitome
     from epilsr.train import train_init

@@ -131,14 +131,17 @@ def _batch_chunk(batch: int, per_example_bytes: int) -> tuple[int, int]:
     return -(-batch // n_chunks), n_chunks
 
 
-def _map_batch(fn, kernels: jax.Array, chunk: int, n_chunks: int, in_place: bool) -> jax.Array:
+def _map_batch(
+    fn, kernels: jax.Array, chunk: int, n_chunks: int, in_place: bool, like: tuple = ()
+) -> jax.Array:
     """``fn`` over ``kernels`` in ``n_chunks`` chunks of ``chunk``.
 
     ``in_place``: each chunk is written into the ``[B, ...]`` result (a scan; the last chunk is
     shifted back to end at ``B``, overlapping the one before): no stacked copy of the outputs,
     the fastest forward pass. Otherwise ``lax.map`` over zero-padded chunks and a concatenation,
     whose transpose (reverse mode) is much cheaper than the in-place scan's; the routes use it
-    for derivatives (see :func:`_bilinear`)."""
+    for derivatives (see :func:`_bilinear`). ``like``: other arrays ``fn`` reads (the maps),
+    for the in-place buffer's ``shard_map`` type."""
     b = kernels.shape[0]
     if n_chunks == 1:
         return fn(kernels)
@@ -149,13 +152,37 @@ def _map_batch(fn, kernels: jax.Array, chunk: int, n_chunks: int, in_place: bool
         return out.reshape(n_chunks * chunk, *out.shape[2:])[:b]
     starts = np.minimum(np.arange(n_chunks) * chunk, b - chunk)
     shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk, *kernels.shape[1:]), kernels.dtype))
+    return _scan_in_place(
+        lambda start: fn(lax.dynamic_slice_in_dim(kernels, start, chunk, axis=0)),
+        starts, (b, *shape.shape[1:]), shape.dtype, 0, (kernels, *like),
+    )
+
+
+def _varying_like(x: jax.Array, *like: jax.Array) -> jax.Array:
+    """``x`` typed as varying over every ``shard_map`` mesh axis that one of ``like`` varies
+    over (no data moves; a no-op outside ``shard_map``), so that a scan carry started from
+    constants has the type of the values written into it."""
+    axes: set = set()
+    for a in like:
+        aval = jax.typeof(a)
+        manual = getattr(aval, "manual_axis_type", None)
+        axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+    if not axes:
+        return x
+    axes = tuple(sorted(axes))
+    return lax.pcast(x, axes, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, axes)
+
+
+def _scan_in_place(piece, starts: np.ndarray, shape: tuple, dtype, axis: int, like) -> jax.Array:
+    """``piece(start)`` for each start, written at ``start`` along ``axis`` of one ``shape``
+    buffer (a scan updating it in place). ``like``: the arrays the pieces are computed from,
+    whose ``shard_map`` variance the buffer must share."""
 
     def body(out, start):
-        res = fn(lax.dynamic_slice_in_dim(kernels, start, chunk, axis=0))
-        return lax.dynamic_update_slice_in_dim(out, res, start, axis=0), None
+        return lax.dynamic_update_slice_in_dim(out, piece(start), start, axis), None
 
-    out0 = jnp.zeros((b, *shape.shape[1:]), shape.dtype)
-    return lax.scan(body, out0, jnp.asarray(starts, jnp.int32))[0]
+    out = _varying_like(jnp.zeros(shape, dtype), *like)
+    return lax.scan(body, out, jnp.asarray(starts, jnp.int32))[0]
 
 
 def _bilinear(impl):
@@ -324,7 +351,8 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
 
     per_example = 4 * lyr * nb * n1 * (4 * w + 2 * t)
     chunk, n_chunks = _batch_chunk(b, per_example)
-    itemsize = jnp.result_type(dtype, kernels.dtype).itemsize
+    out_dtype = jnp.result_type(dtype, kernels.dtype)
+    itemsize = out_dtype.itemsize
     g = _hybrid_group(lyr, n1, k1, f, chunk, t, w, nb, itemsize) if in_place else nb
     if g == nb or g * t > n2:  # one group: every block at once
         cols = (np.arange(nb)[:, None] * t + np.arange(p_len)[None, :]).ravel() % n2
@@ -334,7 +362,7 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
         def all_blocks(ker: jax.Array) -> jax.Array:
             return blocks(ker, lhs)[..., :n2]
 
-        return _map_batch(all_blocks, kernels, chunk, n_chunks, in_place)
+        return _map_batch(all_blocks, kernels, chunk, n_chunks, in_place, (maps,))
 
     # Groups of g blocks: columns [s, s + g T) for s = 0, gT, ..., the last one n2 - g T.
     n_groups = -(-nb // g)
@@ -343,16 +371,15 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
     seg_cols = (np.arange(g)[:, None] * t + np.arange(p_len)[None, :]).ravel()
 
     def chunk_fn(ker: jax.Array) -> jax.Array:
-        def body(out, start):
+        def group(start):
             win = lax.dynamic_slice_in_dim(padded, start, g * t + k2 - 1, axis=2)
             seg = jnp.take(win, seg_cols, axis=2).reshape(lyr, n1 + k1 - 1, g, p_len, f)
-            res = blocks(ker, segment_rows(seg))
-            return lax.dynamic_update_slice_in_dim(out, res, start, axis=3), None
+            return blocks(ker, segment_rows(seg))
 
-        out0 = jnp.zeros((ker.shape[0], lyr, n1, n2), jnp.result_type(dtype, ker.dtype))
-        return lax.scan(body, out0, jnp.asarray(starts, jnp.int32))[0]
+        shape = (ker.shape[0], lyr, n1, n2)
+        return _scan_in_place(group, starts, shape, out_dtype, 3, (ker, maps))
 
-    return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place)
+    return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place, (maps,))
 
 
 _correlate_hybrid = _bilinear(_hybrid_impl)
@@ -495,7 +522,7 @@ def _dft_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Array:
     if _on_cpu() and chunk > _DFT_CPU_CHUNK:
         n_chunks = -(-b // _DFT_CPU_CHUNK)
         chunk = -(-b // n_chunks)
-    return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place)
+    return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place, (maps,))
 
 
 _correlate_dft = _bilinear(_dft_impl)
@@ -539,11 +566,13 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
 
 # The hybrid route runs at ~1/4 (maps under 256^2) or ~1/5 (larger maps) of the rate the 2-D
 # block route's cost model assumes for products (its per-frequency products are strided, its
-# row-offset gather is memory-bound). Refitted after both routes got their CPU chunking, on a
-# grid of N = 128 / 299 / 499, B = 32 / 64 / 256, K = 7 / 11 / 15 / 21 (hybrid vs dft, best of
-# 5-7 calls): at N = 128 the hybrid route wins to K ~ 11 (B=64 K=11 6.2 vs 8.2 ms) and the 2-D
-# route from K ~ 15 at B = 256 (44 vs 31 ms); at N >= 299 the 2-D route wins from K = 11 (B=32
-# 29 vs 19 ms, B=256 176 vs 144 ms; N=499 B=256 536 vs 405 ms), the hybrid at K = 7, B = 64.
+# row-offset gather is memory-bound). Refitted after both routes got their CPU chunking, on
+# the grid of `python -m benchmarks.correlate_crossover` (N = 128 / 299 / 499, B = 32 / 64 / 256,
+# K = 3-21): at N = 128 the hybrid route wins to K ~ 11 (B=64 K=11 5.6 vs 7.7 ms) and the 2-D
+# route from K ~ 15 at B = 256 (46 vs 35 ms); at N >= 299 the 2-D route wins from K = 11 (B=32
+# 28 vs 18 ms, B=256 180 vs 134 ms; N=499 B=256 552 vs 405 ms). "auto" picks the fastest
+# route in 30 of 39 shapes, 4 % slower than the fastest on average, 51 % at worst (N=299 B=32
+# K=7, where the hybrid route takes 21 ms and the 2-D one 14 ms).
 _HYBRID_COST = 4.0
 _HYBRID_COST_LARGE = 5.0  # maps of at least 256^2 positions
 
@@ -564,11 +593,6 @@ def _auto_method(maps_shape, kernels_shape) -> str:
     dft = b * lyr * _dft2_cost(n1, n2, k1, k2, f, *_dft2_blocks(n1, n2, k1, k2, f))
     ratio = _HYBRID_COST_LARGE if n1 * n2 >= 256 * 256 else _HYBRID_COST
     return "dft" if dft < ratio * hybrid else "hybrid"
-
-
-def _prefers_fft(maps_shape, kernels_shape) -> bool:
-    """Whether ``"auto"`` takes a transform route (kept for the crossover benchmark)."""
-    return _auto_method(maps_shape, kernels_shape) != "direct"
 
 
 def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "auto") -> jax.Array:
