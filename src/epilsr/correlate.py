@@ -338,11 +338,14 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
             lhs = jnp.stack([spec[:, :, :, i : i + n1] for i in range(k1)], axis=4)
         return lhs.reshape(w, lyr * g * n1, k1 * 2 * f)
 
-    def blocks(ker: jax.Array, lhs: jax.Array) -> jax.Array:
-        """``[bc, K1, K2, F]`` patches and a group's ``lhs`` -> ``[bc, L, N1, g T]``."""
-        bc, g = ker.shape[0], lhs.shape[1] // (lyr * n1)
+    def patch_spectra(ker: jax.Array) -> jax.Array:
+        """``[bc, K1, K2, F]`` patches -> ``rhs [W, (i, p, f), (q, b)]``."""
         rhs = jnp.einsum("bijf,jwpq->wipfqb", ker, pat, precision=_HIGHEST)
-        rhs = rhs.reshape(w, k1 * 2 * f, 2 * bc)
+        return rhs.reshape(w, k1 * 2 * f, 2 * ker.shape[0])
+
+    def blocks(rhs: jax.Array, lhs: jax.Array) -> jax.Array:
+        """A chunk's ``rhs`` and a group's ``lhs`` -> ``[bc, L, N1, g T]``."""
+        bc, g = rhs.shape[2] // 2, lhs.shape[1] // (lyr * n1)
         out = jnp.einsum("wkb,wnk->wbn", rhs, lhs, precision=_HIGHEST)  # [W, 2 bc, L g N1]
         out = out.reshape(w * 2, bc * lyr * g * n1)
         # [T, 2W] x [2W, (bc, L, g, N1)]: the products' output is used in place, as laid out.
@@ -352,15 +355,14 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
     per_example = 4 * lyr * nb * n1 * (4 * w + 2 * t)
     chunk, n_chunks = _batch_chunk(b, per_example)
     out_dtype = jnp.result_type(dtype, kernels.dtype)
-    itemsize = out_dtype.itemsize
-    g = _hybrid_group(lyr, n1, k1, f, chunk, t, w, nb, itemsize) if in_place else nb
-    if g == nb or g * t > n2:  # one group: every block at once
+    g = _hybrid_group(lyr, n1, k1, f, chunk, t, w, nb, out_dtype.itemsize) if in_place else nb
+    if g == nb:  # one group: every block at once
         cols = (np.arange(nb)[:, None] * t + np.arange(p_len)[None, :]).ravel() % n2
         seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
         lhs = segment_rows(seg.reshape(lyr, n1 + k1 - 1, nb, p_len, f))  # once per call
 
         def all_blocks(ker: jax.Array) -> jax.Array:
-            return blocks(ker, lhs)[..., :n2]
+            return blocks(patch_spectra(ker), lhs)[..., :n2]
 
         return _map_batch(all_blocks, kernels, chunk, n_chunks, in_place, (maps,))
 
@@ -371,10 +373,12 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
     seg_cols = (np.arange(g)[:, None] * t + np.arange(p_len)[None, :]).ravel()
 
     def chunk_fn(ker: jax.Array) -> jax.Array:
+        rhs = patch_spectra(ker)  # once per chunk, not per group
+
         def group(start):
             win = lax.dynamic_slice_in_dim(padded, start, g * t + k2 - 1, axis=2)
             seg = jnp.take(win, seg_cols, axis=2).reshape(lyr, n1 + k1 - 1, g, p_len, f)
-            return blocks(ker, segment_rows(seg))
+            return blocks(rhs, segment_rows(seg))
 
         shape = (ker.shape[0], lyr, n1, n2)
         return _scan_in_place(group, starts, shape, out_dtype, 3, (ker, maps))
