@@ -1,4 +1,5 @@
-"""Throughput and peak memory of dense Eq. 2 prediction (``epilsr.segment.predict_raster``).
+"""Throughput and peak memory of dense Eq. 2 prediction
+(``epilsr.pipelines.raster_predict.predict_raster``).
 
     python -m benchmarks.predict_throughput [--epitome 499] [--repeats 1]
 
@@ -48,7 +49,7 @@ def run_one(n: int, k: int, kl: int | None, stride: int, side: int, chunk: int, 
     import numpy as np
 
     import epilsr
-    from epilsr import segment
+    from epilsr.pipelines import raster_predict
 
     key = jax.random.key(0)
     epi = epilsr.init_epitome(key, size=n, channels=4, layers=1)
@@ -58,12 +59,13 @@ def run_one(n: int, k: int, kl: int | None, stride: int, side: int, chunk: int, 
     kw = dict(patch_size=k, label_size=kl, stride=stride, temperature=float((k / 11) ** 2),
               tile=tile, chunk=chunk)
     t0 = time.perf_counter()
-    segment.predict_raster(epi, lp, image[: min(side, tile + k), : min(side, tile + k)], **kw)
+    crop = image[: min(side, tile + k), : min(side, tile + k)]
+    raster_predict.predict_raster(epi, lp, crop, **kw)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        res = segment.predict_raster(epi, lp, image, **kw)
+        res = raster_predict.predict_raster(epi, lp, image, **kw)
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {

@@ -5,8 +5,8 @@
 1. Renders ``make_scene(seed, size=S, block=32)`` and writes it as GeoTIFFs with made-up UTM
    georeferencing (EPSG 32617, 1 m pixels): imagery (uint8, 4 bands, LZW, tiled), coarse classes
    and the true labels (for scoring only).
-2. Runs :func:`epilsr.tiling.lsr_raster` from those GeoTIFFs (windowed reads) in a *separate
-   process*, so its peak RSS (``ru_maxrss``) measures the tiled LSR alone, not the scene
+2. Runs :func:`epilsr.pipelines.raster_lsr.lsr_raster` from those GeoTIFFs (windowed reads) in
+   a *separate process*, so its peak RSS (``ru_maxrss``) measures the tiled LSR alone, not the scene
    generator.
 3. Scores the label GeoTIFF against the truth and the paint baseline (every pixel gets its coarse
    class's most likely label), computes the seam metric (label disagreement across window edges
@@ -58,8 +58,8 @@ def _peak_rss_mb() -> float:
 
 def make_inputs(work: Path, *, size: int, seed: int) -> dict:
     """Scene -> ``naip.tif``, ``classes.tif``, ``truth.tif``, ``table.npy`` in ``work``."""
-    from epilsr.data.rasters import GeoInfo, write_raster
     from epilsr.data.synthetic import make_scene
+    from epilsr.io.geotiff import GeoInfo, write_raster
 
     t0 = time.perf_counter()
     scene = make_scene(seed, size=size, block=32)
@@ -83,8 +83,8 @@ def worker(args: argparse.Namespace) -> None:
     """Child process: run lsr_raster from the GeoTIFFs, print one JSON line."""
     import jax
 
-    from epilsr.data.rasters import RasterReader
-    from epilsr.tiling import lsr_raster
+    from epilsr.io.geotiff import RasterReader
+    from epilsr.pipelines.raster_lsr import lsr_raster
 
     work = Path(args.work)
     table = np.load(work / "table.npy")
@@ -107,7 +107,7 @@ def evaluate(work: Path, *, size: int, tile: int, overlap: int) -> dict:
     """Accuracy vs truth and the paint baseline; seam metric of output, truth and paint."""
     import tifffile
 
-    from epilsr.tiling import seam_disagreement, tile_grid
+    from epilsr.windows import seam_disagreement, tile_grid
 
     labels = tifffile.imread(work / "out" / "labels.tif")
     truth = tifffile.imread(work / "truth.tif")
@@ -140,7 +140,7 @@ def evaluate(work: Path, *, size: int, tile: int, overlap: int) -> dict:
 def _control_grids(windows, size: int, block: int = 32, n: int = 4) -> list:
     """The window grid shifted by odd multiples of ``block``: lines on the coarse-class block
     grid (where LSR labels legitimately change more often) that are not window edges."""
-    from epilsr.tiling import Window
+    from epilsr.windows import Window
 
     def lines(ws):
         return {v for w in ws for v in (w.row, w.row + w.height, w.col, w.col + w.width)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def _grid(size, tile, overlap):
-    from epilsr.tiling import tile_grid
+    from epilsr.windows import tile_grid
 
     return tile_grid(size, size, tile=tile, overlap=overlap)
 

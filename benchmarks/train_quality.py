@@ -140,7 +140,7 @@ def fixed_patches(*, sizes: list[int], count: int, seed: int) -> dict:
     import jax
     from omegaconf import OmegaConf
 
-    from epilsr.data import samplers
+    from epilsr import samplers
     from experiments.common import load_training_images
 
     cfg = OmegaConf.create({"kind": "chesapeake", "root": str(data_root()), "cell_size": 30})
@@ -194,7 +194,7 @@ def quality(epitome_path: Path, patches: dict) -> dict:
     """Mean and worst-quarter log-likelihood per pixel for each patch width."""
     import numpy as np
 
-    from epilsr.checkpoint import load_epitome
+    from epilsr.io.checkpoint import load_epitome
 
     epitome = load_epitome(epitome_path)
     out = {}
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
             **read_run(out),
         }
 
-    from epilsr.checkpoint import load_epitome
+    from epilsr.io.checkpoint import load_epitome
 
     patches = fixed_patches(
         sizes=_ints(args.eval_sizes), count=args.eval_patches, seed=args.eval_seed

@@ -16,7 +16,7 @@ so a change of background load on a shared machine hits both sides.
    correlation routing.
 2. **Routing baseline**: the same step with ``method="direct"`` (``lax.conv`` for every
    ``K``) at ``--direct-sizes``; ``ratio = direct / auto`` seconds per step (> 1: auto wins).
-3. **Device scaling**: :func:`epilsr.train.make_sharded_train_step` over ``--devices`` forced
+3. **Device scaling**: :func:`epilsr.parallel.make_sharded_train_step` over ``--devices`` forced
    host CPU devices at each ``--scaling-sizes`` width (``--scaling-steps`` timed steps); after
    one step from the same state on the same batch the parameters are compared with the
    single-device step (max abs difference, under Adam and under plain SGD: Adam's first step

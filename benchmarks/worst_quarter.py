@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import epilsr
-from epilsr import checkpoint
 from epilsr.data import chesapeake, samplers
+from epilsr.io import checkpoint
 
 SETTINGS = ("default", "no_promotion", "no_diversification", "neither")
 

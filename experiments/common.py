@@ -24,7 +24,7 @@ class LabelledTile(NamedTuple):
     table: np.ndarray  # [Cc, n] p(label | class)
     label_names: tuple[str, ...]
     label_colors: np.ndarray
-    geo: object = None  # epilsr.data.rasters.GeoInfo of the imagery, when read from a GeoTIFF
+    geo: object = None  # epilsr.io.geotiff.GeoInfo of the imagery, when read from a GeoTIFF
 
 
 def one_line_errors(main: Callable) -> Callable:
@@ -61,7 +61,7 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
         )
     elif data.kind in ("chesapeake", "chesapeake_lila"):
         from epilsr.data import chesapeake
-        from epilsr.data.rasters import read_geoinfo
+        from epilsr.io.geotiff import read_geoinfo
 
         root = Path(data.root)
         csv = root / "nlcd_label_priors.csv"

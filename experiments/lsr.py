@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import epilsr
-from epilsr import metrics, tiling, viz
+from epilsr import metrics, viz
+from epilsr.pipelines import raster_lsr
 from experiments.common import atomic_write, format_table, iter_tiles, one_line_errors
 
 log = logging.getLogger("epilsr.lsr")
@@ -102,12 +103,13 @@ def _objective_check(cfg, tile, key, maps: dict[str, np.ndarray]) -> dict[str, f
 
 
 def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str) -> np.ndarray:
-    """Self-epitomic LSR of one tile in ``window``-sized tiles (:func:`epilsr.tiling.lsr_raster`,
-    GeoTIFF outputs carrying the tile's georeferencing); returns the ``[H, W]`` uint8 labels."""
-    run = tiling.lsr_raster(
+    """Self-epitomic LSR of one tile in ``window``-sized tiles
+    (:func:`epilsr.pipelines.raster_lsr.lsr_raster`, GeoTIFF outputs carrying the tile's
+    georeferencing); returns the ``[H, W]`` uint8 labels."""
+    run = raster_lsr.lsr_raster(
         key,
-        tiling.array_reader(tile.image),
-        tiling.array_reader(tile.classes),
+        raster_lsr.array_reader(tile.image),
+        raster_lsr.array_reader(tile.classes),
         tile.table,
         out_dir=out,
         tile=window,

@@ -29,8 +29,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import epilsr
-from epilsr import checkpoint, metrics, segment, viz
+from epilsr import embed, metrics, viz
 from epilsr.epitome import as_float_image
+from epilsr.io import checkpoint
+from epilsr.pipelines import embedding, raster_predict
 from experiments.common import (
     LabelledTile,
     atomic_write,
@@ -110,7 +112,7 @@ def fold_epitome(cfg, f, train_tiles, out, key):
 
 def _mesh(cfg):
     n = len(jax.local_devices()) if cfg.segment.devices is None else int(cfg.segment.devices)
-    return epilsr.train.data_mesh(jax.local_devices()[:n]) if n > 1 else None
+    return epilsr.parallel.data_mesh(jax.local_devices()[:n]) if n > 1 else None
 
 
 def _temperature(group) -> float:
@@ -129,23 +131,23 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
     if any(t.labels is None for t in train_tiles):
         raise ValueError("data: the training tiles need high-resolution labels (<tile>_lc.tif)")
     out = {}
-    out["hr_counts"] = segment.embed_label_maps(
+    out["hr_counts"] = embedding.embed_label_maps(
         jax.random.fold_in(key, 0), epitome, np.stack([t.image for t in train_tiles]),
         np.stack([t.labels for t in train_tiles]), n_labels=n_labels,
         patch_size=int(hr.patch_size), label_size=int(hr.label_size), batch=int(hr.batch),
         num_batches=int(hr.num_batches), temperature=_temperature(hr), mesh=mesh, method=method,
         progress=True)
-    out["hr"] = segment.label_probs_from_counts(out["hr_counts"],
+    out["hr"] = embed.label_probs_from_counts(out["hr_counts"],
                                                 pseudo_count=float(hr.pseudo_count))
     for i, (name, tiles) in enumerate(class_tiles.items()):
         table = tiles[0].table
-        counts = segment.embed_class_maps(
+        counts = embedding.embed_class_maps(
             jax.random.fold_in(key, 1 + i), epitome, np.stack([t.image for t in tiles]),
             np.stack([t.classes for t in tiles]), n_classes=table.shape[0],
             patch_size=int(lr.patch_size), batch=int(lr.batch), num_batches=int(lr.num_batches),
             temperature=_temperature(lr), mesh=mesh, method=method, progress=True)
         out[f"class_counts_{name}"] = counts
-        out[name] = segment.all_tile_lsr(counts, table, min_share=float(lr.min_share),
+        out[name] = embedding.all_tile_lsr(counts, table, min_share=float(lr.min_share),
                                          iters=int(lr.iters))
     return out
 
@@ -173,9 +175,9 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
               stride=int(p.stride), tile=int(cfg.segment.predict.tile),
               chunk=int(cfg.segment.predict.chunk), method=cfg.segment.method)
     if out is None:
-        return segment.predict_raster(epitome, label_probs, tile.image, **kw).probs
+        return raster_predict.predict_raster(epitome, label_probs, tile.image, **kw).probs
     # GeoTIFFs written strip by strip, checkpointed: an interrupted run resumes where it stopped.
-    files = segment.predict_raster_files(epitome, label_probs, tile.image, out_dir=out,
+    files = raster_predict.predict_raster_files(epitome, label_probs, tile.image, out_dir=out,
                                          prefix=prefix, probs=True, geo=tile.geo,
                                          resume=bool(cfg.segment.resume), **kw)
     return tifffile.imread(files.probs)

@@ -25,8 +25,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from epilsr import til, viz
+from epilsr import viz
 from epilsr.data import consep
+from epilsr.pipelines import pathology
 from experiments.common import atomic_write, format_table, one_line_errors
 
 log = logging.getLogger("epilsr.til")
@@ -62,19 +63,19 @@ class Scorer:
 
     def __call__(self, scores: np.ndarray) -> dict:
         per = [
-            til.nucleus_scores(s, self.ds.instances[p], i)
+            pathology.nucleus_scores(s, self.ds.instances[p], i)
             for s, p, i in zip(scores, self.idx, self.ids, strict=True)
         ]
         y = np.concatenate(self.labels)
         if y.min() == y.max():  # AUC undefined on this subset (e.g. no TIL nucleus)
             return {"nucleus_auc": None, "ci": [None, None], "pixel_auc": None}
-        lo, hi = til.bootstrap_auc(
+        lo, hi = pathology.bootstrap_auc(
             self.labels, per, n_boot=int(self.cfg.eval.n_boot), seed=int(self.cfg.seed)
         )
         return {
-            "nucleus_auc": til.nucleus_auc(self.labels, per),
+            "nucleus_auc": pathology.nucleus_auc(self.labels, per),
             "ci": [lo, hi],
-            "pixel_auc": til.pixel_auc(
+            "pixel_auc": pathology.pixel_auc(
                 self.truth, scores, max_pixels=int(self.cfg.eval.pixel_max), seed=int(self.cfg.seed)
             ),
         }
@@ -114,9 +115,10 @@ def main(cfg: DictConfig) -> dict:
             consep.block_counts(ds.types[:1] > 0, block=b)  # block must divide the patches
     t0 = time.perf_counter()
     stain = {
-        k: til.stain_image(ds.images, weight=float(cfg.stain.weight)) for k, ds in sets.items()
+        k: pathology.stain_image(ds.images, weight=float(cfg.stain.weight))
+        for k, ds in sets.items()
     }
-    hema = {k: til.hematoxylin(ds.images) for k, ds in sets.items()}
+    hema = {k: pathology.hematoxylin(ds.images) for k, ds in sets.items()}
     coarse = {
         k: {b: consep.coarse_classes(ds.types, block=b, n_classes=n_cls) for b in blocks}
         for k, ds in sets.items()
@@ -154,12 +156,12 @@ def main(cfg: DictConfig) -> dict:
             cls = coarse[split][b][1][e]
             up = consep.upsample_blocks(tables[b][cls, 1], block=b)
             record("upsampled density", b, split, up)
-            h = np.clip(hema[split][e] / til.H_REF, 0, 1)
+            h = np.clip(hema[split][e] / pathology.H_REF, 0, 1)
             record(
                 "hematoxylin + coarse (Eq. 9)",
                 b,
                 split,
-                til.coarse_posterior(h, cls, tables[b], block=b),
+                pathology.coarse_posterior(h, cls, tables[b], block=b),
             )
     log.info("baselines: %.1f s", time.perf_counter() - t0)
 
@@ -170,7 +172,7 @@ def main(cfg: DictConfig) -> dict:
     for v, (variant, quantile) in enumerate(cfg.variants.items()):
         t0 = time.perf_counter()
         bar = tqdm(total=int(ep["steps"]), desc=f"train {variant}", unit="step")
-        epi = til.train_epitome(
+        epi = pathology.train_epitome(
             jax.random.fold_in(key, v),
             stain["dev"],
             quantile=float(quantile),
@@ -183,28 +185,28 @@ def main(cfg: DictConfig) -> dict:
         bar.close()
         maps = []
         for b in tqdm(blocks, desc=f"embed {variant}", unit="block size"):
-            counts = til.embed_coarse(
+            counts = pathology.embed_coarse(
                 jax.random.fold_in(key, 100 + v),
                 epi,
                 stain["dev"],
-                til.pixel_classes(coarse["dev"][b][1], block=b),
+                pathology.pixel_classes(coarse["dev"][b][1], block=b),
                 n_classes=n_cls,
                 n_patches=int(cfg.embed.n_patches),
                 patch_size=int(cfg.embed.patch_size),
                 temperature=cfg.embed.temperature,
             )
-            q = til.til_label_probs(
+            q = pathology.til_label_probs(
                 counts,
                 tables[b],
                 uniform_prior=bool(cfg.lsr.uniform_prior),
                 iters=int(cfg.lsr.iters),
             )
-            maps += [q, til.box_smooth(q, size=int(cfg.predict.box))]
+            maps += [q, pathology.box_smooth(q, size=int(cfg.predict.box))]
         label_probs = jnp.stack(maps, axis=-1)  # [L, N, N, 2 * blocks]
         for split in sets:
             e = evals[split]
             bar = tqdm(total=len(e), desc=f"predict {variant} {split}", unit="patch")
-            pred = til.predict_til(
+            pred = pathology.predict_til(
                 epi,
                 label_probs,
                 stain[split][e],
@@ -223,7 +225,7 @@ def main(cfg: DictConfig) -> dict:
                         name + " + coarse",
                         b,
                         split,
-                        til.coarse_posterior(pred[..., ch], cls, tables[b], block=b),
+                        pathology.coarse_posterior(pred[..., ch], cls, tables[b], block=b),
                     )
         np.savez_compressed(
             out / f"epitome_{variant}.npz",
@@ -264,10 +266,10 @@ def main(cfg: DictConfig) -> dict:
                 for p in tqdm(e[sub], desc=f"self-epitomic {split} @{b}", unit="patch"):
                     out_maps.append(
                         np.asarray(
-                            til.self_epitomic_til(
+                            pathology.self_epitomic_til(
                                 jax.random.fold_in(key, int(p)),
                                 stain[split][p],
-                                til.pixel_classes(cls[p], block=b),
+                                pathology.pixel_classes(cls[p], block=b),
                                 tables[b],
                                 cell_size=b,
                                 **kw,
@@ -280,7 +282,7 @@ def main(cfg: DictConfig) -> dict:
                     ("self-epitomic LSR", pm),
                     (
                         "self-epitomic LSR + coarse",
-                        til.coarse_posterior(pm, cls[e[sub]], tables[b], block=b),
+                        pathology.coarse_posterior(pm, cls[e[sub]], tables[b], block=b),
                     ),
                 ):
                     entry = scorer(s)

@@ -7,7 +7,7 @@
 
 Writes into Hydra's output directory: ``metrics.jsonl`` (one JSON line per step, plus held-out
 evaluations), ``checkpoints/step_*.npz`` (the whole TrainState, atomic), ``epitome.npz``
-(loadable with ``epilsr.checkpoint.load_epitome``), and PNGs of the epitome means and of the
+(loadable with ``epilsr.io.checkpoint.load_epitome``), and PNGs of the epitome means and of the
 location-promotion counters. Each step's patches are drawn with ``fold_in(seed_key, step)``, so
 a resumed run continues exactly where the killed one stopped.
 """
@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import epilsr
-from epilsr import checkpoint, train, viz
-from epilsr.data import samplers
+from epilsr import parallel, samplers, train, viz
+from epilsr.io import checkpoint
+from epilsr.pipelines.prefetch import prefetch
 from experiments.common import atomic_write, load_training_images, one_line_errors
 
 log = logging.getLogger("epilsr.train")
@@ -124,14 +125,14 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
     hyper["method"] = tcfg.method or "auto"  # sharded steps shard_map the likelihood
     if n_proc > 1:  # one global mesh over every process's devices; each feeds its own share
-        mesh = train.data_mesh(jax.devices())
+        mesh = parallel.data_mesh(jax.devices())
         n_dev = len(jax.devices())
-        step_fn = train.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
-        state = train.replicate(state, mesh)
+        step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
+        state = parallel.replicate(state, mesh)
     elif n_dev > 1:
-        mesh = train.data_mesh(jax.local_devices()[:n_dev])
-        step_fn = train.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
-        state = train.replicate(state, mesh)
+        mesh = parallel.data_mesh(jax.local_devices()[:n_dev])
+        step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
+        state = parallel.replicate(state, mesh)
     else:
         mesh = None
         step_fn = train.make_train_step(optimizer=optimizer, **hyper)
@@ -157,7 +158,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     )
     t_eval = train.default_temperature(k_eval)
     start = int(state.step)
-    stream = samplers.prefetch((draw(s) for s in range(start, steps)), size=int(tcfg.prefetch))
+    stream = prefetch((draw(s) for s in range(start, steps)), size=int(tcfg.prefetch))
     writer = proc == 0  # process 0 writes logs, pictures and checkpoints
     metrics_file = (out / "metrics.jsonl").open("a") if writer else open(os.devnull, "w")
     bar = tqdm(
@@ -168,7 +169,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         for step in bar:
             patches = next(stream)
             if mesh is not None:
-                patches = train.shard_batch(patches, mesh)
+                patches = parallel.shard_batch(patches, mesh)
             t0 = time.perf_counter()
             state, info = step_fn(state, patches, reference)
             rec = {
@@ -205,7 +206,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     dist = cfg.distributed  # before any other JAX call
-    train.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
+    parallel.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
     out = Path(HydraConfig.get().runtime.output_dir)
     images, labels, n_labels = load_training_images(cfg.data)
     log.info(

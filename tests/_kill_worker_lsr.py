@@ -4,10 +4,10 @@ Usage::
 
     python tests/_kill_worker_lsr.py --out DIR [--sleep S]
 
-Runs :func:`epilsr.tiling.lsr_raster` (resume on) over the synthetic scene of
+Runs :func:`epilsr.pipelines.raster_lsr.lsr_raster` (resume on) over the synthetic scene of
 :func:`scene`, writing into ``DIR``; every window read sleeps ``S`` seconds so that a parent
 can SIGKILL the run between checkpoints. The sleep changes no output. Prints one JSON line
-with the :class:`~epilsr.tiling.RasterRun` counters when done.
+with the :class:`~epilsr.pipelines.raster_lsr.RasterRun` counters when done.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def scene():
 def run(out: str, sleep: float) -> dict:
     import jax
 
-    from epilsr.tiling import array_reader, lsr_raster
+    from epilsr.pipelines.raster_lsr import array_reader, lsr_raster
 
     sc = scene()
     image = array_reader(sc.image)

@@ -65,8 +65,8 @@ def run_train(args) -> None:
     import jax
     import optax
 
-    from epilsr import checkpoint
-    from epilsr.data.samplers import random_patch_size, sample_patches
+    from epilsr.io import checkpoint
+    from epilsr.samplers import random_patch_size, sample_patches
     from epilsr.train import make_train_step, step_key
 
     optimizer = optax.adam(1e-2)
@@ -93,14 +93,14 @@ def run_train(args) -> None:
 
 
 def run_distributed(args) -> None:
-    from epilsr.train import initialize_distributed
+    from epilsr.parallel import initialize_distributed
 
     initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
 
     import jax
 
-    from epilsr import checkpoint
-    from epilsr.train import make_sharded_train_step, replicate, shard_batch
+    from epilsr.io import checkpoint
+    from epilsr.parallel import make_sharded_train_step, replicate, shard_batch
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     optimizer = distributed_optimizer()

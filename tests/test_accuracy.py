@@ -11,6 +11,7 @@ import numpy as np
 import epilsr
 from epilsr import metrics
 from epilsr.data import chesapeake, synthetic
+from epilsr.metrics import NODATA_LABEL
 
 
 def test_demo_scene_beats_paint_baseline():
@@ -40,11 +41,11 @@ def test_real_tiles_pooled_accuracy(data_root):
         assert np.all(np.isfinite(probs))
         np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
         cm_lsr += metrics.confusion_matrix(
-            tile.labels, probs.argmax(-1), n_classes=4, ignore=chesapeake.IGNORE
+            tile.labels, probs.argmax(-1), n_classes=4, ignore=NODATA_LABEL
         )
         paint = np.asarray(epilsr.paint_classes(classes, table.mean)).argmax(-1)
         cm_paint += metrics.confusion_matrix(
-            tile.labels, paint, n_classes=4, ignore=chesapeake.IGNORE
+            tile.labels, paint, n_classes=4, ignore=NODATA_LABEL
         )
     acc = metrics.accuracy_from_confusion(cm_lsr)
     _, miou = metrics.iou_from_confusion(cm_lsr)

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from epilsr import Epitome, checkpoint, init_epitome
+from epilsr import Epitome, init_epitome
+from epilsr.io import checkpoint
 from epilsr.train import TrainState, make_train_step, train_init
 
 WORKER = Path(__file__).with_name("_subprocess_worker.py")

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from epilsr import checkpoint
-from epilsr.train import (
+from epilsr.io import checkpoint
+from epilsr.parallel import (
     data_mesh,
     initialize_distributed,
     make_sharded_train_step,
-    make_train_step,
     replicate,
     shard_batch,
 )
+from epilsr.train import make_train_step
 from tests._subprocess_worker import (
     DIST_HYPER,
     distributed_batches,

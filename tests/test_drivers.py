@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from epilsr import checkpoint
+from epilsr.io import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,8 @@ def test_lsr_driver_on_demo_scene(tmp_path):
 
 def test_lsr_driver_windows_and_georeferencing(tmp_path):
     """A flat folder of georeferenced tiles: every window size runs, outputs keep the geo tags."""
-    from epilsr.data.rasters import GeoInfo, read_geoinfo, write_raster
     from epilsr.data.synthetic import make_scene
+    from epilsr.io.geotiff import GeoInfo, read_geoinfo, write_raster
 
     data = tmp_path / "data"
     data.mkdir()

@@ -1,7 +1,7 @@
 """Tile-by-tile LSR survives SIGKILL: a killed and resumed run equals an uninterrupted one.
 
-``tests/_kill_worker_lsr.py`` runs :func:`epilsr.tiling.lsr_raster` on a 320x320 synthetic
-scene (tile 128, overlap 32: 3 strips of 3 windows) in a subprocess. The parent polls
+``tests/_kill_worker_lsr.py`` runs :func:`epilsr.pipelines.raster_lsr.lsr_raster` on a 320x320
+synthetic scene (tile 128, overlap 32: 3 strips of 3 windows) in a subprocess. The parent polls
 ``<out>/.lsr_state/progress.json``, SIGKILLs the child at a seeded random moment after the first
 strip is checkpointed, reruns it to completion in a fresh subprocess and compares
 ``labels.tif``, ``probs.tif`` and ``entropy.tif`` with an uninterrupted run, bit for bit. Every

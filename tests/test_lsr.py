@@ -17,6 +17,7 @@ from epilsr import (
     epitome_from_image,
     lsr_objective,
     paint_classes,
+    self_epitomic,
     self_epitomic_counts,
     self_epitomic_lsr,
     super_resolve,
@@ -277,14 +278,13 @@ def test_self_lsr_pixel_spread_matches_general_route(rng):
 def test_self_lsr_unfolded_route_matches_correlation_route(rng, wrap, monkeypatch):
     """The unfolded-window matrix-product route == the correlation route it replaces (sampled
     patches, downsampling, odd sizes): forcing the memory fallback must not change the answer."""
-    import epilsr.lsr as lsr_mod
 
     img = rng.uniform(size=(23, 17, 4)).astype(np.float32)
     classes = rng.integers(0, 4, size=(23, 17))
     table = _table(rng, 4, 3)
     args = dict(patch_size=3, downsample=2, sample_fraction=0.4, wrap=wrap, iters=7, chunk=16)
     fast = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
-    monkeypatch.setattr(lsr_mod, "_UNFOLD_BUDGET", 0)
+    monkeypatch.setattr(self_epitomic, "_UNFOLD_BUDGET", 0)
     slow = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
     np.testing.assert_allclose(fast, slow, atol=2e-5)
 
@@ -294,7 +294,7 @@ def test_self_epitomic_counts_mass_and_lsr(rng, downsample, fraction):
     """Counts: one unit per patch spread over its K x K window (K^2 per patch, dense: every
     window once); the class of each patch is its centre's; self_epitomic_lsr is these counts +
     adapt_compositions with the documented table preprocessing."""
-    import epilsr.lsr as lsr_mod
+    from epilsr import self_epitomic
 
     h, w, k, n_rows = 23, 19, 3, 5
     img = rng.uniform(size=(h, w, 3)).astype(np.float32)
@@ -316,7 +316,7 @@ def test_self_epitomic_counts_mass_and_lsr(rng, downsample, fraction):
     pixels = np.bincount(classes.ravel(), minlength=n_rows).astype(np.float32)
     want, _ = adapt_compositions(counts.astype(np.float32), table, evidence=0.1 * pixels / 900,
                                  rounds=2, iters=6)
-    np.testing.assert_allclose(got, lsr_mod._upsample(want, downsample, (h, w)), atol=1e-5)
+    np.testing.assert_allclose(got, self_epitomic._upsample(want, downsample, (h, w)), atol=1e-5)
     with pytest.raises(ValueError, match="class"):
         self_epitomic_counts(key, img, classes, 2, **args)  # class 2 >= n_classes
 

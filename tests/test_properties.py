@@ -46,7 +46,8 @@ from epilsr import (
     self_epitomic_lsr,
     super_resolve,
 )
-from epilsr.train import data_mesh, make_sharded_train_step, make_train_step, train_init
+from epilsr.parallel import data_mesh, make_sharded_train_step
+from epilsr.train import make_train_step, train_init
 
 LOG_VAR_LO = math.log(0.01)
 SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from epilsr.data.rasters import (
+from epilsr.io.geotiff import (
     GeoInfo,
     RasterReader,
     RasterWriter,

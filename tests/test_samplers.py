@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from epilsr.data.samplers import (
+from epilsr.pipelines.prefetch import prefetch
+from epilsr.samplers import (
     PATCH_SIZES,
     extract_patches,
     label_positions,
-    prefetch,
     random_patch_size,
     sample_patches,
     sample_patches_with_label,

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from epilsr import Epitome, predict, super_resolve
-from epilsr import segment as sg
-from epilsr.train import data_mesh
+from epilsr import Epitome, embed, predict, super_resolve
+from epilsr.io import checkpoint
+from epilsr.metrics import NODATA_LABEL
+from epilsr.parallel import data_mesh
+from epilsr.pipelines import embedding, raster_predict
 from tests.reference import (
     _window_index,
     cut_patches,
@@ -70,7 +72,8 @@ def test_predict_raster_vs_bruteforce(rng, tile):
     epi, (mean, log_var, prior) = _epitome(rng)
     image = _image_from(rng, mean, 11, 13)
     lp = _label_probs(rng, (2, 9, 9), 3)
-    got = sg.predict_raster(epi, lp, image, patch_size=3, temperature=9.0, tile=tile, chunk=8)
+    got = raster_predict.predict_raster(epi, lp, image, patch_size=3, temperature=9.0, tile=tile,
+                                        chunk=8)
     want = predict_bf(mean, log_var, prior, lp, image, 3, 9.0)
     np.testing.assert_allclose(got.probs, want, atol=1e-4)
     assert got.windows == 9 * 11
@@ -83,7 +86,8 @@ def test_predict_centre_block_vs_bruteforce(rng):
     want = predict_centre_bf(mean, log_var, prior, lp, image, 5, 3, 25.0)
     got = predict(epi, lp, image, patch_size=5, label_size=3, temperature=25.0, chunk=8)
     np.testing.assert_allclose(got, want, atol=1e-4)
-    tiled = sg.predict_raster(epi, lp, image, patch_size=5, label_size=3, temperature=25.0,
+    tiled = raster_predict.predict_raster(epi, lp, image, patch_size=5, label_size=3,
+                                          temperature=25.0,
                               tile=4, chunk=8)
     np.testing.assert_allclose(tiled.probs, want, atol=1e-4)
 
@@ -100,7 +104,7 @@ def test_predict_raster_equals_predict(rng, k, kl, stride, tile):
     kw = dict(patch_size=k, label_size=kl, temperature=16.0, stride=stride)
     whole = predict(epi, lp, image, chunk=16, **kw)
     rows = []
-    out = sg.predict_raster(epi, lp, image, tile=tile, chunk=8,
+    out = raster_predict.predict_raster(epi, lp, image, tile=tile, chunk=8,
                             on_rows=lambda r0, p: rows.append((r0, p)), **kw)
     assert out.probs is None
     assert [r for r, _ in rows] == sorted(r for r, _ in rows) and rows[0][0] == 0
@@ -114,8 +118,9 @@ def test_raster_row_writer_geotiff(rng, tmp_path):
     epi, (mean, _, _) = _epitome(rng, 1, 9, 9, 3)
     image = _image_from(rng, mean, 20, 18)
     lp = _label_probs(rng, (1, 9, 9), 3)
-    on_rows, close = sg.raster_row_writer(tmp_path, height=20, width=18, n_labels=3, probs=True)
-    sg.predict_raster(epi, lp, image, patch_size=3, temperature=9.0, stride=2, tile=8,
+    on_rows, close = raster_predict.raster_row_writer(tmp_path, height=20, width=18, n_labels=3,
+                                                      probs=True)
+    raster_predict.predict_raster(epi, lp, image, patch_size=3, temperature=9.0, stride=2, tile=8,
                       on_rows=on_rows)
     paths = close()
     want = np.asarray(predict(epi, lp, image, patch_size=3, temperature=9.0, stride=2))
@@ -149,30 +154,31 @@ def test_predict_raster_files_resumes_after_a_crash(rng, tmp_path):
     image = _image_from(rng, mean, 23, 19)
     lp = _label_probs(rng, (1, 9, 9), 3)
     kw = dict(patch_size=3, temperature=9.0, stride=2, tile=5, probs=True)
-    whole = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "a", **kw)
+    whole = raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "a", **kw)
     want = np.asarray(predict(epi, lp, image, patch_size=3, temperature=9.0, stride=2))
     np.testing.assert_allclose(tifffile.imread(whole.probs), want, atol=2e-5)
 
     n_tiles = whole.tiles
     with pytest.raises(_Crash):
-        sg.predict_raster_files(epi, lp, _crashing_reader(image, n_tiles // 2 + 1),
+        raster_predict.predict_raster_files(epi, lp, _crashing_reader(image, n_tiles // 2 + 1),
                                 out_dir=tmp_path / "b", **kw)
     assert not (tmp_path / "b" / "labels.tif").exists()
     with pytest.raises(ValueError, match="different settings"):
-        sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b",
+        raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b",
                                 **{**kw, "temperature": 4.0})
-    again = sg.predict_raster_files(epi, lp, _crashing_reader(image, 10**9),
+    again = raster_predict.predict_raster_files(epi, lp, _crashing_reader(image, 10**9),
                                     out_dir=tmp_path / "b", **kw)
     assert again.resumed_from > 0 and again.windows < whole.windows
     for name in ("labels", "probs", "entropy"):
         np.testing.assert_array_equal(tifffile.imread(getattr(again, name)),
                                       tifffile.imread(getattr(whole, name)))
-    done = sg.predict_raster_files(epi, lp, _crashing_reader(image, 10**9),
+    done = raster_predict.predict_raster_files(epi, lp, _crashing_reader(image, 10**9),
                                    out_dir=tmp_path / "b", **kw)
     assert done.windows == 0  # complete: nothing to do
     with pytest.raises(ValueError, match="different settings"):  # an array image is hashed
-        sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
-    fresh = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", resume=False,
+        raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    fresh = raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b",
+                                                resume=False,
                                     **{**kw, "temperature": 4.0})
     assert fresh.resumed_from == 0 and fresh.windows == whole.windows
 
@@ -180,13 +186,13 @@ def test_predict_raster_files_resumes_after_a_crash(rng, tmp_path):
 def test_predict_raster_files_resumes_a_crash_while_closing(rng, tmp_path, monkeypatch):
     """Killed after the last strip, between closing one output and the next: the rerun keeps
     the closed file and finishes the others."""
-    from epilsr.data.rasters import RasterWriter
+    from epilsr.io.geotiff import RasterWriter
 
     epi, (mean, _, _) = _epitome(rng, 1, 9, 9, 3)
     image = _image_from(rng, mean, 12, 10)
     lp = _label_probs(rng, (1, 9, 9), 3)
     kw = dict(patch_size=3, temperature=9.0, tile=4, probs=True)
-    want = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "a", **kw)
+    want = raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "a", **kw)
     close, calls = RasterWriter.close, {"n": 0}
 
     def flaky_close(self):
@@ -197,9 +203,9 @@ def test_predict_raster_files_resumes_a_crash_while_closing(rng, tmp_path, monke
 
     monkeypatch.setattr(RasterWriter, "close", flaky_close)
     with pytest.raises(_Crash):
-        sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+        raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
     monkeypatch.setattr(RasterWriter, "close", close)
-    got = sg.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    got = raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
     assert got.windows == 0
     for name in ("labels", "probs", "entropy"):
         np.testing.assert_array_equal(tifffile.imread(getattr(got, name)),
@@ -212,16 +218,16 @@ def test_predict_raster_files_resumes_a_crash_while_closing(rng, tmp_path, monke
 def _labelled_batch(rng, mean, b, k, kl, n, nodata_frac=0.0):
     patches = cut_patches(rng, mean, b, k, k, noise=0.1)
     blocks = rng.integers(0, n, size=(b, kl, kl))
-    blocks[rng.uniform(size=blocks.shape) < nodata_frac] = sg.IGNORE
+    blocks[rng.uniform(size=blocks.shape) < nodata_frac] = NODATA_LABEL
     return patches, blocks
 
 
 def test_accumulate_labels_vs_bruteforce_and_nodata_skipped(rng):
     epi, (mean, log_var, prior) = _epitome(rng, 2, 11, 11, 2)
     patches, blocks = _labelled_batch(rng, mean, 6, 5, 3, 4, nodata_frac=0.3)
-    z = sg.accumulate_labels(jnp.zeros((2, 11, 11, 4)), epi, patches, blocks, temperature=25.0)
+    z = embed.accumulate_labels(jnp.zeros((2, 11, 11, 4)), epi, patches, blocks, temperature=25.0)
     onehot = np.zeros((*blocks.shape, 4))
-    ok = blocks != sg.IGNORE
+    ok = blocks != NODATA_LABEL
     onehot[ok, blocks[ok]] = 1.0  # no-data rows stay zero
     want = embed_labels_bf(mean, log_var, prior, patches, onehot, 25.0)
     np.testing.assert_allclose(z, want, atol=1e-4 * want.max())
@@ -232,8 +238,8 @@ def test_accumulation_over_batches_equals_one_batch(rng):
     epi, (mean, _, _) = _epitome(rng, 2, 11, 11, 3)
     patches, blocks = _labelled_batch(rng, mean, 32, 5, 3, 4, nodata_frac=0.1)
     classes = rng.integers(-1, 3, size=32)  # -1: no data
-    step_l = sg.make_accumulate_step(sg.accumulate_labels, temperature=25.0)
-    step_c = sg.make_accumulate_step(sg.accumulate_classes, temperature=25.0)
+    step_l = embed.make_accumulate_step(embed.accumulate_labels, temperature=25.0)
+    step_c = embed.make_accumulate_step(embed.accumulate_classes, temperature=25.0)
     one_l = step_l(jnp.zeros((2, 11, 11, 4)), epi, patches, blocks)
     one_c = step_c(jnp.zeros((2, 11, 11, 3)), epi, patches, classes)
     zl, zc = jnp.zeros((2, 11, 11, 4)), jnp.zeros((2, 11, 11, 3))
@@ -250,10 +256,10 @@ def test_sharded_accumulation_equals_single_device(rng):
     mesh = data_mesh(jax.devices()[:4])
     epi, (mean, _, _) = _epitome(rng, 2, 11, 11, 3)
     patches, blocks = _labelled_batch(rng, mean, 16, 5, 3, 4, nodata_frac=0.1)
-    for fn, targets, n in ((sg.accumulate_labels, blocks, 4),
-                           (sg.accumulate_classes, blocks[:, 1, 1] % 3, 3)):
-        single = sg.make_accumulate_step(fn, temperature=25.0, method="direct")
-        sharded = sg.make_accumulate_step(fn, mesh=mesh, temperature=25.0, method="direct")
+    for fn, targets, n in ((embed.accumulate_labels, blocks, 4),
+                           (embed.accumulate_classes, blocks[:, 1, 1] % 3, 3)):
+        single = embed.make_accumulate_step(fn, temperature=25.0, method="direct")
+        sharded = embed.make_accumulate_step(fn, mesh=mesh, temperature=25.0, method="direct")
         z0 = jnp.full((2, 11, 11, n), 0.5)
         want = single(z0, epi, patches, targets)
         got = sharded(z0, epi, jax.device_put(patches, jax.sharding.NamedSharding(
@@ -264,7 +270,7 @@ def test_sharded_accumulation_equals_single_device(rng):
 def _dataset(rng, mean, t=3, h=16, w=14, n=3):
     images = np.stack([_image_from(rng, mean, h, w) for _ in range(t)])
     labels = rng.integers(0, n, size=(t, h, w)).astype(np.uint8)
-    labels[:, :3] = sg.IGNORE
+    labels[:, :3] = NODATA_LABEL
     return images, labels
 
 
@@ -274,15 +280,17 @@ def test_embed_label_maps_sharded_equals_single_and_skips_nodata(rng):
     kw = dict(n_labels=3, patch_size=7, label_size=3, batch=8, num_batches=3, method="direct",
               temperature=49.0)
     key = jax.random.key(3)
-    single = sg.embed_label_maps(key, epi, images, labels, **kw)
-    sharded = sg.embed_label_maps(key, epi, images, labels, mesh=data_mesh(jax.devices()[:4]),
+    single = embedding.embed_label_maps(key, epi, images, labels, **kw)
+    sharded = embedding.embed_label_maps(key, epi, images, labels,
+                                         mesh=data_mesh(jax.devices()[:4]),
                                   **kw)
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
     # every sampled window has a labelled centre; no-data block pixels add nothing
     assert float(jnp.sum(single)) <= 3 * 8 * 9 + 1e-3
-    first = sg.embed_label_maps(key, epi, images, labels, **{**kw, "num_batches": 1})
+    first = embedding.embed_label_maps(key, epi, images, labels, **{**kw, "num_batches": 1})
     assert float(jnp.sum(single)) > float(jnp.sum(first))  # batches accumulate
-    classes = sg.embed_class_maps(key, epi, images, labels, n_classes=3, patch_size=5, batch=8,
+    classes = embedding.embed_class_maps(key, epi, images, labels, n_classes=3, patch_size=5,
+                                         batch=8,
                                   num_batches=2, temperature=25.0)
     np.testing.assert_allclose(float(jnp.sum(classes)), 25 * 16, rtol=1e-4)
 
@@ -291,13 +299,13 @@ def test_label_probs_from_counts_and_all_tile_lsr(rng):
     z = np.zeros((1, 4, 4, 3), np.float32)
     z[0, 0, 0] = [2, 0, 2]
     z[0, 1, 1] = [0, 4, 0]
-    p = np.asarray(sg.label_probs_from_counts(z))
+    p = np.asarray(embed.label_probs_from_counts(z))
     np.testing.assert_allclose(p[0, 0, 0], [0.5, 0, 0.5])
     np.testing.assert_allclose(p[0, 3, 3], [0.25, 0.5, 0.25])  # empty -> overall frequencies
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
     counts = rng.uniform(size=(2, 5, 5, 3)).astype(np.float32)
     table = rng.dirichlet(np.ones(4), size=3).astype(np.float32)
-    np.testing.assert_allclose(sg.all_tile_lsr(counts, table), super_resolve(counts, table),
+    np.testing.assert_allclose(embedding.all_tile_lsr(counts, table), super_resolve(counts, table),
                                atol=1e-6)
 
 
@@ -311,24 +319,24 @@ def test_bad_inputs(rng):
     key = jax.random.key(0)
     kw = dict(n_labels=3, patch_size=5, label_size=3, batch=4, num_batches=1, temperature=1.0)
     with pytest.raises(ValueError, match="labels"):
-        sg.embed_label_maps(key, epi, images, labels[:, :-1], **kw)
+        embedding.embed_label_maps(key, epi, images, labels[:, :-1], **kw)
     bad = labels.copy()
     bad[0, 5, 5] = 7
     with pytest.raises(ValueError, match="labels.*outside the class set"):
-        sg.embed_label_maps(key, epi, images, bad, **kw)
+        embedding.embed_label_maps(key, epi, images, bad, **kw)
     with pytest.raises(ValueError, match="images.*channels"):
-        sg.embed_label_maps(key, epi, images[..., :2], labels, **kw)
+        embedding.embed_label_maps(key, epi, images[..., :2], labels, **kw)
     with pytest.raises(ValueError, match="classes.*outside"):
-        sg.embed_class_maps(key, epi, images, bad, n_classes=3, patch_size=5, batch=4,
+        embedding.embed_class_maps(key, epi, images, bad, n_classes=3, patch_size=5, batch=4,
                             num_batches=1, temperature=1.0)
     with pytest.raises(ValueError, match="labels.*no data"):
-        sg.embed_label_maps(key, epi, images, np.full_like(labels, 255), **kw)
+        embedding.embed_label_maps(key, epi, images, np.full_like(labels, 255), **kw)
     with pytest.raises(ValueError, match="image.*channels"):
         predict(epi, lp, images[0, ..., :2], patch_size=3, temperature=9.0)
     with pytest.raises(ValueError, match="image.*channels"):
-        sg.predict_raster(epi, lp, images[0, ..., :2], patch_size=3, temperature=9.0)
+        raster_predict.predict_raster(epi, lp, images[0, ..., :2], patch_size=3, temperature=9.0)
     with pytest.raises(ValueError, match="stride"):
-        sg.predict_raster(epi, lp, images[0], patch_size=5, label_size=3, stride=4,
+        raster_predict.predict_raster(epi, lp, images[0], patch_size=5, label_size=3, stride=4,
                           temperature=9.0)
     with pytest.raises(ValueError, match="label_size"):
         predict(epi, lp, images[0], patch_size=5, label_size=2, temperature=9.0)
@@ -370,7 +378,7 @@ def test_lila_folds_source_and_target(tmp_path):
 def test_driver_on_fake_lila(tmp_path, rng):
     import json
 
-    from epilsr import checkpoint, init_epitome
+    from epilsr import init_epitome
     from experiments.segment import run
 
     _fake_lila_tree(tmp_path / "lila")

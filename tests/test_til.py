@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import epilsr
-from epilsr import til
 from epilsr.data import consep
+from epilsr.pipelines import pathology
 
 
 def _brute_auc(y, s) -> float:
@@ -26,7 +26,7 @@ def test_nucleus_scores_and_auc_against_brute_force(rng):
         inst = rng.integers(0, 12, (16, 16))
         pred = rng.integers(0, 4, (16, 16)).astype(float) / 4  # coarse values: many ties
         ids = np.unique(inst[inst > 0])
-        s = til.nucleus_scores(pred, inst, ids)
+        s = pathology.nucleus_scores(pred, inst, ids)
         for i, v in zip(ids, s, strict=True):
             np.testing.assert_allclose(v, pred[inst == i].mean())
         y = rng.integers(0, 2, ids.size)
@@ -35,24 +35,24 @@ def test_nucleus_scores_and_auc_against_brute_force(rng):
         all_y.append(y)
         all_s.append(np.round(s, 1))
     y, s = np.concatenate(all_y), np.concatenate(all_s)
-    assert til.nucleus_auc(labels, scores) == pytest.approx(_brute_auc(y, s), abs=1e-12)
+    assert pathology.nucleus_auc(labels, scores) == pytest.approx(_brute_auc(y, s), abs=1e-12)
 
 
 def test_bootstrap_interval_brackets_estimate():
     rng = np.random.default_rng(0)
     labels = [rng.integers(0, 2, 20) for _ in range(30)]
     scores = [y + rng.normal(0, 1.0, y.size) for y in labels]
-    lo, hi = til.bootstrap_auc(labels, scores, n_boot=100, seed=1)
-    auc = til.nucleus_auc(labels, scores)
+    lo, hi = pathology.bootstrap_auc(labels, scores, n_boot=100, seed=1)
+    auc = pathology.nucleus_auc(labels, scores)
     assert lo < auc < hi and hi - lo < 0.2
-    assert (lo, hi) == til.bootstrap_auc(labels, scores, n_boot=100, seed=1)
+    assert (lo, hi) == pathology.bootstrap_auc(labels, scores, n_boot=100, seed=1)
     with pytest.raises(ValueError, match="no bootstrap resample"):
-        til.bootstrap_auc([np.zeros(3)], [np.ones(3)], n_boot=5)
+        pathology.bootstrap_auc([np.zeros(3)], [np.ones(3)], n_boot=5)
 
 
 def test_box_smooth_is_centred_circular_mean(rng):
     q = rng.random((2, 9, 9)).astype(np.float32)
-    got = np.asarray(til.box_smooth(q, size=3))
+    got = np.asarray(pathology.box_smooth(q, size=3))
     want = np.zeros_like(q)
     for dx in (-1, 0, 1):
         for dy in (-1, 0, 1):
@@ -66,7 +66,7 @@ def test_til_label_probs_known_answer():
     counts[0, 0, :, 2] = 1.0
     counts[0, 1, :, 0] = 1.0
     table = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
-    q = np.asarray(til.til_label_probs(counts, table))
+    q = np.asarray(pathology.til_label_probs(counts, table))
     np.testing.assert_allclose(q, [[[1.0, 1.0], [0.0, 0.0]]], atol=1e-6)
 
 
@@ -75,30 +75,30 @@ def test_coarse_posterior_known_answers():
     classes = np.array([[0, 1]])
     # A flat block: every pixel gets the block's composition.
     flat = np.full((2, 4), 0.3)
-    out = til.coarse_posterior(flat, classes, table, block=2)
+    out = pathology.coarse_posterior(flat, classes, table, block=2)
     np.testing.assert_allclose(out[:, :2], 0.1, atol=1e-6)
     np.testing.assert_allclose(out[:, 2:], 0.5, atol=1e-6)
     # Within a block the order of scores is kept; a block's scores all move the same way.
     scores = np.array([[0.1, 0.2, 0.1, 0.2], [0.3, 0.4, 0.3, 0.4]])
-    out = til.coarse_posterior(scores, classes, table, block=2)
+    out = pathology.coarse_posterior(scores, classes, table, block=2)
     assert np.all(np.diff(out[:, :2].ravel()[np.argsort(scores[:, :2].ravel())]) >= 0)
     assert out[:, 2:].mean() > out[:, :2].mean()
     with pytest.raises(ValueError, match="classes: expected shape"):
-        til.coarse_posterior(scores, np.zeros((2, 2), int), table, block=2)
+        pathology.coarse_posterior(scores, np.zeros((2, 2), int), table, block=2)
     with pytest.raises(ValueError, match="table: expected"):
-        til.coarse_posterior(scores, classes, np.ones((2, 3)), block=2)
+        pathology.coarse_posterior(scores, classes, np.ones((2, 3)), block=2)
 
 
 def test_stain_image_channels():
     white = np.full((1, 4, 4, 3), 255, np.uint8)
     purple = np.tile(np.array([60, 30, 120], np.uint8), (1, 4, 4, 1))
-    assert til.stain_image(white, weight=0).shape == (1, 4, 4, 3)
-    x = til.stain_image(np.concatenate([white, purple]))
+    assert pathology.stain_image(white, weight=0).shape == (1, 4, 4, 3)
+    x = pathology.stain_image(np.concatenate([white, purple]))
     assert x.shape == (2, 4, 4, 4) and x.dtype == np.float32
     assert np.all(x[1, ..., 3] > x[0, ..., 3] + 0.3)  # hematoxylin: nuclei >> background
     assert x.min() >= 0 and x.max() <= 1
     with pytest.raises(ValueError, match="images: expected"):
-        til.stain_image(np.zeros((4, 4, 4), np.uint8))
+        pathology.stain_image(np.zeros((4, 4, 4), np.uint8))
 
 
 def _blob_scene(rng, n_images=4, size=48):
@@ -131,26 +131,26 @@ def test_epitomic_til_pipeline_on_blobs(rng):
     table = consep.composition_table(fractions, classes, n_classes=4)
     # The first image itself (which holds both kinds of nuclei) serves as the epitome.
     epitome = epilsr.epitome_from_image(images[0], var=0.01)
-    counts = til.embed_coarse(
+    counts = pathology.embed_coarse(
         jax.random.key(0),
         epitome,
         images,
-        til.pixel_classes(classes, block=block),
+        pathology.pixel_classes(classes, block=block),
         n_classes=4,
         n_patches=2048,
         patch_size=5,
     )
     assert float(jnp.sum(counts)) == pytest.approx(25 * 2048, rel=1e-4)
-    q = til.til_label_probs(counts, table)
-    lp = jnp.stack([q, til.box_smooth(q, size=5)], -1)
-    pred = til.predict_til(epitome, lp, images[1:], patch_size=5, stride=2)
+    q = pathology.til_label_probs(counts, table)
+    lp = jnp.stack([q, pathology.box_smooth(q, size=5)], -1)
+    pred = pathology.predict_til(epitome, lp, images[1:], patch_size=5, stride=2)
     assert pred.shape == (3, 48, 48, 2)
     labels, scores = [], []
     for t in range(1, 4):
         ids, pos = consep.nucleus_truth(types[t], inst[t])
         labels.append(pos)
-        scores.append(til.nucleus_scores(pred[t - 1, ..., 0], inst[t], ids))
-    assert til.nucleus_auc(labels, scores) > 0.95
+        scores.append(pathology.nucleus_scores(pred[t - 1, ..., 0], inst[t], ids))
+    assert pathology.nucleus_auc(labels, scores) > 0.95
 
 
 def test_self_epitomic_til_on_blobs(rng):
@@ -158,10 +158,10 @@ def test_self_epitomic_til_on_blobs(rng):
     block = 24
     f, c = consep.coarse_classes(types, block=block, n_classes=4)
     table = consep.composition_table(f, c, n_classes=4)
-    p = til.self_epitomic_til(
+    p = pathology.self_epitomic_til(
         jax.random.key(0),
         images[0],
-        til.pixel_classes(c, block=block)[0],
+        pathology.pixel_classes(c, block=block)[0],
         table,
         patch_size=5,
         sample_fraction=None,
@@ -169,13 +169,14 @@ def test_self_epitomic_til_on_blobs(rng):
         adapt_rounds=0,
     )
     ids, pos = consep.nucleus_truth(types[0], inst[0])
-    assert til.nucleus_auc([pos], [til.nucleus_scores(np.asarray(p), inst[0], ids)]) > 0.95
+    scores = pathology.nucleus_scores(np.asarray(p), inst[0], ids)
+    assert pathology.nucleus_auc([pos], [scores]) > 0.95
 
 
 def test_train_epitome_runs_and_is_finite(rng):
     images = rng.random((2, 24, 24, 3)).astype(np.float32)
     seen = []
-    epi = til.train_epitome(
+    epi = pathology.train_epitome(
         jax.random.key(0),
         images,
         size=12,
@@ -191,12 +192,12 @@ def test_train_epitome_runs_and_is_finite(rng):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: til.box_smooth(np.zeros((1, 4, 4)), size=5), "size: expected"),
-        (lambda: til.box_smooth(np.zeros((4, 4)), size=3), "label_probs: expected rank 3"),
-        (lambda: til.nucleus_scores(np.zeros((4, 4)), np.zeros((4, 5), int), [1]), "scores"),
-        (lambda: til.pixel_classes(np.zeros(3), block=2), "classes: expected rank"),
+        (lambda: pathology.box_smooth(np.zeros((1, 4, 4)), size=5), "size: expected"),
+        (lambda: pathology.box_smooth(np.zeros((4, 4)), size=3), "label_probs: expected rank 3"),
+        (lambda: pathology.nucleus_scores(np.zeros((4, 4)), np.zeros((4, 5), int), [1]), "scores"),
+        (lambda: pathology.pixel_classes(np.zeros(3), block=2), "classes: expected rank"),
         (
-            lambda: til.sample_class_patches(
+            lambda: pathology.sample_class_patches(
                 jax.random.key(0),
                 np.zeros((1, 8, 8, 3)),
                 np.zeros((1, 8, 7), int),
@@ -206,10 +207,12 @@ def test_train_epitome_runs_and_is_finite(rng):
             "classes: expected shape",
         ),
         (
-            lambda: til.train_epitome(jax.random.key(0), np.zeros((8, 8, 3)), size=4, steps=1),
+            lambda: pathology.train_epitome(
+                jax.random.key(0), np.zeros((8, 8, 3)), size=4, steps=1
+            ),
             "images: expected rank 4",
         ),
-        (lambda: til.bootstrap_auc([], []), "labels/scores"),
+        (lambda: pathology.bootstrap_auc([], []), "labels/scores"),
     ],
 )
 def test_bad_inputs(call, match):
@@ -223,31 +226,31 @@ def test_real_data_lsr_beats_upsampled_density(consep_root):
     dev, held = consep.split_by_tile(names)
     train = consep.load_consep(consep_root, dev[::3])
     test = consep.load_consep(consep_root, dev[1::6] + held[::3])
-    x_train, x_test = til.stain_image(train.images), til.stain_image(test.images)
+    x_train, x_test = pathology.stain_image(train.images), pathology.stain_image(test.images)
     f, c = consep.coarse_classes(train.types, block=64)
     table = consep.composition_table(f, c)
-    epi = til.train_epitome(jax.random.key(0), x_train, size=48, steps=150, sizes=(11, 15))
-    counts = til.embed_coarse(
+    epi = pathology.train_epitome(jax.random.key(0), x_train, size=48, steps=150, sizes=(11, 15))
+    counts = pathology.embed_coarse(
         jax.random.key(1),
         epi,
         x_train,
-        til.pixel_classes(c, block=64),
+        pathology.pixel_classes(c, block=64),
         n_classes=10,
         n_patches=20000,
         temperature=10.0,
     )
-    q = til.til_label_probs(counts, table)
-    pred = til.predict_til(epi, q[..., None], x_test, temperature=30.0, stride=11)[..., 0]
+    q = pathology.til_label_probs(counts, table)
+    pred = pathology.predict_til(epi, q[..., None], x_test, temperature=30.0, stride=11)[..., 0]
     _, c_test = consep.coarse_classes(test.types, block=64)
-    combined = til.coarse_posterior(pred, c_test, table, block=64)
+    combined = pathology.coarse_posterior(pred, c_test, table, block=64)
     density = consep.upsample_blocks(table[c_test, 1], block=64)
     labels, per = [], {"lsr": [], "combined": [], "density": []}
     for p in range(len(test.names)):
         ids, pos = consep.nucleus_truth(test.types[p], test.instances[p])
         labels.append(pos)
         for name, s in (("lsr", pred), ("combined", combined), ("density", density)):
-            per[name].append(til.nucleus_scores(s[p], test.instances[p], ids))
-    auc = {k: til.nucleus_auc(labels, v) for k, v in per.items()}
+            per[name].append(pathology.nucleus_scores(s[p], test.instances[p], ids))
+    auc = {k: pathology.nucleus_auc(labels, v) for k, v in per.items()}
     assert auc["lsr"] > 0.75, auc
     # Full evaluation (docs/pathology.md): +0.06 to +0.17; a small model and subset here.
     assert auc["combined"] >= auc["density"] + 0.03, auc

@@ -12,18 +12,12 @@ import tifffile
 from PIL import Image
 
 import epilsr
-from epilsr import tiling
-from epilsr.data.rasters import GeoInfo, RasterReader, read_geoinfo, write_raster
 from epilsr.data.synthetic import make_scene
-from epilsr.tiling import (
-    NODATA_LABEL,
-    Window,
-    array_reader,
-    blend_weights,
-    lsr_raster,
-    seam_disagreement,
-    tile_grid,
-)
+from epilsr.io.geotiff import GeoInfo, RasterReader, read_geoinfo, write_raster
+from epilsr.metrics import NODATA_LABEL
+from epilsr.pipelines import raster_lsr
+from epilsr.pipelines.raster_lsr import array_reader, lsr_raster
+from epilsr.windows import Window, blend_weights, seam_disagreement, tile_grid
 
 H, W, TILE, OVERLAP = 300, 260, 128, 32
 LSR = dict(patch_size=5, downsample=2)
@@ -145,7 +139,7 @@ def _pointwise(key, image, classes, table):
 
 
 def test_stitching_is_exact_for_pixelwise_model(tmp_path, monkeypatch, rng):
-    monkeypatch.setattr(tiling, "_lsr_fn", lambda kw: _pointwise)
+    monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: _pointwise)
     h, w = 1030, 301
     image = rng.integers(0, 255, (h, w, 4), dtype=np.uint8)
     classes = rng.integers(0, 5, (h, w)).astype(np.int32)
@@ -172,7 +166,7 @@ def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng):
     """NumPy allocations (strip buffer, writer rows) stay flat when the raster gets 8x taller."""
     import tracemalloc
 
-    monkeypatch.setattr(tiling, "_lsr_fn", lambda kw: _pointwise)
+    monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: _pointwise)
     width, table = 256, rng.dirichlet(np.ones(3), size=5).astype(np.float32)
     tile_image = rng.integers(0, 255, (256, width, 4), dtype=np.uint8)
     tile_classes = rng.integers(0, 5, (256, width)).astype(np.int32)

@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from epilsr import Epitome, init_epitome, log_posterior, log_prior
-from epilsr.data.samplers import sample_patches
 from epilsr.epitome import LOG_VAR_MAX, LOG_VAR_MIN, PRIOR_LOGIT_BOUND
+from epilsr.samplers import sample_patches
 from epilsr.train import (
     DEFAULT_PROMOTION_C,
     TrainState,

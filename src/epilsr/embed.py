@@ -7,8 +7,12 @@ posteriors over windows is the adjoint of the likelihood's correlation.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_index_range, check_rank
@@ -16,7 +20,16 @@ from epilsr.correlate import box_spread, circular_correlate_adjoint
 from epilsr.epitome import Epitome
 from epilsr.likelihood import log_posterior
 
-__all__ = ["embed_labels", "embed_classes", "spread_class_posteriors"]
+__all__ = [
+    "embed_labels",
+    "embed_classes",
+    "spread_class_posteriors",
+    "one_hot_labels",
+    "accumulate_labels",
+    "accumulate_classes",
+    "make_accumulate_step",
+    "label_probs_from_counts",
+]
 
 
 def embed_labels(
@@ -125,3 +138,109 @@ def embed_classes(
         log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
     )
     return spread_class_posteriors(post, classes, n_classes=n_classes, window=patches.shape[1:3])
+
+
+def one_hot_labels(labels: ArrayLike, *, n_labels: int) -> jax.Array:
+    """``[...]`` int -> ``[..., n]`` float32 one-hot; values outside ``[0, n)`` (no data) -> 0."""
+    return jax.nn.one_hot(jnp.asarray(labels), n_labels, dtype=jnp.float32)
+
+
+def accumulate_labels(
+    counts: ArrayLike,
+    epitome: Epitome,
+    patches: ArrayLike,
+    blocks: ArrayLike,
+    *,
+    temperature: float | ArrayLike,
+    method: str = "auto",
+) -> jax.Array:
+    """``counts + z`` with ``z`` the Eq. 6 counts of one batch.
+
+    Args:
+      counts: ``[L, N1, N2, n]`` running counts.
+      epitome: :class:`Epitome`.
+      patches: ``[B, K, K, C]``.
+      blocks: ``[B, Kl, Kl]`` int labels centred in the patches; values outside ``[0, n)``
+        (no data) are skipped.
+      temperature: posterior temperature (``K^2`` in the original embedding).
+      method: correlation route.
+
+    Returns:
+      ``[L, N1, N2, n]``.
+    """
+    counts = jnp.asarray(counts, jnp.float32)
+    y = one_hot_labels(blocks, n_labels=counts.shape[-1])
+    return counts + embed_labels(epitome, patches, y, temperature=temperature, method=method)
+
+
+def accumulate_classes(
+    counts: ArrayLike,
+    epitome: Epitome,
+    patches: ArrayLike,
+    classes: ArrayLike,
+    *,
+    temperature: float | ArrayLike,
+    method: str = "auto",
+) -> jax.Array:
+    """``counts + z`` with ``z`` the Eq. 11 counts of one batch.
+
+    Args:
+      counts: ``[L, N1, N2, Cc]``.
+      patches: ``[B, K, K, C]``; classes: ``[B]`` int, values outside ``[0, Cc)`` skipped.
+
+    Returns:
+      ``[L, N1, N2, Cc]``.
+    """
+    counts = jnp.asarray(counts, jnp.float32)
+    patches = jnp.asarray(patches)
+    post = jnp.exp(log_posterior(epitome, patches, temperature=temperature, method=method))
+    z = spread_class_posteriors(
+        post, jnp.asarray(classes), n_classes=counts.shape[-1], window=patches.shape[1:3]
+    )
+    return counts + z
+
+
+def make_accumulate_step(
+    fn: Callable, *, mesh: jax.sharding.Mesh | None = None, **hyper
+) -> Callable:
+    """Jits ``fn(counts, epitome, patches, targets, **hyper)`` (an ``accumulate_*``).
+
+    With a ``mesh`` (axis ``"data"``, e.g. :func:`epilsr.parallel.data_mesh`) ``patches`` and
+    ``targets`` are sharded over the batch and ``counts``/``epitome`` replicated; the result
+    equals the single-device step up to float32 reduction order. The batch must be divisible
+    by the number of devices.
+    """
+    part = functools.partial(fn, **hyper)
+    if mesh is None:
+        return jax.jit(part)
+    from epilsr.parallel import _auto_mesh
+
+    mesh = _auto_mesh(mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+    bat = NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(part, in_shardings=(rep, rep, bat, bat), out_shardings=rep)
+
+
+def label_probs_from_counts(
+    counts: ArrayLike, *, pseudo_count: float = 0.0, prior: ArrayLike | None = None
+) -> jax.Array:
+    """``p(l | m, n) ∝ z + pseudo_count * prior`` (Eq. 6's normalisation).
+
+    Args:
+      counts: ``[L, N1, N2, n]`` label counts.
+      pseudo_count: Dirichlet smoothing mass per position (0 = plain normalisation).
+      prior: ``[n]`` label distribution of the smoothing; None = the overall label
+        frequencies ``sum z / sum z``. Positions with no mass at all get ``prior``.
+
+    Returns:
+      ``[L, N1, N2, n]`` distributions.
+    """
+    counts = jnp.asarray(counts, jnp.float32)
+    if prior is None:
+        total = jnp.sum(counts, axis=(0, 1, 2))
+        prior = jnp.where(jnp.sum(total) > 0, total / jnp.maximum(jnp.sum(total), 1e-30),
+                          1.0 / counts.shape[-1])
+    prior = jnp.asarray(prior, jnp.float32)
+    z = counts + pseudo_count * prior
+    s = jnp.sum(z, axis=-1, keepdims=True)
+    return jnp.where(s > 0, z / jnp.where(s > 0, s, 1.0), prior)

@@ -20,7 +20,12 @@ from epilsr._validate import check_finite, check_rank, is_concrete
 from epilsr.correlate import box_sum, circular_correlate
 from epilsr.epitome import Epitome
 
-__all__ = ["log_likelihood", "log_prior", "log_posterior", "LOG_2PI"]
+__all__ = [
+    "log_likelihood",
+    "log_prior",
+    "log_posterior",
+    "LOG_2PI",
+]
 
 LOG_2PI = math.log(2.0 * math.pi)
 

@@ -22,6 +22,7 @@ __all__ = [
     "iou",
     "iou_from_confusion",
     "roc_auc",
+    "NODATA_LABEL",
 ]
 
 _CHUNK = 1 << 22  # elements per bincount pass; bounds the int64 temporaries to ~32 MiB
@@ -225,3 +226,13 @@ def roc_auc(y_true, scores, *, ignore: Ignore = None) -> float:
     twice_u = int(np.searchsorted(neg, pos_scores, "left").sum(dtype=np.int64))
     twice_u += int(np.searchsorted(neg, pos_scores, "right").sum(dtype=np.int64))
     return twice_u / (2 * n_pos * n_neg)
+
+
+#: Label value of no-data pixels in the output label raster.
+NODATA_LABEL = 255
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """``[..., n] -> [...]`` Shannon entropy in nats."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)

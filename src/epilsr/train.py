@@ -25,7 +25,7 @@ whose posteriors are peaked masks about ``B`` windows per step and sweeps the ep
 posteriors (early training) reset every step, i.e. no promotion until the model specialises.
 
 **Patch sizes** (bucketing). Patch widths are static shapes. Drawing them from a finite set
-(odd 11..31 by default, :data:`epilsr.data.samplers.PATCH_SIZES`) on the host and calling one
+(odd 11..31 by default, :data:`epilsr.samplers.PATCH_SIZES`) on the host and calling one
 jitted step means ``jit`` caches one executable per size: at most 11 compilations, after which
 no step recompiles. :func:`make_train_step` returns such a step; :func:`patch_sizes` draws a
 whole schedule of sizes at once.
@@ -47,13 +47,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from epilsr._validate import is_concrete
-from epilsr.data.samplers import PATCH_SIZES
 from epilsr.epitome import Epitome, clamp_epitome
 from epilsr.likelihood import check_patches, log_likelihood, log_prior
+from epilsr.samplers import PATCH_SIZES
 
 __all__ = [
     "TrainState",
@@ -68,11 +67,6 @@ __all__ = [
     "step_key",
     "patch_sizes",
     "make_train_step",
-    "make_sharded_train_step",
-    "data_mesh",
-    "shard_batch",
-    "replicate",
-    "initialize_distributed",
     "worst_quantile",
     "mixture",
 ]
@@ -480,148 +474,6 @@ def _step_with_reference(state, patches, reference=None, **kwargs):
 
 
 # --------------------------------------------------------------------------- data parallel
-
-
-def _auto_mesh(mesh: Mesh) -> Mesh:
-    """The same devices and axis names with ``AxisType.Auto`` axes (GSPMD propagation).
-
-    ``jax.make_mesh`` defaults to ``Explicit`` axes, under which the convolution inside the
-    likelihood would need explicit output shardings.
-    """
-    if "data" not in mesh.axis_names:
-        raise ValueError(f"mesh: expected an axis named 'data', got axes {mesh.axis_names}")
-    auto = (AxisType.Auto,) * len(mesh.axis_names)
-    if tuple(mesh.axis_types) == auto:
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-
-
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D ``Auto`` mesh named ``"data"`` over ``devices`` (default: all, every process)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
-
-
-def _sharded_log_likelihood(mesh: Mesh):
-    """:func:`epilsr.log_likelihood` as a ``shard_map`` over the mesh axis ``"data"``.
-
-    Each device correlates its own patches with the (replicated) epitome, so the transform
-    routes stay data-parallel instead of GSPMD gathering the batch around them. The epitome
-    enters unvarying (``P()``); under ``check_vma`` the transpose of that broadcast is a
-    ``psum`` over ``"data"``, so the gradient is the exact sum over the global batch.
-    """
-
-    def loglik(epitome: Epitome, patches: jax.Array, *, method: str = "auto") -> jax.Array:
-        fn = jax.shard_map(
-            functools.partial(log_likelihood, method=method),
-            mesh=mesh,
-            in_specs=(PartitionSpec(), PartitionSpec("data")),
-            out_specs=PartitionSpec("data"),
-        )
-        return fn(epitome, patches)
-
-    return loglik
-
-
-def make_sharded_train_step(mesh: Mesh, *, optimizer: optax.GradientTransformation, **hyper):
-    """Data-parallel :func:`train_step` over the 1-D mesh axis ``"data"``.
-
-    The per-example likelihood (the correlation routes) runs under ``jax.shard_map`` over
-    ``"data"`` (each device transforms and correlates its own patches against the replicated
-    epitome; the epitome's gradient is ``psum``-ed); the rest of the step is partitioned by
-    GSPMD.
-
-    The returned ``step(state, patches, reference=None) -> (state, info)`` (a thin wrapper
-    over the jitted function, exposed with ``lower`` as ``step.jitted``) takes
-    ``patches [B, K, K, C]`` sharded ``NamedSharding(mesh, P("data"))`` (``B`` divisible by the
-    axis size) and replicates the state, the reference and the outputs. The compiler inserts
-    the all-reduces of the gradient and of the counter increments; the worst quantile is chosen
-    over the global batch, so the result equals the single-device step on the same batch (up
-    to float32 reduction order). With several processes, build global inputs with
-    :func:`shard_batch` and :func:`replicate`. Mesh axes are used as ``AxisType.Auto``
-    (:func:`data_mesh` builds such a mesh; ``jax.make_mesh`` meshes are converted).
-    """
-    mesh = _auto_mesh(mesh)
-    if "reference" in hyper:
-        raise ValueError("reference: pass it to the returned step, not as a static hyperparameter")
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch = NamedSharding(mesh, PartitionSpec("data"))
-    fn = functools.partial(
-        _step_with_reference, optimizer=optimizer, loglik=_sharded_log_likelihood(mesh), **hyper
-    )
-    jitted = jax.jit(
-        fn,
-        in_shardings=(replicated, batch, replicated),
-        out_shardings=(replicated, replicated),
-    )
-
-    def step(state: TrainState, patches: ArrayLike, reference: Epitome | None = None):
-        return jitted(state, patches, reference)
-
-    step.lower = lambda state, patches, reference=None: jitted.lower(state, patches, reference)
-    step.jitted = jitted
-    return step
-
-
-def shard_batch(patches: ArrayLike, mesh: Mesh) -> jax.Array:
-    """This process's ``[B_local, K, K, C]`` patches as a global array sharded over ``"data"``.
-
-    The global batch is the concatenation of the processes' local batches in process order.
-    """
-    sharding = NamedSharding(_auto_mesh(mesh), PartitionSpec("data"))
-    return jax.make_array_from_process_local_data(sharding, np.asarray(patches))
-
-
-def replicate(tree, mesh: Mesh):
-    """Replicates a pytree (e.g. a :class:`TrainState`) on every device of ``mesh``.
-
-    Every process must pass the same values (e.g. built from the same seed or restored from the
-    same checkpoint). Typed PRNG keys are supported.
-    """
-    sharding = NamedSharding(_auto_mesh(mesh), PartitionSpec())
-
-    def put(x):
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = put(np.asarray(jax.random.key_data(x)))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-    return jax.tree.map(put, tree)
-
-
-def initialize_distributed(
-    coordinator: str | None, num_processes: int, process_id: int, **kwargs
-) -> int:
-    """Joins a multi-process run: thin wrapper on :func:`jax.distributed.initialize`.
-
-    Does nothing when ``num_processes <= 1``. On CPU the collectives go through gloo (JAX's
-    default in recent versions; set here if it is ``"none"``). Must run before any other JAX
-    call that touches a device.
-
-    Args:
-      coordinator: ``"host:port"`` of process 0.
-      num_processes: number of processes.
-      process_id: this process's index in ``[0, num_processes)``.
-      **kwargs: passed to ``jax.distributed.initialize`` (e.g. ``local_device_ids``).
-
-    Returns:
-      ``jax.process_index()`` after initialisation (0 for a single process).
-    """
-    if num_processes <= 1:
-        return 0
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id: expected a value in [0, {num_processes}), got {process_id}")
-    if coordinator is None:
-        raise ValueError("coordinator: expected 'host:port' when num_processes > 1")
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=num_processes,
-        process_id=process_id,
-        **kwargs,
-    )
-    return jax.process_index()
 
 
 # --------------------------------------------------------------------------- cascades

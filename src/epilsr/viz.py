@@ -7,7 +7,12 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["rgb_preview", "colorize", "panel", "save_png"]
+__all__ = [
+    "rgb_preview",
+    "colorize",
+    "panel",
+    "save_png",
+]
 
 
 def rgb_preview(image: np.ndarray, *, percentiles: tuple[float, float] = (1, 99)) -> np.ndarray:

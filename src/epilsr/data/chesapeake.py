@@ -16,10 +16,11 @@ from typing import NamedTuple
 import numpy as np
 import tifffile
 
+from epilsr.metrics import NODATA_LABEL
+
 __all__ = [
     "LABEL_NAMES",
     "LABEL_COLORS",
-    "IGNORE",
     "NlcdTable",
     "Tile",
     "load_nlcd_table",
@@ -35,11 +36,10 @@ __all__ = [
 LABEL_NAMES = ("water", "tree canopy", "low vegetation", "impervious")
 LABEL_COLORS = np.array([[0, 92, 230], [38, 115, 0], [163, 255, 115], [156, 156, 156]], np.uint8)
 #: Value of no-data pixels in label maps.
-IGNORE = 255
 
 # Chesapeake Conservancy codes: 1 water, 2 tree canopy, 3 low vegetation, 4 barren,
 # 5 impervious (other), 6 impervious (road); 0 and 15 no data.
-_LC_LUT = np.full(256, IGNORE, np.uint8)
+_LC_LUT = np.full(256, NODATA_LABEL, np.uint8)
 _LC_LUT[[1, 2, 3, 4, 5, 6]] = [0, 1, 2, 3, 3, 3]
 
 
@@ -104,14 +104,14 @@ def nlcd_to_index(codes: np.ndarray, table: NlcdTable) -> np.ndarray:
 
 
 def lc_to_labels(lc: np.ndarray) -> np.ndarray:
-    """Chesapeake land cover codes -> 4 classes (0..3), no data -> ``IGNORE``."""
+    """Chesapeake land cover codes -> 4 classes (0..3), no data -> ``NODATA_LABEL``."""
     return _LC_LUT[np.asarray(lc, np.uint8)]
 
 
 class Tile(NamedTuple):
     name: str
     image: np.ndarray  # [H, W, 4] uint8 R, G, B, NIR
-    labels: np.ndarray | None  # [H, W] uint8 in 0..3 or IGNORE
+    labels: np.ndarray | None  # [H, W] uint8 in 0..3 or NODATA_LABEL
     nlcd: np.ndarray  # [H, W] uint8 NLCD codes
 
 

@@ -51,14 +51,8 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "CLASS_NAMES",
     "DEFAULT_LABEL_GIVEN_CLASS",
-    "IMPERVIOUS",
-    "LABEL_NAMES",
-    "LOW_VEGETATION",
     "Scene",
-    "TREE_CANOPY",
-    "WATER",
     "block_composition",
     "classify_blocks",
     "make_scene",

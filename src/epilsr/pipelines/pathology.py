@@ -36,11 +36,12 @@ from jax.typing import ArrayLike
 
 from epilsr import metrics
 from epilsr.correlate import box_sum
-from epilsr.data.samplers import PATCH_SIZES, extract_patches, sample_patches
 from epilsr.embed import embed_classes
 from epilsr.epitome import Epitome, init_epitome
-from epilsr.lsr import self_epitomic_lsr, super_resolve
+from epilsr.lsr import super_resolve
 from epilsr.predict import predict
+from epilsr.samplers import PATCH_SIZES, extract_patches, sample_patches
+from epilsr.self_epitomic import self_epitomic_lsr
 from epilsr.train import make_train_step, patch_sizes, train_init
 
 __all__ = [

@@ -36,31 +36,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_finite
-from epilsr.data.samplers import extract_patches, sample_positions
-from epilsr.embed import embed_labels, spread_class_posteriors
 from epilsr.epitome import Epitome, as_float_image
-from epilsr.likelihood import log_posterior
-from epilsr.lsr import super_resolve
+from epilsr.metrics import NODATA_LABEL
 from epilsr.predict import check_predict_inputs, grid_starts, window_sums
-from epilsr.tiling import NODATA_LABEL, tile_grid
+from epilsr.windows import tile_grid
 
 __all__ = [
-    "IGNORE",
-    "check_label_maps",
-    "centre_valid",
-    "sample_labelled_patches",
-    "one_hot_labels",
-    "accumulate_labels",
-    "accumulate_classes",
-    "make_accumulate_step",
-    "embed_label_maps",
-    "embed_class_maps",
-    "label_probs_from_counts",
-    "all_tile_lsr",
     "predict_raster",
     "RasterPrediction",
     "predict_raster_files",
@@ -69,388 +53,12 @@ __all__ = [
 ]
 
 #: Label / class value of no-data pixels (skipped, never embedded).
-IGNORE = 255
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def _as_stack(images: ArrayLike, maps: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
-    images = np.asarray(images)
-    maps = np.asarray(maps)
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4:
-        raise ValueError(f"images: expected [H, W, C] or [T, H, W, C], got shape {images.shape}")
-    if maps.ndim == 2:
-        maps = maps[None]
-    if maps.shape != images.shape[:3]:
-        raise ValueError(
-            f"{name}: expected shape {images.shape[:3]} ([T, H, W]) to match the imagery "
-            f"{images.shape}, got {maps.shape}"
-        )
-    return images, maps
-
-
-def check_label_maps(
-    images: ArrayLike,
-    labels: ArrayLike,
-    *,
-    n_labels: int,
-    ignore: int | None = IGNORE,
-    epitome: Epitome | None = None,
-    name: str = "labels",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validates imagery ``[T, H, W, C]`` (or ``[H, W, C]``) and label maps ``[T, H, W]``.
-
-    Labels must be integers in ``[0, n_labels)`` or equal to ``ignore``; the imagery must have
-    the epitome's channel count. Returns ``(images, labels)`` as NumPy stacks (rank 4 / 3).
-
-    Raises:
-      ValueError: naming ``images``, ``labels`` (``name``) or ``epitome``.
-    """
-    images, labels = _as_stack(images, labels, name)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name}: expected integer label maps, got dtype {labels.dtype}")
-    bad = (labels < 0) | (labels >= n_labels)
-    if ignore is not None:
-        bad &= labels != ignore
-    if bad.any():
-        vals = np.unique(labels[bad])[:8].tolist()
-        raise ValueError(
-            f"{name}: values {vals} are outside the class set [0, {n_labels})"
-            + (f" and are not the no-data value {ignore}" if ignore is not None else "")
-        )
-    if epitome is not None and images.shape[-1] != epitome.channels:
-        raise ValueError(
-            f"images: expected {epitome.channels} channels to match the epitome, got "
-            f"{images.shape[-1]} (shape {images.shape})"
-        )
-    if not (np.issubdtype(images.dtype, np.floating) or images.dtype in (np.uint8, np.uint16)):
-        raise ValueError(f"images: expected uint8, uint16 or float imagery, got {images.dtype}")
-    return images, labels
-
-
-def centre_valid(labels: ArrayLike, *, patch_size: int, ignore: int | None = IGNORE) -> np.ndarray:
-    """``[T, H-K+1, W-K+1]`` bool: windows whose centre pixel is not no-data."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        labels = labels[None]
-    k = patch_size
-    c = k // 2
-    centre = labels[:, c : labels.shape[1] - k + 1 + c, c : labels.shape[2] - k + 1 + c]
-    return np.ones(centre.shape, bool) if ignore is None else centre != ignore
-
-
-def sample_labelled_patches(
-    key: ArrayLike,
-    images: ArrayLike,
-    labels: ArrayLike,
-    valid: ArrayLike,
-    *,
-    patch_size: int,
-    label_size: int,
-    batch: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Random ``K x K`` patches and their centred ``Kl x Kl`` label blocks.
-
-    Args:
-      key: PRNG key.
-      images: ``[T, H, W, C]``; labels: ``[T, H, W]`` int.
-      valid: ``[T, H-K+1, W-K+1]`` bool allowed top-left corners (e.g. :func:`centre_valid`).
-      patch_size: ``K``; label_size: ``Kl`` (``K - Kl`` even); batch: ``B``.
-
-    Returns:
-      ``(patches [B, K, K, C] float32, blocks [B, Kl, Kl] int)``.
-    """
-    tiles, rows, cols = sample_positions(key, valid, batch=batch)
-    patches = extract_patches(images, tiles, rows, cols, size=patch_size)
-    o = (patch_size - label_size) // 2
-    blocks = extract_patches(
-        jnp.asarray(labels)[..., None].astype(jnp.float32), tiles, rows + o, cols + o,
-        size=label_size,
-    )[..., 0]
-    return patches, blocks.astype(jnp.int32)
-
-
-def one_hot_labels(labels: ArrayLike, *, n_labels: int) -> jax.Array:
-    """``[...]`` int -> ``[..., n]`` float32 one-hot; values outside ``[0, n)`` (no data) -> 0."""
-    return jax.nn.one_hot(jnp.asarray(labels), n_labels, dtype=jnp.float32)
-
-
 # --------------------------------------------------------------------------- accumulation
-
-
-def accumulate_labels(
-    counts: ArrayLike,
-    epitome: Epitome,
-    patches: ArrayLike,
-    blocks: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    method: str = "auto",
-) -> jax.Array:
-    """``counts + z`` with ``z`` the Eq. 6 counts of one batch.
-
-    Args:
-      counts: ``[L, N1, N2, n]`` running counts.
-      epitome: :class:`Epitome`.
-      patches: ``[B, K, K, C]``.
-      blocks: ``[B, Kl, Kl]`` int labels centred in the patches; values outside ``[0, n)``
-        (no data) are skipped.
-      temperature: posterior temperature (``K^2`` in the original embedding).
-      method: correlation route.
-
-    Returns:
-      ``[L, N1, N2, n]``.
-    """
-    counts = jnp.asarray(counts, jnp.float32)
-    y = one_hot_labels(blocks, n_labels=counts.shape[-1])
-    return counts + embed_labels(epitome, patches, y, temperature=temperature, method=method)
-
-
-def accumulate_classes(
-    counts: ArrayLike,
-    epitome: Epitome,
-    patches: ArrayLike,
-    classes: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    method: str = "auto",
-) -> jax.Array:
-    """``counts + z`` with ``z`` the Eq. 11 counts of one batch.
-
-    Args:
-      counts: ``[L, N1, N2, Cc]``.
-      patches: ``[B, K, K, C]``; classes: ``[B]`` int, values outside ``[0, Cc)`` skipped.
-
-    Returns:
-      ``[L, N1, N2, Cc]``.
-    """
-    counts = jnp.asarray(counts, jnp.float32)
-    patches = jnp.asarray(patches)
-    post = jnp.exp(log_posterior(epitome, patches, temperature=temperature, method=method))
-    z = spread_class_posteriors(
-        post, jnp.asarray(classes), n_classes=counts.shape[-1], window=patches.shape[1:3]
-    )
-    return counts + z
-
-
-def make_accumulate_step(
-    fn: Callable, *, mesh: jax.sharding.Mesh | None = None, **hyper
-) -> Callable:
-    """Jits ``fn(counts, epitome, patches, targets, **hyper)`` (an ``accumulate_*``).
-
-    With a ``mesh`` (axis ``"data"``, e.g. :func:`epilsr.train.data_mesh`) ``patches`` and
-    ``targets`` are sharded over the batch and ``counts``/``epitome`` replicated; the result
-    equals the single-device step up to float32 reduction order. The batch must be divisible
-    by the number of devices.
-    """
-    part = functools.partial(fn, **hyper)
-    if mesh is None:
-        return jax.jit(part)
-    from epilsr.train import _auto_mesh
-
-    mesh = _auto_mesh(mesh)
-    rep = NamedSharding(mesh, PartitionSpec())
-    bat = NamedSharding(mesh, PartitionSpec("data"))
-    return jax.jit(part, in_shardings=(rep, rep, bat, bat), out_shardings=rep)
-
-
-def _shard(x: jax.Array, mesh) -> jax.Array:
-    if mesh is None:
-        return x
-    from epilsr.train import shard_batch
-
-    return shard_batch(np.asarray(x), mesh)
-
-
-def _embed_loop(
-    key, epitome, draw, fn, n_out, *, num_batches, batch, mesh, temperature, method, progress,
-    desc,
-):
-    if mesh is not None and batch % mesh.devices.size:
-        raise ValueError(f"batch: {batch} is not divisible by the {mesh.devices.size} devices")
-    if num_batches < 1 or batch < 1:
-        raise ValueError(f"num_batches, batch: expected positive, got {num_batches}, {batch}")
-    step = make_accumulate_step(fn, mesh=mesh, temperature=temperature, method=method)
-    counts = jnp.zeros((*epitome.prior_logits.shape, n_out), jnp.float32)
-    if mesh is not None:
-        from epilsr.train import replicate
-
-        counts, epitome = replicate(counts, mesh), replicate(epitome, mesh)
-    draw = jax.jit(draw)
-    from tqdm.auto import tqdm
-
-    for i in tqdm(range(num_batches), disable=not progress, desc=desc, unit="batch"):
-        patches, targets = draw(jax.random.fold_in(key, i))
-        counts = step(counts, epitome, _shard(patches, mesh), _shard(targets, mesh))
-    return counts
-
-
-def embed_label_maps(
-    key: ArrayLike,
-    epitome: Epitome,
-    images: ArrayLike,
-    labels: ArrayLike,
-    *,
-    n_labels: int,
-    patch_size: int = 31,
-    label_size: int = 11,
-    batch: int = 256,
-    num_batches: int = 100,
-    temperature: float | ArrayLike,
-    ignore: int | None = IGNORE,
-    mesh: jax.sharding.Mesh | None = None,
-    method: str = "auto",
-    progress: bool = False,
-) -> jax.Array:
-    """High-resolution label embedding over a dataset (Eq. 6, Sec. 5.1).
-
-    ``num_batches`` batches of ``batch`` patches ``K x K`` are drawn uniformly among the windows
-    whose centre pixel has a label (batch ``i`` with ``fold_in(key, i)``); the centre
-    ``Kl x Kl`` label block of each, weighted by the tempered posterior, is added to the
-    counts. No-data pixels inside a block are skipped.
-
-    Args:
-      key: PRNG key.
-      epitome: :class:`Epitome` ``[L, N1, N2, C]``.
-      images: ``[T, H, W, C]`` (or ``[H, W, C]``) imagery, uint8/uint16/float.
-      labels: ``[T, H, W]`` int labels in ``[0, n_labels)`` or ``ignore``.
-      n_labels: ``n``.
-      patch_size: ``K`` (31 in the paper); label_size: ``Kl`` (11).
-      batch, num_batches: patches per step and steps.
-      temperature: ``T``. The original implementation embedded with ``K^2`` (per-pixel
-        likelihood); with trained epitomes that posterior is nearly flat (on the West-Virginia
-        tiles a 128^2 epitome spreads a 31x31 patch over ~12 600 of 16 384 positions at
-        ``T = K^2`` versus ~10 at the training temperature ``(K/11)^2``).
-      ignore: no-data label value (None: none).
-      mesh: optional 1-D ``"data"`` mesh to shard each batch over.
-      method: correlation route (prefer ``"direct"`` when sharded: GSPMD gathers FFT batches).
-      progress: tqdm bar.
-
-    Returns:
-      ``[L, N1, N2, n]`` counts ``z``; :func:`label_probs_from_counts` normalises them.
-    """
-    images, labels = check_label_maps(images, labels, n_labels=n_labels, ignore=ignore,
-                                      epitome=epitome)
-    k, kl = int(patch_size), int(label_size)
-    if not 1 <= kl <= k or (k - kl) % 2:
-        raise ValueError(f"label_size: expected 1 <= Kl <= K={k} with K - Kl even, got {kl}")
-    if k > min(images.shape[1:3]):
-        raise ValueError(f"patch_size: {k} is larger than the tiles {images.shape[1:3]}")
-    valid = centre_valid(labels, patch_size=k, ignore=ignore)
-    if not valid.any():
-        raise ValueError("labels: every label is no data; nothing to embed")
-    t = temperature
-    imgs, labs, val = jnp.asarray(images), jnp.asarray(labels.astype(np.int32)), jnp.asarray(valid)
-
-    def draw(kk):
-        return sample_labelled_patches(kk, imgs, labs, val, patch_size=k, label_size=kl,
-                                       batch=batch)
-
-    return _embed_loop(key, epitome, draw, accumulate_labels, n_labels, num_batches=num_batches,
-                       batch=batch, mesh=mesh, temperature=t, method=method, progress=progress,
-                       desc="embed labels")
-
-
-def embed_class_maps(
-    key: ArrayLike,
-    epitome: Epitome,
-    images: ArrayLike,
-    classes: ArrayLike,
-    *,
-    n_classes: int,
-    patch_size: int = 11,
-    batch: int = 256,
-    num_batches: int = 100,
-    temperature: float | ArrayLike,
-    ignore: int | None = IGNORE,
-    mesh: jax.sharding.Mesh | None = None,
-    method: str = "auto",
-    progress: bool = False,
-) -> jax.Array:
-    """Low-resolution class embedding over a dataset (Eq. 11, Sec. 5.1).
-
-    Patches ``K x K`` (11 in the paper) are drawn uniformly among windows whose centre pixel has
-    a class; the centre pixel's class is embedded over the whole window of every position,
-    weighted by the posterior. Arguments as :func:`embed_label_maps`.
-
-    Returns:
-      ``[L, N1, N2, Cc]`` counts (``p(m, n | c)`` after normalising over positions).
-    """
-    images, classes = check_label_maps(images, classes, n_labels=n_classes, ignore=ignore,
-                                       epitome=epitome, name="classes")
-    k = int(patch_size)
-    if k > min(images.shape[1:3]):
-        raise ValueError(f"patch_size: {k} is larger than the tiles {images.shape[1:3]}")
-    valid = centre_valid(classes, patch_size=k, ignore=ignore)
-    if not valid.any():
-        raise ValueError("classes: every class is no data; nothing to embed")
-    t = temperature
-    imgs, cls, val = jnp.asarray(images), jnp.asarray(classes.astype(np.int32)), jnp.asarray(valid)
-
-    def draw(kk):
-        patches, blocks = sample_labelled_patches(kk, imgs, cls, val, patch_size=k,
-                                                  label_size=1, batch=batch)
-        return patches, blocks[:, 0, 0]
-
-    return _embed_loop(key, epitome, draw, accumulate_classes, n_classes,
-                       num_batches=num_batches, batch=batch, mesh=mesh, temperature=t,
-                       method=method, progress=progress, desc="embed classes")
-
-
-def label_probs_from_counts(
-    counts: ArrayLike, *, pseudo_count: float = 0.0, prior: ArrayLike | None = None
-) -> jax.Array:
-    """``p(l | m, n) ∝ z + pseudo_count * prior`` (Eq. 6's normalisation).
-
-    Args:
-      counts: ``[L, N1, N2, n]`` label counts.
-      pseudo_count: Dirichlet smoothing mass per position (0 = plain normalisation).
-      prior: ``[n]`` label distribution of the smoothing; None = the overall label
-        frequencies ``sum z / sum z``. Positions with no mass at all get ``prior``.
-
-    Returns:
-      ``[L, N1, N2, n]`` distributions.
-    """
-    counts = jnp.asarray(counts, jnp.float32)
-    if prior is None:
-        total = jnp.sum(counts, axis=(0, 1, 2))
-        prior = jnp.where(jnp.sum(total) > 0, total / jnp.maximum(jnp.sum(total), 1e-30),
-                          1.0 / counts.shape[-1])
-    prior = jnp.asarray(prior, jnp.float32)
-    z = counts + pseudo_count * prior
-    s = jnp.sum(z, axis=-1, keepdims=True)
-    return jnp.where(s > 0, z / jnp.where(s > 0, s, 1.0), prior)
-
-
-def all_tile_lsr(
-    class_counts: ArrayLike,
-    label_given_class: ArrayLike,
-    *,
-    min_share: float = 0.0,
-    iters: int = 20,
-    class_prior: ArrayLike | None = None,
-) -> jax.Array:
-    """All-tile epitomic LSR: ``super_resolve`` (Eqs. 8-9) of dataset-level class counts.
-
-    Args:
-      class_counts: ``[L, N1, N2, Cc]`` from :func:`embed_class_maps` (one epitome, many tiles).
-      label_given_class: ``[Cc, n]`` ``p(l | c)``.
-      min_share: table entries below this share are zeroed before normalising (see
-        :func:`epilsr.self_epitomic_lsr`).
-      iters: EM iterations; class_prior: ``p(c)`` (None = observed proportions).
-
-    Returns:
-      ``[L, N1, N2, n]`` ``p(l | m, n)``.
-    """
-    table = np.asarray(label_given_class, np.float64)
-    if min_share > 0:
-        rows = table / np.maximum(table.sum(1, keepdims=True), 1e-30)
-        table = np.where(rows < min_share, 0.0, table)
-    return super_resolve(class_counts, table.astype(np.float32), class_prior=class_prior,
-                         iters=iters)
 
 
 # --------------------------------------------------------------------------- rasters
@@ -503,7 +111,7 @@ def _predict_plan(epitome, label_probs, image_reader, *, patch_size, temperature
                   label_size, tile, height, width, mask, chunk, method) -> _PredictPlan:
     """Validated inputs, the tile grid and a generator over finished strips (Eq. 2, exact)."""
     if not callable(image_reader):
-        from epilsr.tiling import array_reader
+        from epilsr.pipelines.raster_lsr import array_reader
 
         image_reader = array_reader(image_reader)
     if height is None or width is None:
@@ -613,7 +221,7 @@ def predict_raster(
 
     Equals :func:`epilsr.predict` with the same ``patch_size``, ``stride``, ``label_size`` on
     the whole raster. Window corners (block corners with ``label_size``) lie on the global grid
-    :func:`epilsr.predict.grid_starts`; :func:`epilsr.tiling.tile_grid` splits that grid into
+    :func:`epilsr.predict.grid_starts`; :func:`epilsr.windows.tile_grid` splits that grid into
     ``tile x tile`` pieces and each piece's windows are evaluated on an image window of
     ``tile + K - 1`` pixels. Finished rows are passed to ``on_rows(row0, probs [r, W, n])`` in
     order (e.g. :func:`raster_row_writer`), else collected and returned.
@@ -621,7 +229,7 @@ def predict_raster(
     Args:
       epitome: :class:`Epitome`; label_probs: ``[L, N1, N2, n]``.
       image_reader: ``(row, col, h, w) -> [h, w, C]`` (e.g. a
-        :class:`~epilsr.data.rasters.RasterReader`) or an ``[H, W, C]`` array.
+        :class:`~epilsr.io.geotiff.RasterReader`) or an ``[H, W, C]`` array.
       patch_size, temperature, stride, label_size, mask, chunk, method: as in
         :func:`epilsr.predict` (``chunk`` bounds memory to ``chunk * L * N1 * N2`` floats).
       tile: side of a tile of window corners (one jit compilation for all tiles).
@@ -705,13 +313,14 @@ def predict_raster_files(
     :func:`raster_row_writer`. After each strip of tiles the writers are made durable and the
     strip buffer's carry rows and ``progress.json`` (next strip, writer states, a fingerprint of
     the epitome, label embedding and settings) are saved atomically in
-    ``<out_dir>/.<prefix>predict_state/`` (the scheme of :func:`epilsr.tiling.lsr_raster`). A
-    rerun with ``resume=True`` continues from the last finished strip, and its output equals an
-    uninterrupted run's; at most one strip of work is lost. The reader is not fingerprinted:
-    the imagery must not change between the crash and the rerun.
+    ``<out_dir>/.<prefix>predict_state/`` (the scheme of
+    :func:`epilsr.pipelines.raster_lsr.lsr_raster`). A rerun with ``resume=True`` continues
+    from the last finished strip, and its output equals an uninterrupted run's; at most one
+    strip of work is lost. The reader is not fingerprinted: the imagery
+    must not change between the crash and the rerun.
 
     Args:
-      out_dir: output folder; geo: :class:`~epilsr.data.rasters.GeoInfo` copied to the outputs
+      out_dir: output folder; geo: :class:`~epilsr.io.geotiff.GeoInfo` copied to the outputs
         (the fingerprint covers the model, every setting and an array image, not a reader's
         data nor what ``valid`` returns);
         prefix, probs, entropy, valid: as for :func:`raster_row_writer`; resume: continue an
@@ -720,14 +329,9 @@ def predict_raster_files(
     """
     from tqdm.auto import tqdm
 
-    from epilsr.data.rasters import RasterWriter
-    from epilsr.tiling import (
-        _fingerprint,
-        _Outputs,
-        _resume_writers,
-        _save_npz_atomic,
-        _write_json_atomic,
-    )
+    from epilsr.io.atomic import _fingerprint, _save_npz_atomic, _write_json_atomic
+    from epilsr.io.geotiff import RasterWriter
+    from epilsr.pipelines.raster_lsr import _Outputs, _resume_writers
 
     plan = _predict_plan(epitome, label_probs, image_reader, patch_size=patch_size,
                          temperature=temperature, stride=stride, label_size=label_size,
@@ -842,14 +446,14 @@ def raster_row_writer(
     entropy: bool = True,
     valid: Callable[[int, int, int, int], ArrayLike] | None = None,
 ) -> tuple[Callable[[int, np.ndarray], None], Callable[[], dict[str, Path]]]:
-    """An ``on_rows`` sink writing GeoTIFFs with :class:`~epilsr.data.rasters.RasterWriter`.
+    """An ``on_rows`` sink writing GeoTIFFs with :class:`~epilsr.io.geotiff.RasterWriter`.
 
-    Writes ``<prefix>labels.tif`` (uint8 argmax, :data:`epilsr.tiling.NODATA_LABEL` where
+    Writes ``<prefix>labels.tif`` (uint8 argmax, :data:`epilsr.metrics.NODATA_LABEL` where
     ``valid`` is False), optionally ``<prefix>probs.tif`` (float32 ``[H, W, n]``) and
     ``<prefix>entropy.tif`` (nats). Returns ``(on_rows, close)``; ``close()`` finalises the
     files and returns their paths.
     """
-    from epilsr.data.rasters import RasterWriter
+    from epilsr.io.geotiff import RasterWriter
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,7 @@ exactly resumable. Patch sizes are static shapes: draw the size on the host
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +20,13 @@ from jax.typing import ArrayLike
 from epilsr._validate import check_rank, is_concrete
 
 __all__ = [
-    "PATCH_SIZES",
     "sample_patches",
     "sample_patches_with_label",
     "label_positions",
     "sample_positions",
     "extract_patches",
     "random_patch_size",
-    "prefetch",
+    "sample_labelled_patches",
 ]
 
 #: Odd patch widths used by the paper (Sec. 5.2: 11 x 11 to 31 x 31): 11 sizes.
@@ -234,67 +231,32 @@ def random_patch_size(key: ArrayLike, *, sizes: Sequence[int] = PATCH_SIZES) -> 
     return sizes[int(jax.random.randint(key, (), 0, len(sizes)))]
 
 
-_END = object()
+def sample_labelled_patches(
+    key: ArrayLike,
+    images: ArrayLike,
+    labels: ArrayLike,
+    valid: ArrayLike,
+    *,
+    patch_size: int,
+    label_size: int,
+    batch: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Random ``K x K`` patches and their centred ``Kl x Kl`` label blocks.
 
+    Args:
+      key: PRNG key.
+      images: ``[T, H, W, C]``; labels: ``[T, H, W]`` int.
+      valid: ``[T, H-K+1, W-K+1]`` bool allowed top-left corners (e.g. :func:`centre_valid`).
+      patch_size: ``K``; label_size: ``Kl`` (``K - Kl`` even); batch: ``B``.
 
-class _Prefetcher:
-    """Iterator fed by a daemon thread; items are ``jax.device_put`` before queuing."""
-
-    def __init__(self, iterator: Iterable, size: int, device):
-        self._queue: queue.Queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._device = device
-        self._thread = threading.Thread(
-            target=self._run, args=(iter(iterator),), name="epilsr-prefetch", daemon=True
-        )
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, it: Iterator) -> None:
-        try:
-            for item in it:
-                if not self._put(jax.device_put(item, self._device)):
-                    return
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
-            self._put((_END, err))
-            return
-        self._put((_END, None))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._stop.is_set():
-            raise StopIteration
-        item = self._queue.get()
-        if isinstance(item, tuple) and len(item) == 2 and item[0] is _END:
-            self._stop.set()
-            if item[1] is not None:
-                raise item[1]
-            raise StopIteration
-        return item
-
-    def close(self) -> None:
-        """Stops the producer thread (it exits at its next put)."""
-        self._stop.set()
-
-
-def prefetch(iterator: Iterable, *, size: int = 2, device=None) -> Iterator:
-    """Runs ``iterator`` in a background thread, keeping ``size`` items on the device ahead.
-
-    Each item (any pytree of arrays) is transferred with ``jax.device_put(item, device)`` in
-    the thread, so the training loop never waits on Python-side sampling or host-to-device
-    copies. Exceptions raised by ``iterator`` are re-raised by ``next``. Call ``close()`` on the
-    result to stop early.
+    Returns:
+      ``(patches [B, K, K, C] float32, blocks [B, Kl, Kl] int)``.
     """
-    if size < 1:
-        raise ValueError(f"size: expected a queue size >= 1, got {size}")
-    return _Prefetcher(iterator, size, device)
+    tiles, rows, cols = sample_positions(key, valid, batch=batch)
+    patches = extract_patches(images, tiles, rows, cols, size=patch_size)
+    o = (patch_size - label_size) // 2
+    blocks = extract_patches(
+        jnp.asarray(labels)[..., None].astype(jnp.float32), tiles, rows + o, cols + o,
+        size=label_size,
+    )[..., 0]
+    return patches, blocks.astype(jnp.int32)

@@ -1,0 +1,446 @@
+"""Self-epitomic LSR (Sec. 5.1): each tile is its own epitome; sampled-patch counts, Eqs. 7-9."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from epilsr._validate import (
+    check_distribution_table,
+    check_finite,
+    check_index_range,
+    check_rank,
+    is_concrete,
+)
+from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
+from epilsr.epitome import as_float_image
+from epilsr.lsr import _normalise, adapt_compositions
+
+__all__ = [
+    "self_epitomic_counts",
+    "self_epitomic_lsr",
+]
+
+
+def _block_mean(image: jax.Array, factor: int) -> jax.Array:
+    """``[H, W, C] -> [ceil(H/f), ceil(W/f), C]`` block means (edge-padded)."""
+    if factor == 1:
+        return image
+    h, w, c = image.shape
+    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
+    image = jnp.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
+    return image.reshape(hp // factor, factor, wp // factor, factor, c).mean(axis=(1, 3))
+
+
+def _window_mask(size: tuple[int, int], k: int, wrap: bool) -> jax.Array:
+    """``[N1, N2]`` bool: windows that lie inside the image (all of them when ``wrap``)."""
+    n1, n2 = size
+    if wrap:
+        return jnp.ones((n1, n2), bool)
+    return (jnp.arange(n1)[:, None] <= n1 - k) & (jnp.arange(n2)[None, :] <= n2 - k)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "n_classes",
+        "patch_size",
+        "downsample",
+        "n_patches",
+        "chunk",
+        "wrap",
+        "class_spread",
+        "unfold",
+    ),
+)
+def _self_counts(
+    key,
+    image,
+    classes,
+    var,
+    temperature,
+    *,
+    n_classes,
+    patch_size,
+    downsample,
+    n_patches,
+    chunk,
+    wrap,
+    class_spread,
+    unfold,
+):
+    h, w, _ = image.shape
+    k, d = patch_size, downsample
+    epi = _block_mean(image, d)  # [h, w, C]
+    n1, n2, _ = epi.shape
+    # Class of each low-res pixel: the full-res class at the centre of its block.
+    rows = jnp.minimum(jnp.arange(n1) * d + d // 2, h - 1)
+    cols = jnp.minimum(jnp.arange(n2) * d + d // 2, w - 1)
+    cls = classes[rows][:, cols]  # [h, w]
+
+    valid = _window_mask((n1, n2), k, wrap)  # positions patches may map to
+    inside = _window_mask((n1, n2), k, False)  # patches are real (non-wrapping) windows
+    flat_valid = jnp.flatnonzero(inside.ravel(), size=inside.size, fill_value=0)
+    n_valid = (n1 - k + 1) * (n2 - k + 1)
+    if n_patches is None:  # dense: every window of the tile once
+        total = n_valid
+        draws = jnp.arange(total)
+    else:
+        total = n_patches
+        draws = jax.random.randint(key, (total,), 0, n_valid)
+    picks = flat_valid[draws]  # [total] top-left corners, flat over [n1, n2]
+    n_chunks = -(-total // chunk)
+    pad = n_chunks * chunk - total
+    weights = jnp.pad(jnp.ones((total,), jnp.float32), (0, pad)).reshape(n_chunks, chunk)
+    # Window rows of the unfolded epitome: inside windows in row-major order (= the draws), or
+    # every position of the wrap-padded tile (= the flat corner).
+    rows = picks if wrap else draws
+    picks = jnp.pad(picks, (0, pad)).reshape(n_chunks, chunk)
+    rows = jnp.pad(rows, (0, pad)).reshape(n_chunks, chunk)
+    scale = 1.0 / (var * temperature)
+    # Class of the window at each corner: its centre pixel (Eq. 11 spreads it over the window).
+    centre = (
+        jnp.minimum(jnp.arange(n1) + k // 2, n1 - 1)[:, None] * n2
+        + jnp.minimum(jnp.arange(n2) + k // 2, n2 - 1)[None, :]
+    ).ravel()
+
+    if unfold:
+        # Equal variances and a flat prior: log p(x|s)/T = (<mu_s, x> - |mu_s|^2/2)/(var T) + c(x),
+        # and with the windows unfolded into rows U [S, K*K*C] the cross terms of a chunk of
+        # patches (themselves rows of U) are one matrix product [chunk, F] x [F, S].
+        windows, (m1, m2) = _unfold(epi, k, wrap)  # [S, F]
+        half_norm = 0.5 * jnp.sum(windows * windows, axis=-1)  # [S]
+
+        def gemm_body(acc, xs):
+            pos, row, wt = xs
+            cross = jnp.matmul(windows[row], windows.T, precision="highest")  # [chunk, S]
+            # Each patch is itself a window, so its largest logit is its own: -|x - mu_s|^2/2
+            # <= 0 with equality at s = row. Subtracting |x|^2/2 is the softmax's max shift
+            # without a pass over S, and the normalisation folds into the embedding weights.
+            rel = jnp.exp((cross - half_norm - half_norm[row][:, None]) * scale)  # (0, 1]
+            onehot = jax.nn.one_hot(cls.ravel()[centre[pos]], n_classes, dtype=jnp.float32)
+            coef = onehot * (wt / jnp.sum(rel, axis=1))[:, None]  # [chunk, Cc]
+            return acc + jnp.matmul(coef.T, rel, precision="highest"), None  # [Cc, S]
+
+        acc0 = jnp.zeros((n_classes, m1 * m2), jnp.float32)
+        acc, _ = jax.lax.scan(gemm_body, acc0, (picks, rows, weights))
+        acc = acc.T.reshape(m1, m2, n_classes)
+        acc = jnp.pad(acc, ((0, n1 - m1), (0, n2 - m2), (0, 0)))
+        return box_spread(acc, (k, k), axes=(0, 1))
+
+    # General route (pixel class spreading, or tiles too large to unfold): correlations.
+    maps = epi[None]  # [1, h, w, C]
+    half_norm = 0.5 * box_sum(jnp.sum(epi * epi, axis=-1), (k, k))  # [h, w]
+    cls_onehot = jax.nn.one_hot(cls, n_classes, dtype=jnp.float32)  # [h, w, Cc]
+
+    def extract(p):
+        r, c = p // n2, p % n2
+        return jax.lax.dynamic_slice(epi, (r, c, 0), (k, k, epi.shape[-1]))
+
+    def body(acc, xs):
+        pos, _, wt = xs
+        patches = jax.vmap(extract)(pos)  # [chunk, K, K, C]
+        logits = (circular_correlate(maps, patches)[:, 0] - half_norm) * scale
+        logits = jnp.where(valid, logits, -jnp.inf)
+        post = jax.nn.softmax(logits, axis=(1, 2)) * wt[:, None, None]  # [chunk, h, w]
+        if class_spread == "window":
+            onehot = jax.nn.one_hot(cls.ravel()[centre[pos]], n_classes, dtype=jnp.float32)
+            acc = acc + jnp.einsum("bc,bxy->xyc", onehot, post, precision="highest")
+        else:  # "pixel": each pixel's own class lands where the pixel maps (Eq. 6 on classes)
+            blocks = jax.vmap(
+                lambda p: jax.lax.dynamic_slice(cls_onehot, (p // n2, p % n2, 0), (k, k, n_classes))
+            )(pos)
+            acc = acc + circular_correlate_adjoint(post[:, None], blocks, map_size=(n1, n2))[0]
+        return acc, None
+
+    acc0 = jnp.zeros((n1, n2, n_classes), jnp.float32)
+    acc, _ = jax.lax.scan(body, acc0, (picks, rows, weights))
+    if class_spread == "window":
+        return box_spread(acc, (k, k), axes=(0, 1))
+    return acc
+
+
+_UNFOLD_BUDGET = 1 << 30  # bytes of unfolded windows before falling back to correlations
+
+
+def _unfold_bytes(shape: tuple[int, ...], k: int, wrap: bool) -> int:
+    n1, n2, c = shape
+    m1, m2 = (n1, n2) if wrap else (n1 - k + 1, n2 - k + 1)
+    return 4 * m1 * m2 * k * k * c
+
+
+def _compact_classes(
+    classes: jax.Array, present: np.ndarray | None, n_classes: int
+) -> tuple[jax.Array, np.ndarray | None]:
+    """Renumber ``classes`` to the ``present`` ones (sorted; ``None`` for traced classes), so
+    the per-chunk class products have a row per present class (a tile has a few of the 22 NLCD
+    classes). Returns the renumbered ``[H, W]`` int32 map and ``[P]`` the table rows they stand
+    for, padded with repeats of the last present row to a bucket size (4, 8, 16, ...) so tiles
+    share compilations; padded slots get no pixels. Without ``present``: unchanged and ``None``."""
+    if present is None:
+        return classes.astype(jnp.int32), None
+    bucket = 4
+    while bucket < present.size:
+        bucket *= 2
+    if bucket >= n_classes:
+        return classes.astype(jnp.int32), None
+    lookup = np.zeros(n_classes, np.int32)
+    lookup[present] = np.arange(present.size)
+    padded = np.concatenate([present, np.full(bucket - present.size, present[-1])])
+    return jnp.asarray(lookup)[classes], padded
+
+
+def _default_chunk(positions: int, unfold: bool) -> int:
+    """Patches per posterior batch. The matrix-product route keeps ``[chunk, S]`` at ~256 MB and
+    at most 256 patches (the product then runs near the machine's matmul rate; larger chunks
+    measured no faster); the correlation route keeps ``[chunk, h, w]`` at ~64 MB."""
+    if unfold:
+        return max(1, min(256, (1 << 26) // positions))
+    return max(1, min(2048, (1 << 24) // positions))
+
+
+def _balanced_chunk(total: int, chunk: int) -> int:
+    """The smallest chunk that needs as many batches as ``chunk`` does (less zero padding)."""
+    chunk = max(1, min(chunk, total))
+    n_chunks = -(-total // chunk)
+    return -(-total // n_chunks)
+
+
+def _unfold(epi: jax.Array, k: int, wrap: bool) -> tuple[jax.Array, tuple[int, int]]:
+    """``[N1, N2, C] -> [S, K*K*C]`` windows by top-left corner, row-major, features ``(i, j, c)``
+    like ``patch.reshape(-1)``: the inside windows, or every position of the torus with ``wrap``."""
+    if wrap:
+        epi = jnp.pad(epi, ((0, k - 1), (0, k - 1), (0, 0)), mode="wrap")
+    m1, m2 = epi.shape[0] - k + 1, epi.shape[1] - k + 1
+    shifted = [epi[i : i + m1, j : j + m2] for i in range(k) for j in range(k)]
+    return jnp.stack(shifted, axis=2).reshape(m1 * m2, -1), (m1, m2)
+
+
+def _upsample(probs: jax.Array, factor: int, shape: tuple[int, int]) -> jax.Array:
+    """``[h, w, n]`` low-resolution distributions -> ``[H, W, n]`` (bilinear, renormalised)."""
+    if factor == 1:
+        return probs
+    n1, n2, n = probs.shape
+    up = jax.image.resize(probs, (n1 * factor, n2 * factor, n), "linear")
+    return _normalise(jnp.maximum(up[: shape[0], : shape[1]], 0.0), axis=-1)
+
+
+def _check_sampling(image, classes, n_rows, patch_size, downsample, var, class_spread,
+                    sample_fraction, chunk):
+    """Shared argument checks of the self-epitomic functions; returns the float image, the
+    classes, the classes present (``None`` if traced) and the number of sampled patches."""
+    image = as_float_image(image)
+    check_finite("image", image)
+    classes = jnp.asarray(classes)
+    check_rank("classes", classes, 2, "[H, W]")
+    if classes.shape != image.shape[:2]:
+        raise ValueError(
+            f"classes: expected shape {image.shape[:2]} to match image, got {classes.shape}"
+        )
+    check_index_range("classes", classes, n_rows, "class")
+    present = np.unique(np.asarray(classes)) if is_concrete(classes) else None
+    if downsample < 1:
+        raise ValueError(f"downsample: expected an integer >= 1, got {downsample}")
+    n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
+    if patch_size < 1 or patch_size > min(n1, n2):
+        raise ValueError(
+            f"patch_size: expected 1 <= K <= {min(n1, n2)} (the downsampled tile is {n1}x{n2}), "
+            f"got {patch_size}"
+        )
+    if not var > 0:
+        raise ValueError(f"var: expected a positive variance, got {var}")
+    if class_spread not in ("window", "pixel"):
+        raise ValueError(f"class_spread: expected 'window' or 'pixel', got {class_spread!r}")
+    if sample_fraction is None:
+        n_patches = None
+    else:
+        if not sample_fraction > 0:
+            raise ValueError(f"sample_fraction: expected > 0 or None, got {sample_fraction}")
+        n_patches = max(1, round(sample_fraction * image.shape[0] * image.shape[1]))
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk: expected a positive number of patches, got {chunk}")
+    return image, classes, present, n_patches
+
+
+def _counts(key, image, classes, present, n_rows, n_patches, *, patch_size, var, downsample,
+            temperature, wrap, class_spread, chunk):
+    """Eq. 11 counts ``[h, w, n_rows]`` of checked inputs (see :func:`self_epitomic_counts`)."""
+    n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
+    temperature = float(patch_size**2) if temperature is None else temperature
+    unfold = (
+        class_spread == "window"
+        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= _UNFOLD_BUDGET
+    )
+    if chunk is None:
+        chunk = _default_chunk(n1 * n2, unfold)
+    total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
+    chunk = _balanced_chunk(total, chunk)
+    compact, rows = _compact_classes(classes, present, n_rows)
+    counts = _self_counts(
+        key,
+        image,
+        compact,
+        jnp.float32(var),
+        jnp.float32(temperature),
+        n_classes=rows.size if rows is not None else n_rows,
+        patch_size=patch_size,
+        downsample=downsample,
+        n_patches=n_patches,
+        chunk=chunk,
+        wrap=wrap,
+        class_spread=class_spread,
+        unfold=unfold,
+    )
+    if rows is not None:  # back to the rows of the table (absent classes: zero counts)
+        full = jnp.zeros((*counts.shape[:-1], n_rows), counts.dtype)
+        counts = full.at[..., rows].add(counts)
+    return counts
+
+
+def self_epitomic_counts(
+    key: ArrayLike,
+    image: ArrayLike,
+    classes: ArrayLike,
+    n_classes: int,
+    *,
+    patch_size: int = 7,
+    var: float = 0.01,
+    downsample: int = 1,
+    sample_fraction: float | None = 0.05,
+    temperature: float | None = None,
+    wrap: bool = False,
+    class_spread: str = "window",
+    chunk: int | None = None,
+) -> jax.Array:
+    """The class counts that self-epitomic LSR feeds to its EM (Eq. 11, the tile as epitome).
+
+    The first half of :func:`self_epitomic_lsr`, for users who run their own EM or score a
+    labelling with :func:`lsr_objective` (e.g. to ask whether the coarse data support a
+    reference map at all). Arguments as there; runs jitted.
+
+    Returns:
+      ``[h, w, n_classes]`` non-negative counts on the ``downsample``-times smaller grid
+      ``h = ceil(H / downsample)``. Each sampled patch spreads one unit of posterior mass over
+      its ``K x K`` window, so class ``c``'s total is ``K^2`` times its number of patches.
+    """
+    image, classes, present, n_patches = _check_sampling(
+        image, classes, n_classes, patch_size, downsample, var, class_spread, sample_fraction,
+        chunk,
+    )
+    return _counts(
+        key, image, classes, present, n_classes, n_patches, patch_size=patch_size, var=var,
+        downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
+        chunk=chunk,
+    )
+
+
+def self_epitomic_lsr(
+    key: ArrayLike,
+    image: ArrayLike,
+    classes: ArrayLike,
+    label_given_class: ArrayLike,
+    *,
+    patch_size: int = 7,
+    var: float = 0.01,
+    downsample: int = 1,
+    sample_fraction: float | None = 0.05,
+    temperature: float | None = None,
+    iters: int = 20,
+    wrap: bool = False,
+    class_spread: str = "window",
+    min_share: float = 0.02,
+    adapt_rounds: int = 3,
+    adapt_strength: float = 0.1,
+    concentration: float | ArrayLike = 1.0,
+    cell_size: int = 30,
+    class_prior: str | ArrayLike | None = None,
+    chunk: int | None = None,
+) -> jax.Array:
+    """Self-epitomic label super-resolution of one tile (Sec. 5.1).
+
+    The (optionally ``downsample``-times block-averaged) tile is its own one-layer epitome with
+    variance ``var`` and a flat prior. Patches ``K x K`` are taken from the tile, their tempered
+    posteriors over the tile's windows embed the coarse classes (Eq. 11), the EM (Eqs. 8-9)
+    turns class counts into ``p(l | m, n)``, which is the prediction for pixel ``(m, n)``,
+    upsampled back to the input resolution. Runs jitted (a documented entry point).
+
+    Because every variance is equal and the prior flat, the posterior only needs the cross term
+    ``<mu_s, x>`` and the window norms ``|mu_s|^2``: one correlation with ``C`` features.
+
+    Args:
+      key: PRNG key for patch sampling.
+      image: ``[H, W, C]`` imagery (uint8/uint16 scaled to ``[0, 1]``, or float).
+      classes: ``[H, W]`` int coarse class index per pixel (rows of ``label_given_class``).
+      label_given_class: ``[Cc, n]`` ``p(l | c)``.
+      patch_size: ``K`` (odd), at the downsampled resolution.
+      var: the fixed variance ``sigma^2``.
+      downsample: block-averaging factor (1 = full resolution).
+      sample_fraction: patches sampled with replacement ``= round(fraction * H * W)`` (the paper
+        used about ``0.05 W^2`` for a ``W x W`` tile); ``None`` = every window once (dense).
+      temperature: ``T``; ``None`` = ``K^2`` (per-pixel likelihood, the original setting).
+      iters: EM iterations.
+      wrap: allow windows that wrap around the tile border (toroidal); by default only windows
+        lying inside the tile are positions.
+      class_spread: ``"window"`` (Eq. 11, the patch's centre class over its whole window) or
+        ``"pixel"`` (each pixel's own class embedded where it maps, Eq. 6 applied to classes).
+      min_share: table entries below this share are set to zero before normalising (published
+        tables are rounded to 0.01, so e.g. 1 % "water" in forest cells is rounding noise that
+        the EM would otherwise have to place somewhere). ``0`` keeps the table as given.
+      adapt_rounds: rounds of :func:`adapt_compositions` (``0`` = the paper's plain EM).
+      adapt_strength: evidence per coarse cell for the tile's own compositions.
+      concentration: Dirichlet concentration of the compositions around the table, scalar or
+        ``[Cc]`` (see :func:`dirichlet_concentration`; the NLCD table's s.d. give ~1).
+      cell_size: side of one coarse cell in input pixels (30 for NLCD at 1 m); the evidence of
+        class ``c`` is ``adapt_strength * (pixels of class c) / cell_size^2``.
+      class_prior: ``p(c)`` of the EM (Eq. 7): ``None`` = the tile's observed class proportions
+        (the paper); ``"uniform"`` = every row of the table equally, present in the tile or not
+        (the published notebook's variant, which pulls labels toward absent classes'
+        compositions; rows that are all zero get no weight); or a ``[Cc]`` array.
+      chunk: patches per posterior batch (bounds memory; default: at most 256 patches with
+        ``[chunk, h, w]`` under ~256 MB on the matrix-product route, ~64 MB otherwise).
+
+    Returns:
+      ``[H, W, n]`` per-pixel label probabilities.
+    """
+    table = jnp.asarray(label_given_class, jnp.float32)
+    check_rank("label_given_class", table, 2, "[Cc, n]")
+    image, classes, present, n_patches = _check_sampling(
+        image, classes, table.shape[0], patch_size, downsample, var, class_spread,
+        sample_fraction, chunk,
+    )
+    if present is not None:
+        check_distribution_table("label_given_class", table, present)
+    if not 0 <= min_share < 1:
+        raise ValueError(f"min_share: expected a share in [0, 1), got {min_share}")
+    if adapt_rounds < 0 or adapt_strength < 0:
+        raise ValueError(
+            f"adapt_rounds/adapt_strength: expected >= 0, got {adapt_rounds}/{adapt_strength}"
+        )
+    if isinstance(class_prior, str):
+        if class_prior != "uniform":
+            raise ValueError(
+                f"class_prior: expected None, 'uniform' or a [Cc] array, got {class_prior!r}"
+            )
+        class_prior = (jnp.sum(table, axis=1) > 0).astype(jnp.float32)  # every defined row
+    counts = _counts(
+        key, image, classes, present, table.shape[0], n_patches, patch_size=patch_size, var=var,
+        downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
+        chunk=chunk,
+    )
+    table = _normalise(table, axis=1)
+    table = jnp.where(table >= min_share, table, 0.0)
+    pixels = jnp.bincount(classes.ravel(), length=table.shape[0]).astype(jnp.float32)
+    probs, _ = adapt_compositions(
+        counts,
+        table,
+        evidence=adapt_strength * pixels / cell_size**2,
+        concentration=concentration,
+        rounds=adapt_rounds,
+        iters=iters,
+        class_prior=class_prior,
+    )
+    return _upsample(probs, downsample, image.shape[:2])
