@@ -346,7 +346,7 @@ def test_bad_inputs(rng):
 
 
 def _fake_lila_tree(root):
-    from tests.test_chesapeake import _fake_lila
+    from tests.data.test_chesapeake import _fake_lila
 
     _fake_lila(root)  # South: wv train, two 40 x 50 tiles
     _fake_lila(root, state="pa", year=2013, split="test", names=("m_3_sw_18_1",))  # North
@@ -357,7 +357,7 @@ def _compose(overrides):
 
     from hydra import compose, initialize_config_dir
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         return compose(config_name="segment", overrides=overrides)
 

@@ -16,7 +16,7 @@ import tifffile
 
 from epilsr.io import checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(module: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -223,7 +223,7 @@ def test_train_driver_two_processes(tmp_path):
 
 def test_lsr_driver_on_lila_north(tmp_path):
     """+exp=chesapeake runs LSR on the North test split of a LILA-style tree (raster.states)."""
-    from tests.test_chesapeake import _fake_lila
+    from tests.data.test_chesapeake import _fake_lila
 
     _fake_lila(tmp_path / "lila", state="wv", split="train")  # South: must not be read
     _fake_lila(tmp_path / "lila", state="pa", year=2013, split="test", names=("m_9_sw_18_1",))

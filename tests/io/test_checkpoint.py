@@ -19,7 +19,7 @@ from epilsr import Epitome, init_epitome
 from epilsr.io import checkpoint
 from epilsr.train import TrainState, make_train_step, train_init
 
-WORKER = Path(__file__).with_name("_subprocess_worker.py")
+WORKER = Path(__file__).parents[1] / "_subprocess_worker.py"
 OPT = optax.adam(1e-2)
 STEP = make_train_step(optimizer=OPT, temperature=1.0, promotion_threshold=0.05)
 
