@@ -19,6 +19,7 @@ from epilsr._validate import check_index_range, check_rank
 from epilsr.correlate import box_spread, circular_correlate_adjoint
 from epilsr.epitome import Epitome
 from epilsr.likelihood import log_posterior
+from epilsr.parallel import _auto_mesh
 
 __all__ = [
     "embed_labels",
@@ -213,8 +214,6 @@ def make_accumulate_step(
     part = functools.partial(fn, **hyper)
     if mesh is None:
         return jax.jit(part)
-    from epilsr.parallel import _auto_mesh
-
     mesh = _auto_mesh(mesh)
     rep = NamedSharding(mesh, PartitionSpec())
     bat = NamedSharding(mesh, PartitionSpec("data"))

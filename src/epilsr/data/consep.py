@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
+
+from epilsr.data.chesapeake import data_root
 
 __all__ = [
     "INFLAMMATORY",
@@ -69,8 +72,6 @@ class ConsepSet(NamedTuple):
 
 def consep_root() -> Path:
     """``<data_root()>/consep``: ``$EPILSR_DATA/consep`` or ``../shared/data/consep``."""
-    from epilsr.data.chesapeake import data_root
-
     return data_root() / "consep"
 
 
@@ -97,8 +98,6 @@ def find_patches(root: str | os.PathLike) -> list[str]:
 
 def load_consep(root: str | os.PathLike, names: list[str] | None = None) -> ConsepSet:
     """Reads images, type masks and instance maps of ``names`` (default: all) under ``root``."""
-    from PIL import Image
-
     root = _check_root(root)
     names = find_patches(root) if names is None else list(names)
     images, types, instances = [], [], []

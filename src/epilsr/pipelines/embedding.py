@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+from tqdm.auto import tqdm
 
 from epilsr.embed import (
     accumulate_classes,
@@ -15,6 +16,7 @@ from epilsr.embed import (
 from epilsr.epitome import Epitome
 from epilsr.lsr import super_resolve
 from epilsr.metrics import NODATA_LABEL
+from epilsr.parallel import replicate, shard_batch
 from epilsr.samplers import sample_labelled_patches
 
 __all__ = [
@@ -98,8 +100,6 @@ def centre_valid(
 def _shard(x: jax.Array, mesh) -> jax.Array:
     if mesh is None:
         return x
-    from epilsr.parallel import shard_batch
-
     return shard_batch(np.asarray(x), mesh)
 
 
@@ -114,12 +114,8 @@ def _embed_loop(
     step = make_accumulate_step(fn, mesh=mesh, temperature=temperature, method=method)
     counts = jnp.zeros((*epitome.prior_logits.shape, n_out), jnp.float32)
     if mesh is not None:
-        from epilsr.parallel import replicate
-
         counts, epitome = replicate(counts, mesh), replicate(epitome, mesh)
     draw = jax.jit(draw)
-    from tqdm.auto import tqdm
-
     for i in tqdm(range(num_batches), disable=not progress, desc=desc, unit="batch"):
         patches, targets = draw(jax.random.fold_in(key, i))
         counts = step(counts, epitome, _shard(patches, mesh), _shard(targets, mesh))

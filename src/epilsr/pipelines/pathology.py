@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.typing import ArrayLike
+from skimage.color import rgb2hed
 
 from epilsr import metrics
 from epilsr.correlate import box_sum
@@ -80,8 +81,6 @@ def hematoxylin(images: ArrayLike) -> np.ndarray:
     Returns:
       ``[..., H, W]`` float32 (higher = more nuclear stain).
     """
-    from skimage.color import rgb2hed
-
     images = np.asarray(images)
     if images.ndim < 3 or images.shape[-1] != 3:
         raise ValueError(f"images: expected [..., H, W, 3] RGB, got shape {images.shape}")
