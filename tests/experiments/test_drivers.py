@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from epilsr.data.chesapeake import data_root
 from epilsr.io import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -236,3 +237,20 @@ def test_lsr_driver_on_lila_north(tmp_path):
     assert list(results["tiles"]) == ["m_9_sw_18_1"]
     assert {r["window"] for r in results["pooled"] if r["method"] == "lsr"} == {32, 64}
     assert (out / "m_9_sw_18_1" / "lsr_W32_labels.tif").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (data_root() / "consep").is_dir(), reason="needs ../shared/data/consep")
+def test_til_driver_tiny_run(tmp_path):
+    """The TIL driver's stages run end to end on real CoNSeP patches (tiny settings)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "experiments.til", "data.eval_patches=4", "epitome.steps=5",
+         "epitome.batch=8", "embed.n_patches=500", "self.eval_patches=2", "eval.n_boot=10",
+         "eval.pictures=1", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"mean hematoxylin", "div epitomic LSR @64", "self-epitomic LSR @128"} <= set(
+        results["methods"])
+    assert len(list(tmp_path.glob("*.png"))) == 3
