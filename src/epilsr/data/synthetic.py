@@ -646,34 +646,58 @@ def make_scene(
     shape = (h, w)
     area = h * w / 512.0**2
     lin = math.sqrt(h * w) / 512.0
+    # The order of the random draws below defines the scene: keep it.
+    f = {name: _Smooth(rng, shape, scale) for name, scale in _LAND_FIELDS}
+    cv = _rural_background(h, w, f)
+    _add_water(rng, cv, area, lin)
+    _add_developed(rng, cv, f["retention"], area, lin)
+    f.update({name: _Smooth(rng, shape, scale) for name, scale in _RENDER_FIELDS})
+    _set_heights(cv, f)
+    image = _render(rng, cv, f, noise)
+    labels = cv.labels.astype(np.int32)
+    classes, table = _coarse_classes(cv.labels, block)
+    return Scene(
+        image=image,
+        labels=labels,
+        classes=classes,
+        label_given_class=table,
+        class_names=CLASS_NAMES,
+        label_names=LABEL_NAMES,
+    )
 
-    # ---- smooth fields --------------------------------------------------------------
-    forest_n = _Smooth(rng, shape, 64.0)
-    forest_n2 = _Smooth(rng, shape, 12.0)
-    clearing_n = _Smooth(rng, shape, 6.0)
-    tone_n = _Smooth(rng, shape, 40.0)  # field parcels; hedgerows along its zero set
-    tone_g = tone_n.grad_norm()
-    hedge_n = _Smooth(rng, shape, 60.0)
-    ftree_n = _Smooth(rng, shape, 6.0)
-    cluster_n = _Smooth(rng, shape, 30.0)
-    crown = _Smooth(rng, shape, 2.0)  # full resolution: crown texture
-    retention_n = _Smooth(rng, shape, 9.0)
 
-    # ---- rural background -----------------------------------------------------------
+# Smooth random fields (name, length scale in px), drawn in this order before the land cover,
+# then the rendering ones after it.
+_LAND_FIELDS = (
+    ("forest", 64.0), ("forest2", 12.0), ("clearing", 6.0),
+    ("tone", 40.0),  # field parcels; hedgerows along its zero set
+    ("hedge", 60.0), ("ftree", 6.0), ("cluster", 30.0),
+    ("crown", 2.0),  # full resolution: crown texture
+    ("retention", 9.0),
+)
+_RENDER_FIELDS = (("conifer", 70.0), ("turbid", 25.0), ("soil", 45.0), ("jitter", 25.0))
+
+
+def _rural_background(h: int, w: int, f: dict) -> _Canvas:
+    """Forest, hedgerows along field-parcel edges and field trees over low vegetation."""
     cv = _Canvas(h, w)
+    tone_g = f["tone"].grad_norm()
     for r0, r1 in _row_chunks(h, w):
-        cr = crown.window(r0, r1)
-        v = 0.9 * forest_n.window(r0, r1) + 0.33 * forest_n2.window(r0, r1) + 0.12 * cr
-        forest = (v > 0.2) & (clearing_n.window(r0, r1) < 2.3)
-        tone = tone_n.window(r0, r1) - _TONE0
-        hedge = (np.abs(tone) < 1.6 * tone_g.window(r0, r1)) & (hedge_n.window(r0, r1) > 0.7)
+        cr = f["crown"].window(r0, r1)
+        v = 0.9 * f["forest"].window(r0, r1) + 0.33 * f["forest2"].window(r0, r1) + 0.12 * cr
+        forest = (v > 0.2) & (f["clearing"].window(r0, r1) < 2.3)
+        tone = f["tone"].window(r0, r1) - _TONE0
+        hedge = (np.abs(tone) < 1.6 * tone_g.window(r0, r1)) & (f["hedge"].window(r0, r1) > 0.7)
         hedge &= cr > -1.2  # gaps
-        ftree = ftree_n.window(r0, r1) > 2.8 - 0.5 * cluster_n.window(r0, r1)
+        ftree = f["ftree"].window(r0, r1) > 2.8 - 0.5 * f["cluster"].window(r0, r1)
         tree = forest | hedge | ftree & (v > -0.3)
         cv.labels[r0:r1] = np.where(tree, TREE_CANOPY, LOW_VEGETATION)
         cv.material[r0:r1] = np.where(tree, M_TREE, M_FIELD)
+    return cv
 
-    # ---- water ------------------------------------------------------------------------
+
+def _add_water(rng: np.random.Generator, cv: _Canvas, area: float, lin: float) -> None:
+    """Rivers and ponds; at least one of either."""
     n_rivers = int(rng.poisson(0.45 * lin))
     n_ponds = int(rng.poisson(0.7 * area))
     if n_rivers + n_ponds == 0:
@@ -686,91 +710,105 @@ def make_scene(
     for _ in range(n_ponds):
         _add_pond(rng, cv)
 
-    # ---- developed areas --------------------------------------------------------------
+
+def _add_developed(rng, cv: _Canvas, retention, area: float, lin: float) -> None:
+    """Suburbs (at least one), commercial areas and roads (at least one)."""
     for _ in range(max(1, int(rng.poisson(1.2 * area)))):
-        _add_suburb(rng, cv, retention_n)
+        _add_suburb(rng, cv, retention)
     for _ in range(int(rng.poisson(0.3 * area))):
         _add_commercial(rng, cv)
     for _ in range(max(1, int(rng.poisson(1.5 * lin)))):
         _add_road(rng, cv)
 
-    # ---- fields used for heights and rendering only ------------------------------------
-    conifer_n = _Smooth(rng, shape, 70.0)
-    turbid_n = _Smooth(rng, shape, 25.0)
-    soil_n = _Smooth(rng, shape, 45.0)
-    jitter_n = _Smooth(rng, shape, 25.0)
 
-    # ---- heights: canopy without a crown profile gets a forest canopy height ------------
+def _set_heights(cv: _Canvas, f: dict) -> None:
+    """Canopy without a crown profile gets a forest canopy height; the ground is at 0."""
+    h, w = cv.labels.shape
     for r0, r1 in _row_chunks(h, w):
         lab, hgt = cv.labels[r0:r1], cv.height[r0:r1]
-        cr = crown.window(r0, r1)
+        cr = f["crown"].window(r0, r1)
         is_tree = lab == TREE_CANOPY
-        forest_h = 11.0 + 4.0 * np.tanh(1.2 * cr) + 2.0 * conifer_n.window(r0, r1)
+        forest_h = 11.0 + 4.0 * np.tanh(1.2 * cr) + 2.0 * f["conifer"].window(r0, r1)
         hgt[:] = np.where(is_tree, np.where(hgt > 0, hgt + 0.8 * cr, forest_h), hgt)
         hgt[(lab != TREE_CANOPY) & (lab != IMPERVIOUS)] = 0.0
         hgt[(lab == IMPERVIOUS) & (cv.material[r0:r1] < M_FLATROOF)] = 0.0
 
-    # ---- render -------------------------------------------------------------------------
+
+def _albedo(lab: np.ndarray, mat: np.ndarray, f: dict, r0: int, r1: int) -> np.ndarray:
+    """``[n, W, 4]`` surface reflectance: materials varied by soil, dryness, conifers, turbidity."""
+    alb = _PALETTE[mat]
+    m = mat == M_FIELD
+    t = 0.5 + 0.5 * np.tanh(2.0 * (f["tone"].window(r0, r1)[m] - _TONE0))
+    fa = _PALETTE[M_FIELD] + t[:, None] * (_FIELD_DRY - _PALETTE[M_FIELD])
+    t = 0.5 + 0.5 * np.tanh(4.0 * (f["soil"].window(r0, r1)[m] - 0.9))
+    alb[m] = fa + t[:, None] * (_SOIL - fa)
+    m = lab == TREE_CANOPY
+    t = np.clip(0.5 + 0.6 * f["conifer"].window(r0, r1)[m], 0.0, 1.0)
+    alb[m] = _PALETTE[M_TREE] + t[:, None] * (_CONIFER - _PALETTE[M_TREE])
+    m = lab == WATER
+    t = np.clip(0.4 + 0.4 * f["turbid"].window(r0, r1)[m], 0.0, 1.0)
+    alb[m] = _PALETTE[M_WATER] + t[:, None] * (_TURBID - _PALETTE[M_WATER])
+    return alb
+
+
+def _shading(cv: _Canvas, f: dict, shadow: np.ndarray, sun_step, r0: int, r1: int) -> np.ndarray:
+    """``[n, W]`` brightness multiplier: slope towards the sun, crown texture, cast shadows."""
+    lab, mat = cv.labels[r0:r1], cv.material[r0:r1]
+    (ey, ex), step = sun_step
+    h, w = lab.shape[0], lab.shape[1]
+    full_h = cv.height.shape[0]
+    # slope towards the sun (central difference on the height map)
+    pad = np.pad(
+        cv.height[max(0, r0 - 1) : min(full_h, r1 + 1)],
+        ((int(r0 == 0), int(r1 == full_h)), (1, 1)),
+        mode="edge",
+    )
+    fwd = pad[1 + ey : 1 + ey + h, 1 + ex : 1 + ex + w]
+    bwd = pad[1 - ey : 1 - ey + h, 1 - ex : 1 - ex + w]
+    g = (fwd - bwd) / (2.0 * step)
+    cr = f["crown"].window(r0, r1)
+    mult = 1.0 + 0.1 * f["jitter"].window(r0, r1)
+    is_tree = lab == TREE_CANOPY
+    mult[is_tree] *= (0.78 + 0.45 * np.tanh(1.2 * cr[is_tree])) * (
+        1.0 + 0.12 * np.clip(g[is_tree], -2.5, 2.5)
+    )
+    grass = lab == LOW_VEGETATION
+    mult[grass] *= 1.0 + 0.05 * cr[grass]
+    roof = (mat >= M_FLATROOF) & (lab == IMPERVIOUS)
+    gr = g[roof]
+    mult[roof] *= 1.0 + np.where(np.abs(gr) < 1.2, 0.35 * gr, 0.0)
+    paved = (lab == IMPERVIOUS) & ~roof
+    mult[paved] *= 1.0 + 0.04 * cr[paved]
+    sh = shadow[r0:r1]
+    mult[sh] *= np.where(lab[sh] == WATER, 0.7, 0.45)
+    return mult
+
+
+def _render(rng: np.random.Generator, cv: _Canvas, f: dict, noise: float) -> np.ndarray:
+    """``[H, W, 4]`` float32 imagery in ``[0, 1]``: albedo x shading under a random sun, + noise."""
+    h, w = cv.labels.shape
     az = rng.uniform(0.0, 2.0 * math.pi)
     sun = (math.sin(az), math.cos(az))  # (dy, dx) towards the sun
     px_per_m = rng.uniform(0.35, 0.6)  # shadow length per metre of height
     shadow = _cast_shadows(cv.height, sun, px_per_m)
     e = max(abs(sun[0]), abs(sun[1]))
     ey, ex = int(round(sun[0] / e)), int(round(sun[1] / e))
-    step = math.hypot(ey, ex)
+    sun_step = ((ey, ex), math.hypot(ey, ex))
     image = np.empty((h, w, 4), dtype=np.float32)
     for r0, r1 in _row_chunks(h, w):
-        lab, mat = cv.labels[r0:r1], cv.material[r0:r1]
-        alb = _PALETTE[mat]
-        m = mat == M_FIELD
-        t = 0.5 + 0.5 * np.tanh(2.0 * (tone_n.window(r0, r1)[m] - _TONE0))
-        fa = _PALETTE[M_FIELD] + t[:, None] * (_FIELD_DRY - _PALETTE[M_FIELD])
-        t = 0.5 + 0.5 * np.tanh(4.0 * (soil_n.window(r0, r1)[m] - 0.9))
-        alb[m] = fa + t[:, None] * (_SOIL - fa)
-        m = lab == TREE_CANOPY
-        t = np.clip(0.5 + 0.6 * conifer_n.window(r0, r1)[m], 0.0, 1.0)
-        alb[m] = _PALETTE[M_TREE] + t[:, None] * (_CONIFER - _PALETTE[M_TREE])
-        m = lab == WATER
-        t = np.clip(0.4 + 0.4 * turbid_n.window(r0, r1)[m], 0.0, 1.0)
-        alb[m] = _PALETTE[M_WATER] + t[:, None] * (_TURBID - _PALETTE[M_WATER])
-
-        # slope towards the sun (central difference on the height map)
-        pad = np.pad(
-            cv.height[max(0, r0 - 1) : min(h, r1 + 1)],
-            ((int(r0 == 0), int(r1 == h)), (1, 1)),
-            mode="edge",
-        )
-        n = r1 - r0
-        fwd = pad[1 + ey : 1 + ey + n, 1 + ex : 1 + ex + w]
-        bwd = pad[1 - ey : 1 - ey + n, 1 - ex : 1 - ex + w]
-        g = (fwd - bwd) / (2.0 * step)
-
-        cr = crown.window(r0, r1)
-        mult = 1.0 + 0.1 * jitter_n.window(r0, r1)
-        is_tree = lab == TREE_CANOPY
-        mult[is_tree] *= (0.78 + 0.45 * np.tanh(1.2 * cr[is_tree])) * (
-            1.0 + 0.12 * np.clip(g[is_tree], -2.5, 2.5)
-        )
-        grass = lab == LOW_VEGETATION
-        mult[grass] *= 1.0 + 0.05 * cr[grass]
-        roof = (mat >= M_FLATROOF) & (lab == IMPERVIOUS)
-        gr = g[roof]
-        mult[roof] *= 1.0 + np.where(np.abs(gr) < 1.2, 0.35 * gr, 0.0)
-        paved = (lab == IMPERVIOUS) & ~roof
-        mult[paved] *= 1.0 + 0.04 * cr[paved]
-        sh = shadow[r0:r1]
-        mult[sh] *= np.where(lab[sh] == WATER, 0.7, 0.45)
-
-        img = alb
-        img *= mult[..., None]
+        img = _albedo(cv.labels[r0:r1], cv.material[r0:r1], f, r0, r1)
+        img *= _shading(cv, f, shadow, sun_step, r0, r1)[..., None]
         if noise > 0:
             img += noise * rng.standard_normal(img.shape, dtype=np.float32)
         np.clip(img, 0.0, 1.0, out=img)
         image[r0:r1] = img
-    del shadow, crown
+    return image
 
-    # ---- coarse classes -----------------------------------------------------------------
-    comp = block_composition(cv.labels, block)
+
+def _coarse_classes(labels: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[H, W]`` class of each pixel's block and the scene's ``label_given_class`` (the mean
+    composition of the blocks of each class, or the default row for absent classes)."""
+    comp = block_composition(labels, block)
     cls = classify_blocks(comp)
     table = DEFAULT_LABEL_GIVEN_CLASS.copy()
     for c in range(len(CLASS_NAMES)):
@@ -778,14 +816,4 @@ def make_scene(
         if sel.any():
             row = comp[sel].mean(axis=0)
             table[c] = row / row.sum()
-    classes = np.repeat(np.repeat(cls, block, axis=0), block, axis=1)
-    labels = cv.labels.astype(np.int32)
-    del cv
-    return Scene(
-        image=image,
-        labels=labels,
-        classes=classes,
-        label_given_class=table,
-        class_names=CLASS_NAMES,
-        label_names=LABEL_NAMES,
-    )
+    return np.repeat(np.repeat(cls, block, axis=0), block, axis=1), table
