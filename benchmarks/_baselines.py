@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import format_table
+
 LOG_2PI = math.log(2.0 * math.pi)
 RESULTS = Path(__file__).parent / "results"
 
@@ -202,13 +204,8 @@ def device_peak(reset: bool = False) -> int | None:
 
 
 def table(header: list[str], rows: list[list]) -> str:
-    cells = [header] + [
-        [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(wd) for c, wd in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * wd for wd in widths))
-    return "\n".join(lines)
+    """The benchmarks' text table: right-aligned, floats to 3 significant digits."""
+    return format_table(header, rows, floats=".3g", align="right")
 
 
 def write_json(name: str, payload: dict, out: str | None = None) -> Path:

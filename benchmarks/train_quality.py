@@ -48,6 +48,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.common import format_table
+
 REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS: dict[str, list[str]] = {
@@ -209,14 +211,6 @@ def quality(epitome_path: Path, patches: dict) -> dict:
     return out
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1500, help="train.steps of every run")
@@ -300,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"LL/px@11 from the driver's results.json; worstQ / LL/px on {args.eval_patches} fixed "
         "patches per width"
     )
-    print(_table(header, rows))
+    print(format_table(header, rows, floats=".4f", align="right"))
     print("\nheld-out coverage curve (driver, every eval.every steps):")
     for setting, r in runs.items():
         pts = r["curve"]

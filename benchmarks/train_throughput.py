@@ -57,6 +57,7 @@ import optax  # noqa: E402
 import epilsr  # noqa: E402
 from epilsr import train  # noqa: E402
 from epilsr.correlate import _auto_method  # noqa: E402
+from experiments.common import format_table  # noqa: E402
 
 N, LAYERS, CHANNELS, BATCH = 299, 1, 4, 256
 
@@ -225,16 +226,6 @@ def scale(k, devices, state0, optimizer, step_auto, *, steps, sgd_check, collect
     return out
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    cells = [header] + [
-        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps per setting (after warm-up)")
@@ -339,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"train step, N={N} L={LAYERS} C={CHANNELS} B={BATCH}, median of {args.steps} steps "
         f"({args.direct_steps} for direct, {args.scaling_steps} for sharded)"
     )
-    print(_table(header, rows))
+    print(format_table(header, rows, floats=".4g", align="right"))
     for k, by_dev in scaling.items():
         for n_, v in by_dev.items():
             if v.get("all_gathers"):

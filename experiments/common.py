@@ -96,11 +96,15 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def format_table(header: list[str], rows: list[list]) -> str:
-    """A plain fixed-width text table."""
-    cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+def format_table(
+    header: list[str], rows: list[list], *, floats: str = ".4f", align: str = "left"
+) -> str:
+    """A plain fixed-width text table (floats formatted with ``floats``; ``align`` left/right)."""
+    cells = [header] + [[f"{v:{floats}}" if isinstance(v, float) else str(v) for v in r]
+                        for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    pad = str.ljust if align == "left" else str.rjust
+    lines = ["  ".join(pad(c, w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
