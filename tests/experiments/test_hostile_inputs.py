@@ -158,3 +158,42 @@ def test_train_rerun_falls_back_refuses_other_settings_and_starts_a_new_log(tmp_
     assert _steps(old) == [1, 2, 3, 4] and (old / "checkpoints" / "E").is_dir()
     assert sorted(p.name for p in ckpts.glob("*.npz")) == ["checkpoint_000000002.npz"]
     shutil.rmtree(out)
+
+
+def _raise(err):
+    def main():
+        raise err
+
+    return main
+
+
+@pytest.mark.parametrize("err, needle", [
+    (FileExistsError(17, "File exists", "/out/x.tif"), "FileExistsError: [Errno 17] File exists"),
+    (PermissionError(30, "Read-only file system", "/ro/out"), "Read-only file system: '/ro/out'"),
+    (MemoryError(), "out of memory (MemoryError)"),
+    (ValueError("t.tif: bad\nthing"), "t.tif: bad thing"),
+])
+def test_one_line_handler_catches_what_escaped(monkeypatch, capsys, err, needle):
+    from experiments.common import one_line_errors
+
+    monkeypatch.setattr("sys.argv", ["driver"])
+    with pytest.raises(SystemExit) as info:
+        one_line_errors(_raise(err))()
+    assert info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and needle in stderr
+
+
+def test_one_line_handler_imagecodecs_and_debug(monkeypatch, capsys):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from experiments.common import one_line_errors
+
+    monkeypatch.setattr("sys.argv", ["driver"])
+    with pytest.raises(SystemExit):
+        one_line_errors(_raise(imagecodecs.DeflateError("libdeflate_zlib_decompress", 1)))()
+    assert "LIBDEFLATE_BAD_DATA" in capsys.readouterr().err
+    with pytest.raises(TypeError):  # a bug, not a user error: the traceback stays
+        one_line_errors(_raise(TypeError("bug")))()
+    monkeypatch.setattr("sys.argv", ["driver", "debug=true"])
+    with pytest.raises(ValueError):
+        one_line_errors(_raise(ValueError("x")))()
