@@ -95,10 +95,18 @@ def _truncate_log(path: Path, stage: str, step: int) -> None:
 _RUN_FILES = ("metrics.jsonl", "run_settings.json", "results.json", "epitome.npz", "checkpoints")
 
 
+#: Settings that do not change the training trajectory (read limits, prefetch depth).
+_NOT_SETTINGS = {"data": ("max_pixels", "max_bytes", "warn_mpx"), "train": ("prefetch",)}
+
+
 def _run_settings(cfg) -> dict:
     """What a resumed run must share with the checkpoints' run (the training trajectory)."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
-            else cfg[k] for k in ("seed", "model", "train", "data")}
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+           else cfg[k] for k in ("seed", "model", "train", "data")}
+    for group, keys in _NOT_SETTINGS.items():
+        for k in keys:
+            out[group].pop(k, None)
+    return out
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
