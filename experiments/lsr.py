@@ -123,6 +123,7 @@ def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str)
         label_names=tile.label_names,
         label_colors=tile.label_colors,
         progress=False,
+        resume=bool(cfg.get("resume", True)),
     )
     return tifffile.imread(run.labels)
 

@@ -39,6 +39,7 @@ from experiments.common import (
     format_table,
     iter_tiles,
     one_line_errors,
+    read_limits,
 )
 
 log = logging.getLogger("epilsr.segment")
@@ -60,7 +61,7 @@ def lila_tiles(group) -> list[LabelledTile]:
     stems = chesapeake.find_lila_tiles(group.root, states=list(group.states), split=group.split)
     out = []
     for stem in stems[: int(group.max_tiles)]:
-        t = chesapeake.load_tile(stem)
+        t = chesapeake.load_tile(stem, **read_limits(group))
         h, w = t.image.shape[:2]
         c = min(int(group.crop), h, w)
         r0, c0 = (h - c) // 2, (w - c) // 2

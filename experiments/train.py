@@ -3,13 +3,22 @@
     python -m experiments.train +exp=demo
     python -m experiments.train +exp=chesapeake_wv data.root=../shared/data/chesapeake_wv
     python -m experiments.train +exp=chesapeake data.root=/path/to/lila
-    python -m experiments.train +exp=demo +resume=outputs/train/<run>/checkpoints
+    python -m experiments.train +exp=demo hydra.run.dir=outputs/train/<run>   # continue it
+    python -m experiments.train +exp=demo resume=false hydra.run.dir=outputs/train/<run>
+    python -m experiments.train +exp=demo resume=outputs/train/<run>/checkpoints
 
 Writes into Hydra's output directory: ``metrics.jsonl`` (one JSON line per step, plus held-out
-evaluations), ``checkpoints/step_*.npz`` (the whole TrainState, atomic), ``epitome.npz``
+evaluations), ``run_settings.json`` (what a resume must match), ``checkpoints/<stage>/
+checkpoint_*.npz`` (the whole TrainState, atomic), ``epitome.npz``
 (loadable with ``epilsr.io.checkpoint.load_epitome``), and PNGs of the epitome means and of the
 location-promotion counters. Each step's patches are drawn with ``fold_in(seed_key, step)``, so
 a resumed run continues exactly where the killed one stopped.
+
+``resume`` (default ``true``): a rerun into a folder with checkpoints continues from the newest
+*readable* one (damaged files are skipped with a warning) if the settings match, and refuses
+otherwise; ``resume=false`` starts over, moving the previous run's log, checkpoints and results
+to ``previous_run_<n>/`` (never appending to the old ``metrics.jsonl``); a path resumes from that
+checkpoint file or folder. Leftover ``.tmp`` files of a killed run are removed at start.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,6 +92,113 @@ def _truncate_log(path: Path, stage: str, step: int) -> None:
     tmp.replace(path)
 
 
+_RUN_FILES = ("metrics.jsonl", "run_settings.json", "results.json", "epitome.npz", "checkpoints")
+
+
+#: Settings that do not change the training trajectory (read limits, prefetch depth).
+_NOT_SETTINGS = {"data": ("max_pixels", "max_bytes", "warn_mpx"), "train": ("prefetch",)}
+
+
+def _run_settings(cfg) -> dict:
+    """What a resumed run must share with the checkpoints' run (the training trajectory)."""
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+           else cfg[k] for k in ("seed", "model", "train", "data")}
+    for group, keys in _NOT_SETTINGS.items():
+        for k in keys:
+            out[group].pop(k, None)
+    return out
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _clean_tmp(out: Path) -> None:
+    """Temporary files of a killed run (the folder is locked: no other writer)."""
+    for pattern in (".*.tmp", "*.tmp", "checkpoints/*/.*.tmp"):
+        for tmp in out.glob(pattern):
+            if tmp.is_file():
+                log.info("removing leftover temporary file %s", tmp)
+                tmp.unlink()
+
+
+def _move_aside(out: Path, why: str) -> Path | None:
+    """Moves the previous run's log, checkpoints and results to ``previous_run_<n>/``."""
+    found = [out / f for f in _RUN_FILES if (out / f).exists()]
+    if not found:
+        return None
+    n = 1 + max([int(p.name.rsplit("_", 1)[1]) for p in out.glob("previous_run_*")
+                 if p.name.rsplit("_", 1)[1].isdigit()], default=0)
+    dest = out / f"previous_run_{n}"
+    dest.mkdir()
+    for f in found:
+        shutil.move(str(f), dest / f.name)
+    log.warning("%s: moved the previous run's %s to %s (%s)", out, ", ".join(f.name for f in found),
+                dest, why)
+    return dest
+
+
+def prepare_run_folder(out: Path, cfg, resume) -> str | Path | None:
+    """Decides what ``run_stage`` resumes from (see the module docstring); process 0 only.
+
+    Returns None (fresh start), the folder's own ``checkpoints`` (``resume=true`` and a
+    compatible previous run) or the user's path. Raises ``ValueError`` when ``resume=true``
+    meets checkpoints of other settings.
+    """
+    _clean_tmp(out)
+    settings = _run_settings(cfg)
+    saved = out / "run_settings.json"
+    ckpts = out / "checkpoints"
+    has_ckpts = any(ckpts.glob("*/checkpoint_*.npz"))
+    result = None
+    if resume is True:
+        if has_ckpts and saved.exists():
+            changed = _changed(json.loads(saved.read_text()), settings)
+            if changed:
+                raise ValueError(
+                    f"resume: {out} holds a run with other settings ({'; '.join(changed[:4])}); "
+                    "pass resume=false to start over (the old run is kept in previous_run_<n>/) "
+                    "or choose another hydra.run.dir"
+                )
+            result = ckpts
+        else:
+            _move_aside(out, "no resumable checkpoints of known settings; starting a new log")
+    elif resume is False:
+        _move_aside(out, "resume=false")
+    else:
+        result = resume
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    return result
+
+
+def _restore(state, name: str, resume):
+    """``state`` restored from ``resume`` (a checkpoint file, a stage folder, or a folder of
+    stage folders: the newest readable checkpoint), or unchanged when a folder of stage folders
+    has none for this stage yet (a later stage of a cascade)."""
+    path = Path(resume)
+    if path.is_file():
+        return checkpoint.restore(path, state), path
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume: {resume} is neither a checkpoint file nor a folder")
+    folder = path / name if (path / name).is_dir() else path
+    restored, found = checkpoint.restore_latest(folder, state)
+    if found is None:
+        if any(p.is_dir() for p in path.iterdir()):  # other stages' folders: this one not begun
+            log.info("no checkpoint of stage %s under %s; it starts from step 0", name, path)
+            return state, None
+        raise FileNotFoundError(f"resume: no checkpoint found under {resume}")
+    return restored, found
+
+
 def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None, resume=None):
     """Trains one epitome; returns (final state, heldout stats)."""
     tcfg = cfg.train
@@ -99,16 +216,9 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     state = train.train_init(key_data, epitome, optimizer)
     ckpt_dir = out / "checkpoints" / name
     if resume is not None:
-        path = Path(resume)
-        path = (
-            checkpoint.latest(path / name if (path / name).is_dir() else path)
-            if path.is_dir()
-            else path
-        )
-        if path is None:
-            raise FileNotFoundError(f"resume: no checkpoint found under {resume}")
-        state = checkpoint.restore(path, state)
-        log.info("resumed %s from %s at step %d", name, path, int(state.step))
+        state, path = _restore(state, name, resume)
+        if path is not None:
+            log.info("resumed %s from %s at step %d", name, path, int(state.step))
         _truncate_log(out / "metrics.jsonl", name, int(state.step))
     base_key = state.key  # host-local copy (before any replication over a mesh)
     steps = int(tcfg.steps)
@@ -217,7 +327,13 @@ def main(cfg: DictConfig) -> dict:
         out,
     )
     key = jax.random.key(int(cfg.seed))
-    resume = cfg.get("resume")
+    resume = cfg.get("resume", True)
+    if jax.process_index() == 0:
+        resume = prepare_run_folder(out, cfg, resume)
+    elif resume is True:  # other processes: their own folder's checkpoints, if any
+        resume = out / "checkpoints" if (out / "checkpoints").is_dir() else None
+    elif resume is False:
+        resume = None
     results = {}
     if not cfg.train.cascade:
         state, stats = run_stage(

@@ -66,3 +66,16 @@ def check_distribution_table(name: str, table, used_rows=None) -> np.ndarray | N
                 "expected a distribution over labels for every class that occurs"
             )
     return arr
+
+
+def check_same_grid(name: str, shape, height: int, width: int, image: str = "image") -> None:
+    """A companion raster (classes, validity mask) must cover exactly the imagery's grid:
+    a larger or smaller one is refused, never cropped or padded silently."""
+    if shape is None:
+        return
+    got = tuple(int(s) for s in tuple(shape)[:2])
+    if got != (int(height), int(width)):
+        raise ValueError(
+            f"{name}: expected a {height}x{width} raster matching the {image}, got "
+            f"{got[0]}x{got[1]} (rasters are never cropped or padded to fit)"
+        )

@@ -145,7 +145,7 @@ def test_train_driver_kill_and_resume(tmp_path):
     proc.wait()
     if (killed / "epitome.npz").exists():
         pytest.skip("the run finished before it could be killed (machine too fast)")
-    resumed = run("experiments.train", *TRAIN, f"+resume={ckpts}", f"hydra.run.dir={killed}")
+    resumed = run("experiments.train", *TRAIN, f"resume={ckpts}", f"hydra.run.dir={killed}")
     assert resumed.returncode == 0, resumed.stderr
     a = checkpoint.load_epitome(straight / "epitome.npz")
     b = checkpoint.load_epitome(killed / "epitome.npz")

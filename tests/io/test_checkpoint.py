@@ -122,6 +122,81 @@ def test_latest_ignores_temporary_files(tmp_path):
     assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint_000000012.npz"
 
 
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif how == "flipped":  # one byte of an array member changed: the zip CRC no longer matches
+        i = data.index(b"counters") + 200
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
+    else:  # a valid .npz, but not an epilsr checkpoint
+        np.savez(path, a=np.zeros(3))
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random", "flipped", "foreign"])
+def test_damaged_checkpoint_is_named_and_never_suggests_pickle(tmp_path, how):
+    state = _trained_state(steps=1)
+    path = checkpoint.save(tmp_path / "ckpt.npz", state)
+    _damage(path, how)
+    calls = [lambda: checkpoint.restore(path, state), lambda: checkpoint.verify(path)]
+    if how != "flipped":  # there the metadata alone is intact
+        calls.append(lambda: checkpoint.read_metadata(path))
+    for call in calls:
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            call()
+        msg = str(info.value)
+        assert str(path) in msg and "pickle" not in msg and "\n" not in msg
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.npz"):
+        checkpoint.restore(tmp_path / "nothere.npz", _trained_state(steps=1))
+
+
+def test_newer_format_version_is_refused(tmp_path, monkeypatch):
+    state = _trained_state(steps=1)
+    monkeypatch.setattr(checkpoint, "_FORMAT_VERSION", 2)
+    path = checkpoint.save(tmp_path / "ckpt.npz", state)
+    monkeypatch.setattr(checkpoint, "_FORMAT_VERSION", 1)
+    with pytest.raises(checkpoint.CheckpointError, match="format_version 2"):
+        checkpoint.restore(path, state)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random"])
+def test_restore_latest_falls_back_to_the_newest_readable(tmp_path, how, caplog):
+    older, newer = _trained_state(steps=1), _trained_state(steps=2)
+    checkpoint.save(checkpoint.checkpoint_path(tmp_path, 1), older)
+    bad = checkpoint.save(checkpoint.checkpoint_path(tmp_path, 2), newer)
+    _damage(bad, how)
+    assert checkpoint.latest(tmp_path) == bad  # by name
+    assert checkpoint.latest(tmp_path, readable=True) == checkpoint.checkpoint_path(tmp_path, 1)
+    with caplog.at_level("WARNING", logger="epilsr.checkpoint"):
+        state, path = checkpoint.restore_latest(tmp_path, newer)
+    assert path == checkpoint.checkpoint_path(tmp_path, 1)
+    _assert_trees_equal(state, older)
+    assert bad.name in caplog.text and "skipping unreadable checkpoint" in caplog.text
+
+
+def test_restore_latest_with_nothing_readable(tmp_path):
+    state = _trained_state(steps=1)
+    assert checkpoint.restore_latest(tmp_path, state) == (state, None)
+    _damage(checkpoint.save(checkpoint.checkpoint_path(tmp_path, 5), state), "empty")
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        checkpoint.restore_latest(tmp_path, state)
+
+
+def test_restore_latest_does_not_skip_a_template_mismatch(tmp_path):
+    checkpoint.save(checkpoint.checkpoint_path(tmp_path, 1), _trained_state(steps=1))
+    other = train_init(jax.random.key(0), init_epitome(jax.random.key(9), size=5, channels=2), OPT)
+    with pytest.raises(ValueError, match="epitome shape") as info:
+        checkpoint.restore_latest(tmp_path, other)
+    assert not isinstance(info.value, checkpoint.CheckpointError)
+
+
 def test_epitome_file(tmp_path):
     ep = init_epitome(jax.random.key(0), size=5, channels=3, layers=2)
     path = checkpoint.save_epitome(tmp_path / "sub" / "epitome.npz", ep)

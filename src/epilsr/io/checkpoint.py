@@ -14,15 +14,23 @@ Training is resumable exactly when each step's randomness is derived from the st
 The final epitome is saved separately by :func:`save_epitome` as a plain ``.npz`` with arrays
 ``mean``, ``log_var`` and ``prior_logits``, readable by :func:`load_epitome` (or ``np.load``)
 without Hydra or any training code.
+
+Loading never unpickles (``allow_pickle=False``): a truncated, empty or foreign file raises
+:class:`CheckpointError` naming the file, and every archive is validated (format, version, the
+recorded shapes and dtypes) before any value is used. :func:`restore_latest` falls back to the
+newest readable checkpoint of a folder, logging which files it skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
+import zipfile
+import zlib
 from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any
@@ -34,9 +42,12 @@ import numpy as np
 from epilsr.epitome import Epitome
 
 __all__ = [
+    "CheckpointError",
     "save",
     "restore",
+    "restore_latest",
     "latest",
+    "verify",
     "checkpoint_path",
     "read_metadata",
     "save_epitome",
@@ -48,6 +59,15 @@ _FORMAT = "epilsr.checkpoint"
 _EPITOME_FORMAT = "epilsr.epitome"
 _FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint_(\d+)\.npz$")
+#: What a damaged archive raises inside ``np.load`` / member reads (never an unpickling hint).
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError,
+                json.JSONDecodeError, UnicodeDecodeError)
+
+log = logging.getLogger("epilsr.checkpoint")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or epitome file that cannot be read: missing, truncated, corrupted, foreign."""
 
 
 def _version() -> str:
@@ -119,10 +139,67 @@ def _encode(meta: dict) -> np.ndarray:
     return np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
 
 
-def _decode(z) -> dict:
+def _decode(z, path) -> dict:
     if _META not in z.files:
-        raise ValueError("checkpoint: no __metadata__ record; not an epilsr file")
-    return json.loads(bytes(z[_META]).decode())
+        raise CheckpointError(f"{path}: no {_META} record; not an epilsr checkpoint or epitome")
+    meta = json.loads(bytes(z[_META]).decode())
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the {_META} record is not a JSON object")
+    return meta
+
+
+@contextlib.contextmanager
+def _open(path):
+    """``np.load(path, allow_pickle=False)`` as an ``NpzFile``; every read error (also inside
+    the ``with`` body, where members are decoded lazily) becomes a :class:`CheckpointError`
+    that names the file, so no message ever suggests unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as err:
+        raise CheckpointError(f"{path}: not a readable .npz archive ({_reason(err)}); the file "
+                              "is truncated, corrupted or not an epilsr checkpoint") from err
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{path}: a single .npy array, expected an epilsr .npz archive")
+    try:
+        with z:
+            yield z
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as err:
+        raise CheckpointError(f"{path}: damaged archive ({_reason(err)}); the file is "
+                              "truncated or corrupted") from err
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if "pickle" in text:  # numpy's hint to load unsafely: never pass it on
+        return "unrecognised content"
+    return f"{type(err).__name__}: {text}"
+
+
+def _check_meta(path, meta: dict, files, fmt: str) -> None:
+    """Format, version and the recorded leaves against the archive's members."""
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path}: expected a {fmt} file, got format {meta.get('format')!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= _FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} is not one this epilsr reads "
+            f"(1..{_FORMAT_VERSION}); written by epilsr {meta.get('epilsr_version')}"
+        )
+    leaves = meta.get("leaves")
+    if fmt == _FORMAT:
+        if not isinstance(leaves, dict):
+            raise CheckpointError(f"{path}: metadata lacks the 'leaves' record")
+        members = set(files) - {_META}
+        if set(leaves) != members:
+            raise CheckpointError(
+                f"{path}: metadata lists leaves {sorted(leaves)} but the archive holds "
+                f"{sorted(members)}"
+            )
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -160,8 +237,8 @@ def save(path: str | os.PathLike, state) -> Path:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a checkpoint or epitome file."""
-    with np.load(path, allow_pickle=False) as z:
-        return _decode(z)
+    with _open(path) as z:
+        return _decode(z, path)
 
 
 def restore(path: str | os.PathLike, template):
@@ -176,14 +253,23 @@ def restore(path: str | os.PathLike, template):
       A pytree like ``template`` holding the saved values (exact bit copies).
 
     Raises:
+      FileNotFoundError: no such file.
+      CheckpointError: the file is truncated, corrupted, of another format or version, or its
+        arrays disagree with its own metadata.
       ValueError: if a leaf is missing or extra, or its shape or dtype differs from the
         template; an epitome-shape mismatch names both shapes.
     """
-    with np.load(path, allow_pickle=False) as z:
-        meta = _decode(z)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path}: expected a {_FORMAT} file, got {meta.get('format')!r}")
+    with _open(path) as z:
+        meta = _decode(z, path)
+        _check_meta(path, meta, z.files, _FORMAT)
         saved = {name: z[name] for name in z.files if name != _META}
+    for name, rec in meta["leaves"].items():
+        got = (list(saved[name].shape), str(saved[name].dtype))
+        if got != (list(rec.get("shape", [])), rec.get("dtype")):
+            raise CheckpointError(
+                f"{path}: leaf {name} holds {got[1]}{got[0]} but the metadata records "
+                f"{rec.get('dtype')}{rec.get('shape')}; the file is corrupted"
+            )
     params = getattr(template, "params", None)
     if isinstance(params, Epitome) and meta.get("epitome_shape") is not None:
         want, got = tuple(params.mean.shape), tuple(meta["epitome_shape"])
@@ -229,20 +315,76 @@ def restore(path: str | os.PathLike, template):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def latest(directory: str | os.PathLike) -> Path | None:
+def _candidates(directory: Path) -> list[Path]:
+    """``checkpoint_*.npz`` files of ``directory``, highest step first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), e) for e in directory.iterdir()
+             if (m := _NAME.match(e.name)) and e.is_file()]
+    return [e for _, e in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads every array of a checkpoint and checks it against the metadata; returns the
+    metadata. Raises :class:`CheckpointError` (or ``FileNotFoundError``) naming the file."""
+    with _open(path) as z:
+        meta = _decode(z, path)
+        _check_meta(path, meta, z.files, _FORMAT)
+        for name, rec in meta["leaves"].items():
+            arr = z[name]
+            if list(arr.shape) != list(rec.get("shape", [])) or str(arr.dtype) != rec.get("dtype"):
+                raise CheckpointError(f"{path}: leaf {name} disagrees with its metadata")
+    return meta
+
+
+def latest(directory: str | os.PathLike, *, readable: bool = False) -> Path | None:
     """The checkpoint with the highest step in ``directory`` (``checkpoint_*.npz``), or None.
 
-    Temporary files of interrupted writes (``.checkpoint_*.tmp``) are ignored.
+    Temporary files of interrupted writes (``.checkpoint_*.tmp``) are ignored. With
+    ``readable=True`` files that fail :func:`verify` are skipped (with a logged warning naming
+    each), so the newest *readable* checkpoint is returned.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    best, best_step = None, -1
-    for entry in directory.iterdir():
-        m = _NAME.match(entry.name)
-        if m and entry.is_file() and int(m.group(1)) > best_step:
-            best, best_step = entry, int(m.group(1))
-    return best
+    for path in _candidates(Path(directory)):
+        if not readable:
+            return path
+        try:
+            verify(path)
+        except (CheckpointError, FileNotFoundError) as err:
+            log.warning("skipping unreadable checkpoint %s: %s", path, err)
+            continue
+        return path
+    return None
+
+
+def restore_latest(directory: str | os.PathLike, template) -> tuple[Any, Path | None]:
+    """:func:`restore` of the newest readable checkpoint in ``directory``.
+
+    Unreadable files (truncated, empty, corrupted) are skipped with a warning naming each, and
+    the next older one is tried. A template mismatch (other epitome size, optimizer) is not
+    skipped: it raises, since every checkpoint of the folder would share it.
+
+    Returns:
+      ``(state, path)``; ``(template, None)`` when the folder holds no checkpoint.
+
+    Raises:
+      CheckpointError: checkpoints exist but none is readable (lists the files).
+    """
+    tried = []
+    for path in _candidates(Path(directory)):
+        try:
+            state = restore(path, template)
+        except CheckpointError as err:
+            log.warning("skipping unreadable checkpoint %s (falling back to an older one): %s",
+                        path, err)
+            tried.append(path.name)
+            continue
+        if tried:
+            log.warning("resumed from %s; skipped unreadable %s", path, ", ".join(tried))
+        return state, path
+    if tried:
+        raise CheckpointError(f"{directory}: no readable checkpoint (all of {tried} are "
+                              "truncated or corrupted); pass resume=false to start over")
+    return template, None
 
 
 def save_epitome(path: str | os.PathLike, epitome: Epitome) -> Path:
@@ -268,10 +410,10 @@ def save_epitome(path: str | os.PathLike, epitome: Epitome) -> Path:
 
 def load_epitome(path: str | os.PathLike) -> Epitome:
     """Reads a file written by :func:`save_epitome` (or any ``.npz`` with the three arrays)."""
-    with np.load(path, allow_pickle=False) as z:
+    with _open(path) as z:
         missing = [k for k in ("mean", "log_var", "prior_logits") if k not in z.files]
         if missing:
-            raise ValueError(f"{path}: not an epitome file, missing arrays {missing}")
+            raise CheckpointError(f"{path}: not an epitome file, missing arrays {missing}")
         epitome = Epitome(
             mean=jnp.asarray(z["mean"], jnp.float32),
             log_var=jnp.asarray(z["log_var"], jnp.float32),

@@ -255,6 +255,21 @@ class RasterReader:
         """``(H, W)`` or ``(H, W, C)``."""
         return (self.height, self.width) + ((self._samples,) if self._samples > 1 else ())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole decoded raster (what :meth:`read` allocates)."""
+        return self.height * self.width * self._samples * self.dtype.itemsize
+
+    @property
+    def segment_bytes(self) -> int:
+        """Bytes of the largest strip/tile decoded at once (a window decodes whole segments,
+        so a single-strip file costs its whole size even for a 1x1 window)."""
+        p = self._page
+        if self._mmap is not None:
+            return 0
+        h, w = (p.tilelength, p.tilewidth) if p.is_tiled else (p.rowsperstrip, self.width)
+        return int(h) * int(w) * int(p.shaped[-1]) * self.dtype.itemsize
+
     def _check(self, row, col, height, width):
         row, col, height, width = (int(v) for v in (row, col, height, width))
         if (
