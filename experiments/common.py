@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from epilsr.io.atomic import atomic_write_path
 
 log = logging.getLogger("epilsr")
 logging.getLogger("jax").setLevel(logging.WARNING)  # no "Unable to initialize backend" noise
@@ -91,9 +92,7 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
 
 def atomic_write(path: Path, write) -> None:
     """Calls ``write(tmp_path)`` then renames onto ``path``: never a half-written output."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write_path(path, write)
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from epilsr.io.atomic import commit, save_npy_atomic
+
 __all__ = [
     "GeoInfo",
     "RasterReader",
@@ -356,25 +358,6 @@ def raster_shape(path: PathLike, *, page: int = 0) -> tuple[int, ...]:
 _COMPRESSION = {None: 1, "none": 1, "lzw": 5, "deflate": 8, "zlib": 8}
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
-    """``np.save`` to ``<path>.tmp`` then rename (never a half-written ``.npy`` at ``path``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class RasterWriter:
     """Writes a tiled, compressed GeoTIFF row block by row block with bounded memory.
 
@@ -521,7 +504,7 @@ class RasterWriter:
         os.fsync(self._spool.fileno())
         pending = None
         if self._n_pending:
-            _save_npy_atomic(pending_path, self._pending[: self._n_pending])
+            save_npy_atomic(pending_path, self._pending[: self._n_pending])
             pending = os.fspath(pending_path)
         return {
             "rows": self._rows,
@@ -565,8 +548,7 @@ class RasterWriter:
                 metadata=None,
                 software="epilsr",
             )
-        _fsync(tmp)
-        os.replace(tmp, self.path)
+        commit(tmp, self.path)
         self.partial.unlink(missing_ok=True)
         self._closed = True
         return self.path
