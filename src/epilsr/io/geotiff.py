@@ -18,6 +18,7 @@ Arrays are channel-last: a raster is ``[H, W]`` (one sample) or ``[H, W, C]``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -321,6 +322,25 @@ class RasterReader:
                 ys - y0 : ye - y0, xs - x0 : xe - x0
             ]
         return out[..., 0] if self._samples == 1 else out
+
+    def fingerprint(self, *, samples: int = 8) -> str:
+        """A cheap identity of the file's content, to refuse resuming over a changed input.
+
+        sha256 of the resolved path, file size, ``mtime_ns``, the first 64 KiB (header and
+        tags) and the raw bytes of ``samples`` strips/tiles spread evenly over the page.
+        """
+        stat = os.stat(self.path)
+        h = hashlib.sha256(f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        offsets, counts = self._page.dataoffsets, self._page.databytecounts
+        picks = np.unique(np.linspace(0, len(offsets) - 1, samples).round().astype(int))
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(0)
+            h.update(fh.read(min(65536, stat.st_size)))
+            for i in picks if len(offsets) else ():
+                fh.seek(int(offsets[i]))
+                h.update(fh.read(min(int(counts[i]), 1 << 20)))
+        return h.hexdigest()[:16]
 
     def read(self) -> np.ndarray:
         """The whole raster ``[H, W(, C)]``."""
