@@ -50,6 +50,7 @@ __all__ = [
     "StripPlan",
     "OutputSpec",
     "StripRun",
+    "array_digest",
     "array_reader",
     "reader_fingerprint",
     "read_window",
@@ -71,10 +72,13 @@ AddStrip = Callable[[int, np.ndarray, np.ndarray, Callable[[], Any]], Mapping[st
 # ------------------------------------------------------------------------------ readers
 
 
-def _digest(array: np.ndarray) -> str:
-    a = np.ascontiguousarray(array)
-    h = hashlib.sha256(str((a.shape, a.dtype.str)).encode())
-    h.update(a.data if a.size else b"")
+def array_digest(*arrays: ArrayLike) -> str:
+    """A short sha256 of the arrays' shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
     return h.hexdigest()[:16]
 
 
@@ -89,7 +93,7 @@ def array_reader(array: ArrayLike) -> Reader:
         return array[row : row + height, col : col + width]
 
     read.shape = array.shape  # type: ignore[attr-defined]
-    read.fingerprint = lambda: _digest(array)  # type: ignore[attr-defined]
+    read.fingerprint = lambda: array_digest(array)  # type: ignore[attr-defined]
     return read
 
 
@@ -236,14 +240,15 @@ class _NoBar:
 
 def iter_strips(plan: StripPlan, add_strip: AddStrip, *, progress: bool = False,
                 total: int = 0, desc: str = "", unit: str = "tile",
-                valid: Reader | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Without files: ``(row0, probs [r, W, n], nodata [r, W])`` per strip, in raster order."""
+                valid: Reader | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, dict]]:
+    """Without files: ``(row0, probs [r, W, n], nodata [r, W], counters)`` per strip, in
+    raster order (``probs`` is a fresh array)."""
     buf, bar = _Buffer(plan), _bar(progress, total, 0, desc, unit)
     try:
         for s, row0 in enumerate(plan.row_starts):
-            add_strip(s, buf.acc, buf.wsum, bar.update)
+            counts = dict(add_strip(s, buf.acc, buf.wsum, bar.update))
             rows = plan.finished_rows(s)
-            yield next(buf.finished(row0, rows, valid, rows))
+            yield (*next(buf.finished(row0, rows, valid, rows)), counts)
             buf.shift(rows)
     finally:
         bar.close()
@@ -363,6 +368,7 @@ def run_strips(
     total: int = 0,
     progress_key: str = "",
     unit: str = "tile",
+    desc: str | None = None,
     finish: Callable[[], Any] | None = None,
 ) -> StripRun:
     """Run (or resume) every strip of ``plan`` into ``outputs`` (see module doc).
@@ -378,8 +384,9 @@ def run_strips(
       geo, compression: of the output GeoTIFFs.
       valid: ``(row, col, h, w) -> bool`` output mask (False = no data).
       resume: continue a checkpointed run; ``False`` starts over.
-      progress, total, progress_key, unit: tqdm bar of ``total`` units; ``add_strip`` ticks
-        once per unit, and counter ``progress_key`` holds the units done.
+      progress, total, progress_key, unit, desc: tqdm bar of ``total`` units (default label
+        ``who``); ``add_strip`` ticks once per unit, counter ``progress_key`` holds the units
+        done.
       finish: called once all outputs are closed, before the run is marked complete.
     """
     current = {name: reader_fingerprint(r) for name, r in inputs.items()}
@@ -407,7 +414,7 @@ def run_strips(
                 carry = (z["acc"], z["wsum"])
         buf = _Buffer(plan, carry)
     resumed = dict(counts)
-    bar = _bar(progress, total, counts.get(progress_key, 0), who, unit)
+    bar = _bar(progress, total, counts.get(progress_key, 0), desc or who, unit)
     try:
         for s in range(first, n):
             counts = _add_counts(counts, add_strip(s, buf.acc, buf.wsum, bar.update))
