@@ -317,3 +317,54 @@ def test_geotiff_end_to_end(tmp_path, scene):
         assert tags["ModelTiepoint"] == [0.0, 0.0, 0.0, 612000.0, 4200000.0, 0.0]
         assert int(tags["ProjectedCSTypeGeoKey"]) == 32617
         assert read_geoinfo(path).epsg == 32617
+
+
+# ------------------------------------------------------------------ inputs: changes, NaN
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_imagery_raises_under_the_jit(tmp_path, scene, bad):
+    image = scene[0].astype(np.float32) / 255
+    image[150, 100, 2] = bad  # second strip (rows 96..223); the jitted LSR never sees it
+    with pytest.raises(ValueError, match=r"image_reader: window rows 96:224, cols 0:128 "
+                                         r"holds 1 NaN/inf"):
+        _run(scene, tmp_path, image_reader=array_reader(image), preview=None)
+    state = json.loads((tmp_path / ".lsr_state" / "progress.json").read_text())
+    assert state["next_strip"] == 1 and not state["complete"]
+    assert not (tmp_path / "labels.tif").exists()
+    image[150, 100, 2] = 0.5
+    image[3, 3, 0] = bad  # first strip: no output is opened
+    with pytest.raises(ValueError, match="NaN/inf"):
+        _run(scene, tmp_path / "b", image_reader=array_reader(image), preview=None)
+    assert not list((tmp_path / "b").glob("*.tif*"))
+
+
+def test_non_finite_probabilities_commit_nothing(tmp_path, monkeypatch, scene):
+    def broken(key, image, classes, table):
+        p = np.asarray(_pointwise(key, image, classes, table))
+        return np.where(classes[..., None] == 2, np.nan, p)  # a NaN wherever class 2 occurs
+
+    monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: broken)
+    with pytest.raises(ValueError, match=r"lsr_raster: window \(0, 0, 128, 128\) gave \d+ "
+                                         "non-finite probabilities"):
+        _run(scene, tmp_path, preview=None)
+    assert not list(tmp_path.glob("*.tif*"))
+    assert not (tmp_path / ".lsr_state" / "progress.json").exists()
+
+
+def test_changed_input_is_refused_on_resume(tmp_path, monkeypatch, scene):
+    def pointwise(key, image, classes, table):  # fast, all four labels
+        return jax.nn.softmax(table[classes] + image[..., :1].astype(np.float32) / 40, axis=-1)
+
+    monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: pointwise)
+    image = scene[0].copy()
+    with pytest.raises(Crash):
+        _run(scene, tmp_path, image_reader=_crashing(array_reader(image), 4), preview=None)
+    image[250, 250, 0] ^= 1  # one byte of a window not yet run
+    with pytest.raises(ValueError, match="input image_reader changed.*resume=False"):
+        _run(scene, tmp_path, image_reader=array_reader(image), preview=None)
+    run = _run(scene, tmp_path, image_reader=array_reader(image), preview=None, resume=False)
+    assert run.resumed_from == 0 and run.computed == run.windows
+    ref = _run(scene, tmp_path / "ref", image_reader=array_reader(image), preview=None)
+    for a, b in zip(_outputs(run), _outputs(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
