@@ -17,7 +17,8 @@ from epilsr.io.geotiff import GeoInfo, RasterReader, read_geoinfo, write_raster
 from epilsr.metrics import NODATA_LABEL
 from epilsr.pipelines import raster_lsr
 from epilsr.pipelines.raster_lsr import array_reader, lsr_raster
-from epilsr.windows import Window, blend_weights, seam_disagreement, tile_grid
+from epilsr.predict import grid_starts as predict_grid_starts
+from epilsr.windows import Window, blend_weights, grid_starts, seam_disagreement, tile_grid
 
 H, W, TILE, OVERLAP = 300, 260, 128, 32
 LSR = dict(patch_size=5, downsample=2)
@@ -64,6 +65,21 @@ def test_tile_grid_covers_with_static_shape(h, w, tile, overlap):
     assert windows == sorted(windows)  # raster order
     rows = sorted({win.row for win in windows})
     assert all(b - a <= tile - overlap for a, b in zip(rows, rows[1:], strict=False))
+
+
+@pytest.mark.parametrize("size, k, stride", [(10, 3, 4), (10, 3, 1), (7, 7, 2), (9, 4, 4),
+                                             (300, 128, 96), (5, 1, 3)])
+def test_grid_starts_vs_bruteforce(size, k, stride):
+    got = grid_starts(size, k, stride)
+    want = sorted({min(s, size - k) for s in range(0, size - k + stride, stride)})
+    assert got == want and got[-1] == size - k
+    covered = np.zeros(size, bool)
+    for s in got:
+        covered[s : s + k] = True
+    assert covered.all() == (stride <= k)
+    assert predict_grid_starts is grid_starts  # one window grid
+    with pytest.raises(ValueError, match="grid_starts"):
+        grid_starts(3, 4, 1)
 
 
 def test_tile_grid_errors():

@@ -12,6 +12,7 @@ import tifffile
 
 from epilsr import Epitome, embed, predict, super_resolve
 from epilsr.io import checkpoint
+from epilsr.io.geotiff import RasterReader, write_raster
 from epilsr.metrics import NODATA_LABEL
 from epilsr.parallel import data_mesh
 from epilsr.pipelines import embedding, raster_predict
@@ -423,8 +424,6 @@ def test_predict_raster_files_refuses_non_finite_imagery(rng, tmp_path, bad):
 
 
 def test_predict_raster_files_refuses_a_changed_geotiff(rng, tmp_path):
-    from epilsr.io.geotiff import RasterReader, write_raster
-
     epi, (mean, _, _) = _epitome(rng, 1, 9, 9, 3)
     image = _image_from(rng, mean, 23, 19)
     lp = _label_probs(rng, (1, 9, 9), 3)
