@@ -263,3 +263,13 @@ def test_valid_mask_gives_nodata(tmp_path, image):
     probs = tifffile.imread(tmp_path / "probs.tif")
     np.testing.assert_array_equal(labels == NODATA_LABEL, ~mask)
     assert np.isnan(probs[~mask]).all() and np.isfinite(probs[mask]).all()
+
+
+def test_plan_and_counter_errors(tmp_path, image):
+    plan, add_strip, _ = _fake(array_reader(image))
+    kw = dict(who="fake", outputs=label_outputs(tmp_path, "", N, probs=False, entropy=False),
+              settings={}, inputs={})
+    with pytest.raises(ValueError, match="more than buffer_rows"):
+        run_strips(plan._replace(buffer_rows=30), add_strip, state_dir=tmp_path / "a", **kw)
+    with pytest.raises(ValueError, match="'complete' is reserved"):
+        run_strips(plan, lambda *a: {"complete": 1}, state_dir=tmp_path / "b", **kw)

@@ -190,6 +190,13 @@ class _Buffer:
     """The strip buffer: ``acc [B, W, n]`` weighted sums and ``wsum [B, W]`` weights."""
 
     def __init__(self, plan: StripPlan, carry: tuple[np.ndarray, np.ndarray] | None = None):
+        rows = [plan.finished_rows(s) for s in range(len(plan.row_starts))]
+        if not plan.row_starts or plan.row_starts[0] != 0 or min(rows) < 1:
+            raise ValueError(f"StripPlan: row_starts must increase from 0 below the height "
+                             f"{plan.height}, got {plan.row_starts}")
+        if max(rows) > plan.buffer_rows:
+            raise ValueError(f"StripPlan: a strip finishes {max(rows)} rows, more than "
+                             f"buffer_rows={plan.buffer_rows}")
         self.acc = np.zeros((plan.buffer_rows, plan.width, plan.n_labels), np.float32)
         self.wsum = np.zeros((plan.buffer_rows, plan.width), np.float32)
         if carry is not None:
@@ -215,9 +222,15 @@ class _Buffer:
         self.acc[keep:], self.wsum[keep:] = 0.0, 0.0
 
 
+_RESERVED = {"version", "fingerprint", "inputs", "next_strip", "counters", "complete", "writers",
+             "carry"}
+
+
 def _add_counts(total: Mapping[str, int], new: Mapping[str, int]) -> dict[str, int]:
     out = dict(total)
     for k, v in new.items():
+        if k in _RESERVED:
+            raise ValueError(f"add_strip: counter name {k!r} is reserved by progress.json")
         out[k] = out.get(k, 0) + int(v)
     return out
 
