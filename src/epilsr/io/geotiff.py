@@ -10,7 +10,7 @@
   bounded memory. Finished tile rows are encoded at once and appended to ``<path>.partial``; the
   TIFF is assembled from those encoded tiles on :meth:`RasterWriter.close` and renamed to
   ``<path>``, so no half-written file ever sits at the final path. Its state can be checkpointed
-  and a writer resumed after a crash (used by :func:`epilsr.pipelines.raster_lsr.lsr_raster`).
+  and a writer resumed after a crash (used by :func:`epilsr.io.strips.run_strips`).
 
 Arrays are channel-last: a raster is ``[H, W]`` (one sample) or ``[H, W, C]``.
 """
