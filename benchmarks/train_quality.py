@@ -179,16 +179,18 @@ def die_off(epitome, init_var: float) -> dict:
     """
     import numpy as np
 
+    from epilsr.metrics import entropy
+
     var = np.exp(np.asarray(epitome.log_var)).mean(axis=-1)
     logits = np.asarray(epitome.prior_logits, np.float64)
     prior = np.exp(logits - logits.max())
     prior /= prior.sum()
     dead = var > 0.5 * init_var
-    entropy = -float(np.sum(prior * np.log(np.maximum(prior, 1e-300))))
+    prior_entropy = float(entropy(prior.ravel()))
     return {
         "undertrained": float(dead.mean()),
         "prior_mass_undertrained": float(prior[dead].sum()),
-        "prior_effective": math.exp(entropy) / prior.size,
+        "prior_effective": math.exp(prior_entropy) / prior.size,
     }
 
 

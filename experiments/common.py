@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from epilsr.data import chesapeake, synthetic
 from epilsr.epitome import as_float_image
+from epilsr.io.atomic import atomic_write_path
 from epilsr.io.geotiff import read_geoinfo
 from epilsr.io.lock import LockError, RunLock
 
@@ -186,9 +187,7 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
 
 def atomic_write(path: Path, write) -> None:
     """Calls ``write(tmp_path)`` then renames onto ``path``: never a half-written output."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write_path(path, write)
 
 
 def format_table(

@@ -16,6 +16,7 @@ from epilsr._validate import check_finite, check_rank
 from epilsr.correlate import circular_correlate
 from epilsr.epitome import Epitome, as_float_image
 from epilsr.likelihood import log_posterior
+from epilsr.windows import grid_starts
 
 __all__ = [
     "predict",
@@ -54,14 +55,6 @@ def patch_label_predictions(
 def patch_grid(size: int, k: int, stride: int) -> jax.Array:
     """Top-left window coordinates along one axis: ``0, stride, ...`` and always ``size - k``."""
     return jnp.asarray(grid_starts(size, k, stride), jnp.int32)
-
-
-def grid_starts(size: int, k: int, stride: int) -> list[int]:
-    """:func:`patch_grid` as a Python list (host-side tiling)."""
-    starts = list(range(0, size - k + 1, stride))
-    if starts[-1] != size - k:
-        starts.append(size - k)
-    return starts
 
 
 def check_predict_inputs(

@@ -7,6 +7,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from epilsr.io.atomic import atomic_write
+
 __all__ = [
     "rgb_preview",
     "colorize",
@@ -62,8 +64,6 @@ def panel(
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """Writes a PNG atomically (temporary file, then rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(np.asarray(rgb, np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    """Writes ``rgb [H, W, 3]`` uint8 as a PNG with :func:`epilsr.io.atomic.atomic_write`."""
+    image = Image.fromarray(np.asarray(rgb, np.uint8))
+    atomic_write(path, lambda f: image.save(f, format="PNG"))

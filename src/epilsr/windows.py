@@ -12,6 +12,7 @@ from epilsr.metrics import NODATA_LABEL
 
 __all__ = [
     "Window",
+    "grid_starts",
     "tile_grid",
     "blend_weights",
     "SeamStats",
@@ -28,10 +29,19 @@ class Window(NamedTuple):
     width: int
 
 
-def _starts(n: int, size: int, stride: int) -> list[int]:
-    starts = list(range(0, max(n - size, 0) + 1, stride))
-    if starts[-1] + size < n:
-        starts.append(n - size)  # last window shifted inward: every window has the same size
+def grid_starts(size: int, k: int, stride: int) -> list[int]:
+    """Start offsets of length-``k`` windows along an axis of ``size``: ``0, stride, ...``.
+
+    The last window is shifted inward to end at ``size`` (it then overlaps its neighbour by
+    more than ``k - stride``), so every window has length ``k`` and the axis is covered when
+    ``stride <= k``. Requires ``1 <= k <= size`` and ``stride >= 1``.
+    """
+    if not 1 <= k <= size or stride < 1:
+        raise ValueError(f"grid_starts: expected 1 <= k <= size and stride >= 1, got size={size}, "
+                         f"k={k}, stride={stride}")
+    starts = list(range(0, size - k + 1, stride))
+    if starts[-1] != size - k:
+        starts.append(size - k)
     return starts
 
 
@@ -62,8 +72,8 @@ def tile_grid(height: int, width: int, *, tile: int, overlap: int) -> list[Windo
     stride = tile - overlap
     return [
         Window(r, c, th, tw)
-        for r in _starts(height, th, stride)
-        for c in _starts(width, tw, stride)
+        for r in grid_starts(height, th, stride)
+        for c in grid_starts(width, tw, stride)
     ]
 
 

@@ -17,7 +17,8 @@ from epilsr.io.geotiff import GeoInfo, RasterReader, read_geoinfo, write_raster
 from epilsr.metrics import NODATA_LABEL
 from epilsr.pipelines import raster_lsr
 from epilsr.pipelines.raster_lsr import array_reader, lsr_raster
-from epilsr.windows import Window, blend_weights, seam_disagreement, tile_grid
+from epilsr.predict import grid_starts as predict_grid_starts
+from epilsr.windows import Window, blend_weights, grid_starts, seam_disagreement, tile_grid
 
 H, W, TILE, OVERLAP = 300, 260, 128, 32
 LSR = dict(patch_size=5, downsample=2)
@@ -64,6 +65,21 @@ def test_tile_grid_covers_with_static_shape(h, w, tile, overlap):
     assert windows == sorted(windows)  # raster order
     rows = sorted({win.row for win in windows})
     assert all(b - a <= tile - overlap for a, b in zip(rows, rows[1:], strict=False))
+
+
+@pytest.mark.parametrize("size, k, stride", [(10, 3, 4), (10, 3, 1), (7, 7, 2), (9, 4, 4),
+                                             (300, 128, 96), (5, 1, 3)])
+def test_grid_starts_vs_bruteforce(size, k, stride):
+    got = grid_starts(size, k, stride)
+    want = sorted({min(s, size - k) for s in range(0, size - k + stride, stride)})
+    assert got == want and got[-1] == size - k
+    covered = np.zeros(size, bool)
+    for s in got:
+        covered[s : s + k] = True
+    assert covered.all() == (stride <= k)
+    assert predict_grid_starts is grid_starts  # one window grid
+    with pytest.raises(ValueError, match="grid_starts"):
+        grid_starts(3, 4, 1)
 
 
 def test_tile_grid_errors():
@@ -317,3 +333,54 @@ def test_geotiff_end_to_end(tmp_path, scene):
         assert tags["ModelTiepoint"] == [0.0, 0.0, 0.0, 612000.0, 4200000.0, 0.0]
         assert int(tags["ProjectedCSTypeGeoKey"]) == 32617
         assert read_geoinfo(path).epsg == 32617
+
+
+# ------------------------------------------------------------------ inputs: changes, NaN
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_imagery_raises_under_the_jit(tmp_path, scene, bad):
+    image = scene[0].astype(np.float32) / 255
+    image[150, 100, 2] = bad  # second strip (rows 96..223); the jitted LSR never sees it
+    with pytest.raises(ValueError, match=r"image_reader: window rows 96:224, cols 0:128 "
+                                         r"holds 1 NaN/inf"):
+        _run(scene, tmp_path, image_reader=array_reader(image), preview=None)
+    state = json.loads((tmp_path / ".lsr_state" / "progress.json").read_text())
+    assert state["next_strip"] == 1 and not state["complete"]
+    assert not (tmp_path / "labels.tif").exists()
+    image[150, 100, 2] = 0.5
+    image[3, 3, 0] = bad  # first strip: no output is opened
+    with pytest.raises(ValueError, match="NaN/inf"):
+        _run(scene, tmp_path / "b", image_reader=array_reader(image), preview=None)
+    assert not list((tmp_path / "b").glob("*.tif*"))
+
+
+def test_non_finite_probabilities_commit_nothing(tmp_path, monkeypatch, scene):
+    def broken(key, image, classes, table):
+        p = np.asarray(_pointwise(key, image, classes, table))
+        return np.where(classes[..., None] == 2, np.nan, p)  # a NaN wherever class 2 occurs
+
+    monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: broken)
+    with pytest.raises(ValueError, match=r"lsr_raster: window \(0, 0, 128, 128\) gave \d+ "
+                                         "non-finite probabilities"):
+        _run(scene, tmp_path, preview=None)
+    assert not list(tmp_path.glob("*.tif*"))
+    assert not (tmp_path / ".lsr_state" / "progress.json").exists()
+
+
+def test_changed_input_is_refused_on_resume(tmp_path, monkeypatch, scene):
+    def pointwise(key, image, classes, table):  # fast, all four labels
+        return jax.nn.softmax(table[classes] + image[..., :1].astype(np.float32) / 40, axis=-1)
+
+    monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: pointwise)
+    image = scene[0].copy()
+    with pytest.raises(Crash):
+        _run(scene, tmp_path, image_reader=_crashing(array_reader(image), 4), preview=None)
+    image[250, 250, 0] ^= 1  # one byte of a window not yet run
+    with pytest.raises(ValueError, match="input image_reader changed.*resume=False"):
+        _run(scene, tmp_path, image_reader=array_reader(image), preview=None)
+    run = _run(scene, tmp_path, image_reader=array_reader(image), preview=None, resume=False)
+    assert run.resumed_from == 0 and run.computed == run.windows
+    ref = _run(scene, tmp_path / "ref", image_reader=array_reader(image), preview=None)
+    for a, b in zip(_outputs(run), _outputs(ref), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import tifffile
 
 from epilsr import Epitome, embed, predict, super_resolve
 from epilsr.io import checkpoint
+from epilsr.io.geotiff import RasterReader, write_raster
 from epilsr.metrics import NODATA_LABEL
 from epilsr.parallel import data_mesh
 from epilsr.pipelines import embedding, raster_predict
@@ -396,3 +399,44 @@ def test_driver_on_fake_lila(tmp_path, rng):
     labels = tifffile.imread(tmp_path / "out" / "tiffs" / "m_3_sw_18_1_hr_labels.tif")
     assert labels.shape == (32, 32) and labels.max() <= 3
     assert (tmp_path / "out" / "fold0_fig5.png").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_predict_raster_files_refuses_non_finite_imagery(rng, tmp_path, bad):
+    epi, (mean, _, _) = _epitome(rng, 1, 9, 9, 3)
+    image = _image_from(rng, mean, 23, 19)
+    lp = _label_probs(rng, (1, 9, 9), 3)
+    kw = dict(patch_size=3, temperature=9.0, stride=2, tile=5)
+    image[20, 4, 1] = bad
+    with pytest.raises(ValueError, match=r"image_reader: window rows \d+:\d+, cols \d+:\d+ "
+                                         "holds 1 NaN/inf"):
+        raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path, **kw)
+    assert not (tmp_path / "labels.tif").exists()
+    assert not json.loads((tmp_path / ".predict_state" / "progress.json").read_text())[
+        "complete"]
+    image[20, 4, 1] = 0.5
+    image[0, 0, 0] = bad  # first strip: nothing opened
+    with pytest.raises(ValueError, match="NaN/inf"):
+        raster_predict.predict_raster(epi, lp, image, **kw)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        raster_predict.predict_raster_files(epi, lp, image, out_dir=tmp_path / "b", **kw)
+    assert not list((tmp_path / "b").glob("*.tif*"))
+
+
+def test_predict_raster_files_refuses_a_changed_geotiff(rng, tmp_path):
+    epi, (mean, _, _) = _epitome(rng, 1, 9, 9, 3)
+    image = _image_from(rng, mean, 23, 19)
+    lp = _label_probs(rng, (1, 9, 9), 3)
+    kw = dict(patch_size=3, temperature=9.0, stride=2, tile=5, out_dir=tmp_path / "out")
+    path = write_raster(tmp_path / "image.tif", image)
+    with RasterReader(path) as reader:
+        whole = raster_predict.predict_raster_files(epi, lp, reader, **kw)
+    image[0, 0, 0] += 0.25
+    write_raster(path, image)
+    with RasterReader(path) as reader:
+        with pytest.raises(ValueError, match=r"input image_reader \(.*image.tif\) changed"):
+            raster_predict.predict_raster_files(epi, lp, reader, **kw)
+        fresh = raster_predict.predict_raster_files(epi, lp, reader, resume=False, **kw)
+    assert fresh.windows == whole.windows
+    want = np.asarray(predict(epi, lp, image, patch_size=3, temperature=9.0, stride=2))
+    np.testing.assert_array_equal(tifffile.imread(fresh.labels), want.argmax(-1))

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from importlib import metadata as _metadata
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epilsr.epitome import Epitome
+from epilsr.io.atomic import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -108,31 +108,8 @@ def _write_npz(fileobj, arrays: dict[str, np.ndarray]) -> None:
     np.savez(fileobj, **arrays)
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _atomic_write(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_npz(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda f: _write_npz(f, arrays))
 
 
 def _encode(meta: dict) -> np.ndarray:

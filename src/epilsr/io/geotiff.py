@@ -10,7 +10,7 @@
   bounded memory. Finished tile rows are encoded at once and appended to ``<path>.partial``; the
   TIFF is assembled from those encoded tiles on :meth:`RasterWriter.close` and renamed to
   ``<path>``, so no half-written file ever sits at the final path. Its state can be checkpointed
-  and a writer resumed after a crash (used by :func:`epilsr.pipelines.raster_lsr.lsr_raster`).
+  and a writer resumed after a crash (used by :func:`epilsr.io.strips.run_strips`).
 
 Arrays are channel-last: a raster is ``[H, W]`` (one sample) or ``[H, W, C]``.
 """
@@ -18,6 +18,7 @@ Arrays are channel-last: a raster is ``[H, W]`` (one sample) or ``[H, W, C]``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import tifffile
+
+from epilsr.io.atomic import commit, save_npy_atomic
 
 __all__ = [
     "GeoInfo",
@@ -335,6 +338,25 @@ class RasterReader:
             ]
         return out[..., 0] if self._samples == 1 else out
 
+    def fingerprint(self, *, samples: int = 8) -> str:
+        """A cheap identity of the file's content, to refuse resuming over a changed input.
+
+        sha256 of the resolved path, file size, ``mtime_ns``, the first 64 KiB (header and
+        tags) and the raw bytes of ``samples`` strips/tiles spread evenly over the page.
+        """
+        stat = os.stat(self.path)
+        h = hashlib.sha256(f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        offsets, counts = self._page.dataoffsets, self._page.databytecounts
+        picks = np.unique(np.linspace(0, len(offsets) - 1, samples).round().astype(int))
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(0)
+            h.update(fh.read(min(65536, stat.st_size)))
+            for i in picks if len(offsets) else ():
+                fh.seek(int(offsets[i]))
+                h.update(fh.read(min(int(counts[i]), 1 << 20)))
+        return h.hexdigest()[:16]
+
     def read(self) -> np.ndarray:
         """The whole raster ``[H, W(, C)]``."""
         return self(0, 0, self.height, self.width)
@@ -369,25 +391,6 @@ def raster_shape(path: PathLike, *, page: int = 0) -> tuple[int, ...]:
 # Writing
 
 _COMPRESSION = {None: 1, "none": 1, "lzw": 5, "deflate": 8, "zlib": 8}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
-    """``np.save`` to ``<path>.tmp`` then rename (never a half-written ``.npy`` at ``path``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RasterWriter:
@@ -536,7 +539,7 @@ class RasterWriter:
         os.fsync(self._spool.fileno())
         pending = None
         if self._n_pending:
-            _save_npy_atomic(pending_path, self._pending[: self._n_pending])
+            save_npy_atomic(pending_path, self._pending[: self._n_pending])
             pending = os.fspath(pending_path)
         return {
             "rows": self._rows,
@@ -580,8 +583,7 @@ class RasterWriter:
                 metadata=None,
                 software="epilsr",
             )
-        _fsync(tmp)
-        os.replace(tmp, self.path)
+        commit(tmp, self.path)
         self.partial.unlink(missing_ok=True)
         self._closed = True
         return self.path

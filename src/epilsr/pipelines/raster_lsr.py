@@ -1,36 +1,20 @@
 """Self-epitomic LSR over rasters of any size, tile by tile, with bounded memory and resume.
 
 :func:`lsr_raster` runs :func:`epilsr.self_epitomic_lsr` on overlapping, equal-sized windows
-(:func:`tile_grid`) in raster order and stitches the per-window label distributions with a
-separable cosine taper (:func:`blend_weights`), normalised by the summed weights.
-
-**Strip buffer.** Windows come in rows of windows ("strips") starting at raster rows
-``R_0 < R_1 < ...``. While strip ``i`` runs, a buffer of exactly ``tile`` raster rows
-(``[tile, W, n]`` weighted probability sums and ``[tile, W]`` weight sums) starting at row
-``R_i`` receives its contributions. When the strip is done, rows ``R_i .. R_{i+1}-1`` can no
-longer change: they are normalised and flushed to the writers (labels ``uint8`` argmax, optional
-probabilities, entropy) and the buffer is shifted up, keeping the overlap rows as the carry.
-Peak memory is ``O(tile * W * n)`` plus one tile row per writer; it does not grow with the
-raster height (nor with the number of windows).
-
-**Resume.** After every strip the run is checkpointed in ``<out_dir>/.<prefix>lsr_state/``:
-each :class:`~epilsr.io.geotiff.RasterWriter` fsyncs its ``<output>.partial`` (encoded tiles
-of the finished rows) and saves its incomplete tile row; the carry rows of the buffer are saved
-(``.npz``); then ``progress.json`` (next strip, windows done, writer states and a fingerprint
-of the settings) is written to a temporary file and renamed over the old one, so it always
-describes a consistent checkpoint. A rerun with ``resume=True`` truncates the ``.partial``
-files to the recorded length, restores the carry and continues with the next strip; since
-window ``i`` always uses ``jax.random.fold_in(key, i)`` and the accumulation order is the same,
-the result is identical to an uninterrupted run. At most one strip of work is lost. The readers
-are not fingerprinted: inputs must not change between the crash and the rerun.
+(:func:`~epilsr.windows.tile_grid`) in raster order, window ``i`` with
+``jax.random.fold_in(key, i)``, and stitches the per-window label distributions with a
+separable cosine taper (:func:`~epilsr.windows.blend_weights`), normalised by the summed
+weights. The windows of one row of the grid form a *strip*; :func:`epilsr.io.strips.run_strips`
+holds the ``[tile, W, n]`` strip buffer, writes the finished rows (labels, probabilities,
+entropy), checkpoints after every strip in ``<out_dir>/.<prefix>lsr_state/`` and resumes an
+interrupted run bit-identically. Peak memory is ``O(tile * W * n)``, whatever the raster
+height. Inputs that offer ``fingerprint()`` (:class:`~epilsr.io.geotiff.RasterReader`,
+:func:`array_reader`) are checked on resume; NaN/inf imagery or probabilities raise.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 import time
@@ -42,10 +26,22 @@ import jax
 import numpy as np
 from jax.typing import ArrayLike
 
-from epilsr.io.atomic import _fingerprint, _save_npz_atomic, _write_json_atomic
-from epilsr.io.geotiff import GeoInfo, RasterReader, RasterWriter
-from epilsr.metrics import NODATA_LABEL, entropy
-from epilsr.windows import blend_weights, tile_grid
+from epilsr import viz
+from epilsr.data.chesapeake import LABEL_COLORS, LABEL_NAMES
+from epilsr.io.geotiff import GeoInfo, RasterReader
+from epilsr.io.strips import (
+    OutputSpec,
+    Reader,
+    StripPlan,
+    array_reader,
+    check_window,
+    label_outputs,
+    read_window,
+    run_strips,
+)
+from epilsr.metrics import NODATA_LABEL
+from epilsr.self_epitomic import self_epitomic_lsr
+from epilsr.windows import Window, blend_weights, tile_grid
 
 __all__ = [
     "RasterRun",
@@ -53,26 +49,6 @@ __all__ = [
     "lsr_raster",
     "write_preview",
 ]
-
-_STATE_VERSION = 1
-_FLUSH_ROWS = 64  # rows normalised and written at a time
-
-Reader = Callable[[int, int, int, int], ArrayLike]
-
-
-def array_reader(array: ArrayLike) -> Reader:
-    """A window reader ``(row, col, h, w) -> array[row:row+h, col:col+w]`` over an array."""
-    array = np.asarray(array) if not isinstance(array, np.ndarray) else array
-
-    def read(row: int, col: int, height: int, width: int) -> np.ndarray:
-        return array[row : row + height, col : col + width]
-
-    read.shape = array.shape  # type: ignore[attr-defined]
-    return read
-
-
-# --------------------------------------------------------------------------------------------
-# The driver
 
 
 class RasterRun(NamedTuple):
@@ -91,13 +67,7 @@ class RasterRun(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _jitted_lsr(items: tuple) -> Callable:
-    return jax.jit(functools.partial(_lsr_entry(), **dict(items)))
-
-
-def _lsr_entry() -> Callable:
-    from epilsr.self_epitomic import self_epitomic_lsr
-
-    return self_epitomic_lsr
+    return jax.jit(functools.partial(self_epitomic_lsr, **dict(items)))
 
 
 def _lsr_fn(lsr_kwargs: Mapping[str, Any]) -> Callable:
@@ -105,14 +75,12 @@ def _lsr_fn(lsr_kwargs: Mapping[str, Any]) -> Callable:
     try:
         hash(items)
     except TypeError:  # e.g. an array-valued concentration: compile per call
-        return jax.jit(functools.partial(_lsr_entry(), **lsr_kwargs))
+        return jax.jit(functools.partial(self_epitomic_lsr, **lsr_kwargs))
     return _jitted_lsr(items)
 
 
 def _default_palette(n: int) -> tuple[list[str], np.ndarray]:
     if n == 4:
-        from epilsr.data.chesapeake import LABEL_COLORS, LABEL_NAMES
-
         return list(LABEL_NAMES), LABEL_COLORS
     base = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
                      [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127],
@@ -120,51 +88,112 @@ def _default_palette(n: int) -> tuple[list[str], np.ndarray]:
     return [f"label {i}" for i in range(n)], base[np.arange(n) % len(base)]
 
 
-def _resume_writers(state: dict, state_dir: Path, paths: Mapping[str, Path],
-                    writer_kwargs: Callable[[str], dict], *, finished: bool,
-                    who: str) -> dict[str, RasterWriter]:
-    """Reopen the checkpointed writers of ``state["writers"]``. With ``finished`` (every strip
-    done, interrupted while closing) outputs already closed are skipped; on failure the writers
-    reopened so far are released (their ``.partial`` kept)."""
-    writers: dict[str, RasterWriter] = {}
-    try:
-        for name, path in paths.items():
-            ws = dict(state["writers"][name])
-            if ws["pending"]:
-                ws["pending"] = os.fspath(state_dir / ws["pending"])
-            spool = path.with_name(path.name + ".partial")
-            if not spool.exists():
-                if finished and path.exists():
-                    continue  # closed before the interruption
-                raise FileNotFoundError(f"{who}: {spool} is missing; pass resume=False")
-            writers[name] = RasterWriter.resume(path, ws, **writer_kwargs(name))
-    except BaseException:
-        _Outputs(writers).abort()
-        raise
-    return writers
+def _check_table(label_given_class: ArrayLike) -> np.ndarray:
+    table = np.asarray(label_given_class, np.float32)
+    if table.ndim != 2 or not np.all(np.isfinite(table)) or np.any(table < 0):
+        raise ValueError(f"label_given_class: expected a finite non-negative [Cc, n] table, "
+                         f"got shape {table.shape}")
+    if table.shape[1] > NODATA_LABEL:
+        raise ValueError(f"label_given_class: at most {NODATA_LABEL} labels fit the uint8 label "
+                         f"raster (255 = no data), got {table.shape[1]}")
+    return table
 
 
-@dataclasses.dataclass
-class _Outputs:
-    """The run's writers by name ("labels", "probs", "entropy")."""
+class _Classes(NamedTuple):
+    """The coarse classes of a window, checked, with the no-data class appended."""
 
-    writers: dict[str, RasterWriter]
+    reader: Reader
+    valid_reader: Reader | None
+    table: np.ndarray  # [Cc, n]
+    nodata_values: np.ndarray
+    use_nodata: bool
 
-    def write(self, probs: np.ndarray, nodata: np.ndarray) -> None:
-        """``probs [r, W, n]`` normalised, ``nodata [r, W]`` bool."""
-        labels = np.argmax(probs, axis=-1).astype(np.uint8)
-        labels[nodata] = NODATA_LABEL
-        self.writers["labels"].write(labels)
-        if "probs" in self.writers:
-            self.writers["probs"].write(np.where(nodata[..., None], np.nan, probs))
-        if "entropy" in self.writers:
-            ent = entropy(probs).astype(np.float32)
-            self.writers["entropy"].write(np.where(nodata, np.nan, ent))
+    def window(self, win: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """``(classes [th, tw] int32, table [Cc(+1), n], valid [th, tw] | None)``; None when
+        the window holds no valid pixel. No-data pixels get an extra class whose composition is
+        the window's pixel-weighted mean of the valid classes' compositions (neutral)."""
+        table, n_classes = self.table, self.table.shape[0]
+        cls = np.asarray(self.reader(*win))
+        if cls.shape != (win.height, win.width):
+            raise ValueError(f"classes_reader: window {win} gave shape {cls.shape}")
+        if not np.issubdtype(cls.dtype, np.integer):
+            raise ValueError(f"classes_reader: expected integer classes, got {cls.dtype}")
+        valid = None
+        if self.use_nodata:
+            valid = ~np.isin(cls, self.nodata_values)
+            if self.valid_reader is not None:
+                valid &= np.asarray(self.valid_reader(*win), bool)
+            if not valid.any():
+                return None
+        bad = (cls < 0) | (cls >= n_classes)
+        if valid is not None:
+            bad &= valid
+        if bad.any():
+            raise ValueError(f"classes_reader: window {win} has class values "
+                             f"{np.unique(cls[bad])[:8].tolist()} outside [0, {n_classes}) that "
+                             "are not nodata_class")
+        used = np.unique(cls if valid is None else cls[valid])
+        empty = used[table[used].sum(axis=1) <= 0]
+        if empty.size:
+            raise ValueError(f"label_given_class: rows {empty.tolist()} sum to zero but those "
+                             f"classes occur in window {win}")
+        if valid is None:
+            return cls.astype(np.int32), table, None
+        counts = np.bincount(cls[valid], minlength=n_classes)[:n_classes]
+        neutral = counts @ (table / np.maximum(table.sum(1, keepdims=True), 1e-30))
+        neutral = neutral / neutral.sum() if neutral.sum() > 0 else np.full(
+            table.shape[1], 1.0 / table.shape[1])
+        tab = np.concatenate([table, neutral[None].astype(np.float32)])
+        return np.where(valid, cls, n_classes).astype(np.int32), tab, valid
 
-    def abort(self) -> None:
-        for w in self.writers.values():
-            if not w.closed:
-                w.abort(keep_partial=True)
+
+def _lsr_strips(key, fn: Callable, image_reader: Reader, classes: _Classes,
+                windows: list[Window], overlap: int, height: int, width: int):
+    """The strip plan and ``add_strip`` of :func:`epilsr.io.strips.run_strips`."""
+    th, tw = windows[0].height, windows[0].width
+    weights = blend_weights((th, tw), overlap)
+    row_starts = tuple(sorted({w.row for w in windows}))
+    strips = [[(i, w) for i, w in enumerate(windows) if w.row == r] for r in row_starts]
+
+    def add_strip(s, acc, wsum, tick):
+        computed = 0
+        for i, win in strips[s]:
+            got = classes.window(win)
+            if got is not None:
+                cls, tab, valid = got
+                img = read_window("image_reader", image_reader, *win)
+                if img.shape[:2] != (th, tw) or img.ndim != 3:
+                    raise ValueError(f"image_reader: window {win} gave shape {img.shape}, "
+                                     f"expected ({th}, {tw}, C)")
+                probs = check_window("lsr_raster", win, fn(jax.random.fold_in(key, i), img,
+                                                           cls, tab)).astype(np.float32)
+                wgt = weights if valid is None else weights * valid
+                acc[:, win.col : win.col + tw] += probs * wgt[..., None]
+                wsum[:, win.col : win.col + tw] += wgt
+                computed += 1
+            tick()
+        n = len(strips[s])
+        return {"windows_done": n, "skipped": n - computed, "computed": computed}
+
+    plan = StripPlan(height, width, classes.table.shape[1], row_starts, th)
+    return plan, add_strip
+
+
+def _preview(path: Path, outputs: Mapping[str, OutputSpec], image_reader: Reader, *,
+             height: int, width: int, n_labels: int, max_size: int,
+             label_names: Sequence[str] | None, label_colors: ArrayLike | None) -> None:
+    names, colors = _default_palette(n_labels)
+    names = names if label_names is None else list(label_names)
+    colors = colors if label_colors is None else np.asarray(label_colors, np.uint8)
+    with RasterReader(outputs["labels"].path) as lab:
+        ent = RasterReader(outputs["entropy"].path) if "entropy" in outputs else None
+        try:
+            write_preview(path, lab, height=height, width=width, image_reader=image_reader,
+                          entropy_reader=ent, label_names=names, label_colors=colors,
+                          max_size=max_size, n_labels=n_labels)
+        finally:
+            if ent is not None:
+                ent.close()
 
 
 def lsr_raster(
@@ -197,7 +226,7 @@ def lsr_raster(
 
     Args:
       key: PRNG key; window ``i`` of :func:`tile_grid` uses ``jax.random.fold_in(key, i)``.
-      image_reader: ``(row, col, h, w) -> [h, w, C]`` imagery (e.g. a
+      image_reader: ``(row, col, h, w) -> [h, w, C]`` finite imagery (e.g. a
         :class:`~epilsr.io.geotiff.RasterReader` or :func:`array_reader`).
       classes_reader: ``(row, col, h, w) -> [h, w]`` int coarse class indices (rows of
         ``label_given_class``; ``nodata_class`` values allowed).
@@ -225,7 +254,8 @@ def lsr_raster(
         ``n == 4``.
       progress: tqdm bar over windows.
       resume: continue from the last checkpoint of an interrupted run with the same settings
-        (or return at once when that run completed); ``False`` starts over.
+        and unchanged inputs (or return at once when that run completed); ``False`` starts
+        over. Other settings or a changed input raise ``ValueError``.
 
     Returns:
       :class:`RasterRun`.
@@ -236,213 +266,40 @@ def lsr_raster(
         if shape is None:
             raise ValueError("lsr_raster: pass height= and width= (image_reader has no .shape)")
         height, width = (int(s) for s in shape[:2])
-    if geo is None:
-        geo = getattr(image_reader, "geo", None) or GeoInfo()
-    table = np.asarray(label_given_class, np.float32)
-    if table.ndim != 2 or not np.all(np.isfinite(table)) or np.any(table < 0):
-        raise ValueError(f"label_given_class: expected a finite non-negative [Cc, n] table, "
-                         f"got shape {table.shape}")
-    n_classes, n_labels = table.shape
-    if n_labels > NODATA_LABEL:
-        raise ValueError(f"label_given_class: at most {NODATA_LABEL} labels fit the uint8 label "
-                         f"raster (255 = no data), got {n_labels}")
+    geo = geo if geo is not None else getattr(image_reader, "geo", None) or GeoInfo()
+    table = _check_table(label_given_class)
     nodata_values = np.atleast_1d(np.asarray([] if nodata_class is None else nodata_class))
-    use_nodata = nodata_class is not None or valid_reader is not None
+    classes = _Classes(classes_reader, valid_reader, table, nodata_values,
+                       nodata_class is not None or valid_reader is not None)
     lsr_kwargs = dict(lsr_kwargs or {})
     windows = tile_grid(height, width, tile=tile, overlap=overlap)
-    th, tw = windows[0].height, windows[0].width
-    weights = blend_weights((th, tw), overlap)
-    row_starts = sorted({w.row for w in windows})
-    strips = [[(i, w) for i, w in enumerate(windows) if w.row == r] for r in row_starts]
-    fn = _lsr_fn(lsr_kwargs)
-
+    plan, add_strip = _lsr_strips(key, _lsr_fn(lsr_kwargs), image_reader, classes, windows,
+                                  overlap, height, width)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_dir = out_dir / f".{prefix}lsr_state"
-    state_path = state_dir / "progress.json"
-    specs: dict[str, dict[str, Any]] = {
-        "labels": dict(dtype=np.uint8, bands=None, nodata=NODATA_LABEL)}
-    if write_probs:
-        specs["probs"] = dict(dtype=np.dtype(probs_dtype), bands=n_labels, nodata=float("nan"))
-    if write_entropy:
-        specs["entropy"] = dict(dtype=np.float32, bands=None, nodata=float("nan"))
-    paths = {name: out_dir / f"{prefix}{name}.tif" for name in specs}
+    outputs = label_outputs(out_dir, prefix, table.shape[1], probs=write_probs,
+                            entropy=write_entropy, probs_dtype=probs_dtype)
     preview_path = out_dir / f"{prefix}preview.png" if preview else None
-    fingerprint = _fingerprint(
-        version=_STATE_VERSION, height=height, width=width, tile=tile, overlap=overlap,
-        key=np.asarray(jax.random.key_data(key)), lsr=lsr_kwargs,
-        table=hashlib.sha256(table.tobytes()).hexdigest(), nodata=nodata_values,
-        valid=valid_reader is not None, outputs={k: str(v["dtype"]) for k, v in specs.items()},
-        compression=compression,
-    )
-
-    def writer_kwargs(name):
-        s = specs[name]
-        return dict(height=height, width=width, dtype=s["dtype"], bands=s["bands"], geo=geo,
-                    nodata=s["nodata"], compression=compression)
-
-    def result(computed, skipped, done):
-        return RasterRun(
-            paths["labels"], paths.get("probs"), paths.get("entropy"),
-            preview_path if preview_path is not None and preview_path.exists() else None,
-            len(windows), computed, skipped, done, time.perf_counter() - t_start)
-
-    # ---- restore or start over --------------------------------------------------------
-    acc = np.zeros((th, width, n_labels), np.float32)
-    wsum = np.zeros((th, width), np.float32)
-    state = None
-    if resume and state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"lsr_raster: {state_dir} holds a run with different settings; pass resume=False "
-                "to start over (or use another out_dir/prefix)"
-            )
-        if state.get("complete") and all(p.exists() for p in paths.values()):
-            return result(0, state["skipped"], state["windows_done"])
-    first_strip, done, skipped = 0, 0, 0
-    writers: dict[str, RasterWriter] = {}
-    if state is not None and not state.get("complete"):
-        first_strip, done, skipped = state["next_strip"], state["windows_done"], state["skipped"]
-        writers = _resume_writers(state, state_dir, paths, writer_kwargs,
-                                  finished=first_strip == len(strips), who="lsr_raster")
-        if state.get("carry"):
-            carry = np.load(state_dir / state["carry"])
-            k = carry["acc"].shape[0]
-            acc[:k], wsum[:k] = carry["acc"], carry["wsum"]
-    else:
-        if state_dir.exists():
-            for f in state_dir.iterdir():
-                f.unlink()
-        state_dir.mkdir(exist_ok=True)
-        for name in specs:
-            writers[name] = RasterWriter(paths[name], **writer_kwargs(name))
-    outputs = _Outputs(writers)
-    resumed_from = done
-
-    # ---- strips -------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(windows), initial=done, disable=not progress, unit="tile",
-               desc="lsr_raster")
-    computed = 0
-    try:
-        for s in range(first_strip, len(strips)):
-            r0 = row_starts[s]
-            for i, win in strips[s]:
-                valid, cls = None, np.asarray(classes_reader(*win))
-                if cls.shape != (th, tw):
-                    raise ValueError(f"classes_reader: window {win} gave shape {cls.shape}")
-                if not np.issubdtype(cls.dtype, np.integer):
-                    raise ValueError(f"classes_reader: expected integer classes, got {cls.dtype}")
-                if use_nodata:
-                    valid = ~np.isin(cls, nodata_values)
-                    if valid_reader is not None:
-                        valid &= np.asarray(valid_reader(*win), bool)
-                    if not valid.any():
-                        skipped += 1
-                        done += 1
-                        bar.update(1)
-                        continue
-                bad = (cls < 0) | (cls >= n_classes)
-                if valid is not None:
-                    bad &= valid
-                if bad.any():
-                    raise ValueError(
-                        f"classes_reader: window {win} has class values "
-                        f"{np.unique(cls[bad])[:8].tolist()} outside [0, {n_classes}) that are "
-                        "not nodata_class"
-                    )
-                used = np.unique(cls if valid is None else cls[valid])
-                empty = used[table[used].sum(axis=1) <= 0]
-                if empty.size:
-                    raise ValueError(f"label_given_class: rows {empty.tolist()} sum to zero but "
-                                     f"those classes occur in window {win}")
-                img = np.asarray(image_reader(*win))
-                if img.shape[:2] != (th, tw) or img.ndim != 3:
-                    raise ValueError(f"image_reader: window {win} gave shape {img.shape}, "
-                                     f"expected ({th}, {tw}, C)")
-                if use_nodata:
-                    counts = np.bincount(cls[valid], minlength=n_classes)[:n_classes]
-                    rows = table / np.maximum(table.sum(1, keepdims=True), 1e-30)
-                    neutral = counts @ rows
-                    neutral = neutral / neutral.sum() if neutral.sum() > 0 else np.full(
-                        n_labels, 1.0 / n_labels)
-                    tab = np.concatenate([table, neutral[None].astype(np.float32)])
-                    cls_in = np.where(valid, cls, n_classes).astype(np.int32)
-                else:
-                    tab, cls_in = table, cls.astype(np.int32)
-                probs = np.asarray(fn(jax.random.fold_in(key, i), img, cls_in, tab), np.float32)
-                wgt = weights if valid is None else weights * valid
-                acc[:, win.col : win.col + tw] += probs * wgt[..., None]
-                wsum[:, win.col : win.col + tw] += wgt
-                computed += 1
-                done += 1
-                bar.update(1)
-            # rows r0 .. next start are final
-            n_out = (row_starts[s + 1] if s + 1 < len(strips) else height) - r0
-            for a in range(0, n_out, _FLUSH_ROWS):  # in row chunks: small temporaries
-                b = min(a + _FLUSH_ROWS, n_out)
-                nodata = wsum[a:b] <= 0
-                outputs.write(acc[a:b] / np.where(nodata, 1.0, wsum[a:b])[..., None], nodata)
-            acc[: th - n_out] = acc[n_out:]
-            acc[th - n_out :] = 0
-            wsum[: th - n_out] = wsum[n_out:]
-            wsum[th - n_out :] = 0
-            # checkpoint
-            step = s + 1
-            states = {}
-            for name, w in writers.items():
-                st = w.checkpoint(state_dir / f"{name}.pending.{step}.npy")
-                st["pending"] = Path(st["pending"]).name if st["pending"] else None
-                states[name] = st
-            carry_rows = th - n_out if s + 1 < len(strips) else 0
-            carry_name = None
-            if carry_rows:
-                carry_name = f"carry.{step}.npz"
-                _save_npz_atomic(state_dir / carry_name, acc=acc[:carry_rows],
-                                 wsum=wsum[:carry_rows])
-            _write_json_atomic(state_path, dict(
-                version=_STATE_VERSION, fingerprint=fingerprint, next_strip=step,
-                windows_done=done, skipped=skipped, writers=states, carry=carry_name,
-                complete=False, height=height, width=width, windows=len(windows)))
-            keep = {state_path.name, carry_name} | {
-                st["pending"] for st in states.values() if st["pending"]}
-            for f in state_dir.iterdir():
-                if f.name not in keep:
-                    f.unlink(missing_ok=True)
-        bar.close()
-        for w in writers.values():
-            w.close()
-    except BaseException:
-        bar.close()
-        outputs.abort()
-        raise
-
-    if preview_path is not None:
-        names, colors = _default_palette(n_labels)
-        if label_names is not None:
-            names = list(label_names)
-        if label_colors is not None:
-            colors = np.asarray(label_colors, np.uint8)
-        with RasterReader(paths["labels"]) as lab:
-            ent = RasterReader(paths["entropy"]) if "entropy" in paths else None
-            try:
-                write_preview(preview_path, lab, height=height, width=width,
-                              image_reader=image_reader, entropy_reader=ent,
-                              label_names=names, label_colors=colors, max_size=preview,
-                              n_labels=n_labels)
-            finally:
-                if ent is not None:
-                    ent.close()
-    _write_json_atomic(state_path, dict(
-        version=_STATE_VERSION, fingerprint=fingerprint, next_strip=len(strips),
-        windows_done=done, skipped=skipped, complete=True, height=height, width=width,
-        windows=len(windows)))
-    for f in state_dir.iterdir():
-        if f.name != state_path.name:
-            f.unlink(missing_ok=True)
-    return result(computed, skipped, resumed_from)
+    finish = None if preview_path is None else functools.partial(
+        _preview, preview_path, outputs, image_reader, height=height, width=width,
+        n_labels=table.shape[1], max_size=preview, label_names=label_names,
+        label_colors=label_colors)
+    settings = dict(height=height, width=width, tile=tile, overlap=overlap, lsr=lsr_kwargs,
+                    key=np.asarray(jax.random.key_data(key)), table=table,
+                    nodata=nodata_values, valid=valid_reader is not None, compression=compression)
+    run = run_strips(
+        plan, add_strip, who="lsr_raster", outputs=outputs, state_dir=out_dir /
+        f".{prefix}lsr_state", settings=settings, geo=geo, compression=compression,
+        inputs={"image_reader": image_reader, "classes_reader": classes_reader,
+                "valid_reader": valid_reader},
+        resume=resume, progress=progress, total=len(windows), progress_key="windows_done",
+        finish=finish)
+    done, before = run.counts, run.resumed
+    return RasterRun(
+        outputs["labels"].path, outputs["probs"].path if write_probs else None,
+        outputs["entropy"].path if write_entropy else None,
+        preview_path if preview_path is not None and preview_path.exists() else None,
+        len(windows), done.get("computed", 0) - before.get("computed", 0),
+        done.get("skipped", 0), before.get("windows_done", 0), time.perf_counter() - t_start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,8 +332,6 @@ def write_preview(
     """PNG panel ``imagery | labels | entropy`` (those given) with a legend, nearest-neighbour
     downsampled so the longest side is at most ``max_size``; read in row blocks (bounded memory).
     """
-    from epilsr import viz
-
     step = max(1, math.ceil(max(height, width) / max_size))
     tiles, titles = [], []
     if image_reader is not None:

@@ -21,13 +21,13 @@ call. No-data labels/classes (``ignore``) contribute nothing: their one-hot rows
 (not its pixels) among tiles: each window is evaluated once, in the tile that owns its
 top-left corner, and its contributions (sums and counts) are added into a strip buffer. The
 result equals :func:`epilsr.predict` on the whole raster up to float32 summation order, for
-every stride; memory is one strip of ``tile + K`` rows plus one posterior chunk.
+every stride; memory is one strip of ``tile + K`` rows plus one posterior chunk. The strips run
+through :mod:`epilsr.io.strips` (:func:`predict_raster_files`: checkpointed and resumable).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +38,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from epilsr._validate import check_finite
 from epilsr.epitome import Epitome, as_float_image
-from epilsr.metrics import NODATA_LABEL
-from epilsr.predict import check_predict_inputs, grid_starts, window_sums
-from epilsr.windows import tile_grid
+from epilsr.io.geotiff import RasterWriter
+from epilsr.io.strips import (
+    Reader,
+    StripPlan,
+    array_digest,
+    array_reader,
+    check_window,
+    iter_strips,
+    label_outputs,
+    read_window,
+    run_strips,
+    write_outputs,
+)
+from epilsr.predict import check_predict_inputs, window_sums
+from epilsr.windows import grid_starts, tile_grid
 
 __all__ = [
     "predict_raster",
@@ -51,17 +62,6 @@ __all__ = [
     "RasterFiles",
     "raster_row_writer",
 ]
-
-#: Label / class value of no-data pixels (skipped, never embedded).
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-# --------------------------------------------------------------------------- accumulation
-
-
-# --------------------------------------------------------------------------- rasters
 
 
 class RasterPrediction(NamedTuple):
@@ -82,37 +82,29 @@ def _reflect_read(reader, height, width, margin, row, col, h, w) -> np.ndarray:
     r0, c0 = row - margin, col - margin  # raster coordinates
     a0, a1 = max(r0, 0), min(r0 + h, height)
     b0, b1 = max(c0, 0), min(c0 + w, width)
-    block = np.asarray(reader(a0, b0, a1 - a0, b1 - b0))
+    block = read_window("image_reader", reader, a0, b0, a1 - a0, b1 - b0)
     pad = ((a0 - r0, r0 + h - a1), (b0 - c0, c0 + w - b1), (0, 0))
     return np.pad(block, pad, mode="reflect") if any(sum(p) for p in pad) else block
 
 
-class _Strip(NamedTuple):
-    """One finished strip of :func:`_PredictPlan.strips`: rows ``row0 ..`` are final."""
-
-    row0: int
-    probs: np.ndarray  # [r, W, n]
-    next_strip: int
-    acc: np.ndarray  # [keep, W, n] carry: sums already added to the rows below
-    cnt: np.ndarray  # [keep, W]
-    windows: int  # windows evaluated in this strip
+def _owned(grid: np.ndarray, starts: list[int], i: int) -> np.ndarray:
+    """Window corners of ``grid`` owned by tile ``i`` of ``starts``, relative to its start."""
+    lo = starts[i]
+    hi = starts[i + 1] if i + 1 < len(starts) else grid[-1] + 1
+    return grid[(grid >= lo) & (grid < hi)] - lo
 
 
-class _PredictPlan(NamedTuple):
-    height: int
-    width: int
-    n_labels: int
-    n_strips: int
+class _Predictor(NamedTuple):
+    plan: StripPlan
+    add_strip: Callable  # run_strips' add_strip
     n_tiles: int
-    strips: Callable[..., Any]  # (first_strip, carry, bar) -> iterator of _Strip
+    image_reader: Reader
 
 
-def _predict_plan(epitome, label_probs, image_reader, *, patch_size, temperature, stride,
-                  label_size, tile, height, width, mask, chunk, method) -> _PredictPlan:
-    """Validated inputs, the tile grid and a generator over finished strips (Eq. 2, exact)."""
+def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, stride,
+               label_size, tile, height, width, mask, chunk, method) -> _Predictor:
+    """Validated inputs, the tile grid and the strip function (Eq. 2, exact)."""
     if not callable(image_reader):
-        from epilsr.pipelines.raster_lsr import array_reader
-
         image_reader = array_reader(image_reader)
     if height is None or width is None:
         shape = getattr(image_reader, "shape", None)
@@ -128,7 +120,6 @@ def _predict_plan(epitome, label_probs, image_reader, *, patch_size, temperature
     )
     if int(tile) != tile or tile < 1:
         raise ValueError(f"tile: expected a positive integer, got {tile}")
-    n = label_probs.shape[-1]
     rows_g = np.asarray(grid_starts(height, kl, stride))
     cols_g = np.asarray(grid_starts(width, kl, stride))
     # tiles of the corner space [0, H - Kl] x [0, W - Kl]
@@ -136,67 +127,43 @@ def _predict_plan(epitome, label_probs, image_reader, *, patch_size, temperature
     th, tw = wins[0].height, wins[0].width
     strip_rows = sorted({w.row for w in wins})
     col_starts = sorted({w.col for w in wins})
-
-    def owned(grid, starts, i):
-        lo = starts[i]
-        hi = starts[i + 1] if i + 1 < len(starts) else grid[-1] + 1
-        return grid[(grid >= lo) & (grid < hi)] - lo
-
-    p_max = max(len(owned(rows_g, strip_rows, i)) for i in range(len(strip_rows))) * max(
-        len(owned(cols_g, col_starts, j)) for j in range(len(col_starts)))
+    p_max = max(len(_owned(rows_g, strip_rows, i)) for i in range(len(strip_rows))) * max(
+        len(_owned(cols_g, col_starts, j)) for j in range(len(col_starts)))
     n_chunks = -(-p_max // max(1, int(chunk)))
     chunk = -(-p_max // n_chunks)  # equal chunks: at most n_chunks - 1 padded windows
-    p_pad = n_chunks * chunk
-    static = (("patch_size", k), ("label_size", label_size), ("chunk", chunk),
-              ("method", method))
-    fn = _jitted_sums(static)
+    fn = _jitted_sums((("patch_size", k), ("label_size", label_size), ("chunk", chunk),
+                       ("method", method)))
     img_h, img_w = th + k - 1, tw + k - 1  # tile image window (padded coordinates)
-    out_h = th + kl - 1  # raster rows touched by one strip
+    out_h, out_w = th + kl - 1, tw + kl - 1  # raster rows / cols touched by one tile
 
-    def strips(first_strip: int = 0, carry=None, bar=None):
-        acc = np.zeros((out_h, width, n), np.float32)
-        cnt = np.zeros((out_h, width), np.float32)
-        if carry is not None:
-            kc = carry[0].shape[0]
-            acc[:kc], cnt[:kc] = carry
-        for si in range(first_strip, len(strip_rows)):
-            r0 = strip_rows[si]
-            rs = owned(rows_g, strip_rows, si)
-            n_windows = 0
-            for cj, c0 in enumerate(col_starts):
-                cs = owned(cols_g, col_starts, cj)
-                rr, cc = np.meshgrid(rs, cs, indexing="ij")
-                st = np.zeros((p_pad, 2), np.int32)
-                wt = np.zeros((p_pad,), np.float32)
-                m = rr.size
-                st[:m, 0], st[:m, 1], wt[:m] = rr.ravel(), cc.ravel(), 1.0
-                block = _reflect_read(image_reader, height, width, o, r0, c0, img_h, img_w)
-                if block.ndim != 3 or block.shape[:2] != (img_h, img_w):
-                    raise ValueError(f"image_reader: window ({r0}, {c0}) gave shape "
-                                     f"{block.shape}, expected ({img_h}, {img_w}, C)")
-                if block.shape[-1] != epitome.channels:
-                    raise ValueError(f"image: expected {epitome.channels} channels to match "
-                                     f"the epitome, got {block.shape[-1]}")
-                image = as_float_image(block)
-                check_finite("image", image)
-                a, c = fn(epitome, label_probs, image, jnp.asarray(st),
-                          jnp.asarray(wt), temperature=temperature, mask=mask)
-                a = np.asarray(a)[o : o + out_h, o : o + tw + kl - 1]
-                c = np.asarray(c)[o : o + out_h, o : o + tw + kl - 1]
-                acc[:, c0 : c0 + tw + kl - 1] += a
-                cnt[:, c0 : c0 + tw + kl - 1] += c
-                n_windows += m
-                if bar is not None:
-                    bar.update(1)
-            end = strip_rows[si + 1] if si + 1 < len(strip_rows) else height
-            n_out = end - r0
-            done = acc[:n_out] / np.maximum(cnt[:n_out], 1e-30)[..., None]
-            keep = out_h - n_out if si + 1 < len(strip_rows) else 0
-            acc[: out_h - n_out], cnt[: out_h - n_out] = acc[n_out:], cnt[n_out:]
-            acc[out_h - n_out :], cnt[out_h - n_out :] = 0.0, 0.0
-            yield _Strip(r0, done, si + 1, acc[:keep].copy(), cnt[:keep].copy(), n_windows)
+    def add_strip(si, acc, cnt, tick):
+        r0, rs = strip_rows[si], _owned(rows_g, strip_rows, si)
+        n_windows = 0
+        for cj, c0 in enumerate(col_starts):
+            rr, cc = np.meshgrid(rs, _owned(cols_g, col_starts, cj), indexing="ij")
+            st = np.zeros((n_chunks * chunk, 2), np.int32)
+            wt = np.zeros((n_chunks * chunk,), np.float32)
+            m = rr.size
+            st[:m, 0], st[:m, 1], wt[:m] = rr.ravel(), cc.ravel(), 1.0
+            block = _reflect_read(image_reader, height, width, o, r0, c0, img_h, img_w)
+            if block.ndim != 3 or block.shape[:2] != (img_h, img_w):
+                raise ValueError(f"image_reader: window ({r0}, {c0}) gave shape "
+                                 f"{block.shape}, expected ({img_h}, {img_w}, C)")
+            if block.shape[-1] != epitome.channels:
+                raise ValueError(f"image: expected {epitome.channels} channels to match "
+                                 f"the epitome, got {block.shape[-1]}")
+            a, c = fn(epitome, label_probs, as_float_image(block), jnp.asarray(st),
+                      jnp.asarray(wt), temperature=temperature, mask=mask)
+            a = check_window("predict_raster", (r0, c0, th, tw),
+                             np.asarray(a)[o : o + out_h, o : o + out_w])
+            acc[:, c0 : c0 + out_w] += a
+            cnt[:, c0 : c0 + out_w] += np.asarray(c)[o : o + out_h, o : o + out_w]
+            n_windows += m
+            tick()
+        return {"tiles": len(col_starts), "windows": n_windows}
 
-    return _PredictPlan(height, width, n, len(strip_rows), len(wins), strips)
+    plan = StripPlan(height, width, label_probs.shape[-1], tuple(strip_rows), out_h)
+    return _Predictor(plan, add_strip, len(wins), image_reader)
 
 
 def predict_raster(
@@ -221,7 +188,7 @@ def predict_raster(
 
     Equals :func:`epilsr.predict` with the same ``patch_size``, ``stride``, ``label_size`` on
     the whole raster. Window corners (block corners with ``label_size``) lie on the global grid
-    :func:`epilsr.predict.grid_starts`; :func:`epilsr.windows.tile_grid` splits that grid into
+    :func:`epilsr.windows.grid_starts`; :func:`epilsr.windows.tile_grid` splits that grid into
     ``tile x tile`` pieces and each piece's windows are evaluated on an image window of
     ``tile + K - 1`` pixels. Finished rows are passed to ``on_rows(row0, probs [r, W, n])`` in
     order (e.g. :func:`raster_row_writer`), else collected and returned.
@@ -229,7 +196,7 @@ def predict_raster(
     Args:
       epitome: :class:`Epitome`; label_probs: ``[L, N1, N2, n]``.
       image_reader: ``(row, col, h, w) -> [h, w, C]`` (e.g. a
-        :class:`~epilsr.io.geotiff.RasterReader`) or an ``[H, W, C]`` array.
+        :class:`~epilsr.io.geotiff.RasterReader`) or an ``[H, W, C]`` array; finite values.
       patch_size, temperature, stride, label_size, mask, chunk, method: as in
         :func:`epilsr.predict` (``chunk`` bounds memory to ``chunk * L * N1 * N2`` floats).
       tile: side of a tile of window corners (one jit compilation for all tiles).
@@ -240,25 +207,21 @@ def predict_raster(
     Returns:
       :class:`RasterPrediction`.
     """
-    plan = _predict_plan(epitome, label_probs, image_reader, patch_size=patch_size,
-                         temperature=temperature, stride=stride, label_size=label_size,
-                         tile=tile, height=height, width=width, mask=mask, chunk=chunk,
-                         method=method)
-    full = None
+    pred = _predictor(epitome, label_probs, image_reader, patch_size=patch_size,
+                      temperature=temperature, stride=stride, label_size=label_size,
+                      tile=tile, height=height, width=width, mask=mask, chunk=chunk,
+                      method=method)
+    plan, full, n_windows = pred.plan, None, 0
     if on_rows is None:
         full = np.zeros((plan.height, plan.width, plan.n_labels), np.float32)
-    from tqdm.auto import tqdm
-
-    n_windows = 0
-    with tqdm(total=plan.n_tiles, disable=not progress, unit="tile",
-              desc="predict_raster") as bar:
-        for strip in plan.strips(bar=bar):
-            if full is not None:
-                full[strip.row0 : strip.row0 + len(strip.probs)] = strip.probs
-            else:
-                on_rows(strip.row0, strip.probs)
-            n_windows += strip.windows
-    return RasterPrediction(full, plan.n_tiles, n_windows)
+    for row0, probs, _, counts in iter_strips(plan, pred.add_strip, progress=progress,
+                                              total=pred.n_tiles, desc="predict_raster"):
+        if full is not None:
+            full[row0 : row0 + len(probs)] = probs
+        else:
+            on_rows(row0, probs)
+        n_windows += counts["windows"]
+    return RasterPrediction(full, pred.n_tiles, n_windows)
 
 
 class RasterFiles(NamedTuple):
@@ -270,17 +233,6 @@ class RasterFiles(NamedTuple):
     tiles: int  # tiles in the grid
     windows: int  # K x K windows evaluated in this call
     resumed_from: int  # strips already done when this call started
-
-
-def _digest(*arrays) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def predict_raster_files(
@@ -310,128 +262,42 @@ def predict_raster_files(
     """:func:`predict_raster` into GeoTIFFs, checkpointed after every strip and resumable.
 
     Writes ``<prefix>labels.tif`` (and ``probs.tif`` / ``entropy.tif``) like
-    :func:`raster_row_writer`. After each strip of tiles the writers are made durable and the
-    strip buffer's carry rows and ``progress.json`` (next strip, writer states, a fingerprint of
-    the epitome, label embedding and settings) are saved atomically in
-    ``<out_dir>/.<prefix>predict_state/`` (the scheme of
-    :func:`epilsr.pipelines.raster_lsr.lsr_raster`). A rerun with ``resume=True`` continues
-    from the last finished strip, and its output equals an uninterrupted run's; at most one
-    strip of work is lost. The reader is not fingerprinted: the imagery
-    must not change between the crash and the rerun.
+    :func:`raster_row_writer`, through :func:`epilsr.io.strips.run_strips`: after each strip
+    of tiles the state in ``<out_dir>/.<prefix>predict_state/`` is made durable, and a rerun
+    with ``resume=True`` continues from the last finished strip with an output equal to an
+    uninterrupted run's; at most one strip of work is lost.
 
     Args:
-      out_dir: output folder; geo: :class:`~epilsr.io.geotiff.GeoInfo` copied to the outputs
-        (the fingerprint covers the model, every setting and an array image, not a reader's
-        data nor what ``valid`` returns);
+      out_dir: output folder; geo: :class:`~epilsr.io.geotiff.GeoInfo` copied to the outputs;
         prefix, probs, entropy, valid: as for :func:`raster_row_writer`; resume: continue an
-        interrupted run with the same settings (a different one raises ``ValueError``);
-        ``False`` starts over. Other arguments as for :func:`predict_raster`.
+        interrupted run with the same settings (the epitome, label embedding and every
+        setting are fingerprinted, and the image and ``valid`` readers when they offer
+        ``fingerprint()``, as arrays and :class:`~epilsr.io.geotiff.RasterReader` s do);
+        other settings or a changed input raise ``ValueError``; ``False`` starts over.
+        Other arguments as for :func:`predict_raster`.
     """
-    from tqdm.auto import tqdm
-
-    from epilsr.io.atomic import _fingerprint, _save_npz_atomic, _write_json_atomic
-    from epilsr.io.geotiff import RasterWriter
-    from epilsr.pipelines.raster_lsr import _Outputs, _resume_writers
-
-    plan = _predict_plan(epitome, label_probs, image_reader, patch_size=patch_size,
-                         temperature=temperature, stride=stride, label_size=label_size,
-                         tile=tile, height=height, width=width, mask=mask, chunk=chunk,
-                         method=method)
-    h, w, n = plan.height, plan.width, plan.n_labels
+    pred = _predictor(epitome, label_probs, image_reader, patch_size=patch_size,
+                      temperature=temperature, stride=stride, label_size=label_size,
+                      tile=tile, height=height, width=width, mask=mask, chunk=chunk,
+                      method=method)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_dir = out_dir / f".{prefix}predict_state"
-    state_path = state_dir / "progress.json"
-    specs: dict[str, dict[str, Any]] = {"labels": dict(dtype=np.uint8, bands=None,
-                                                       nodata=NODATA_LABEL)}
-    if probs:
-        specs["probs"] = dict(dtype=np.float32, bands=n, nodata=float("nan"))
-    if entropy:
-        specs["entropy"] = dict(dtype=np.float32, bands=None, nodata=float("nan"))
-    paths = {name: out_dir / f"{prefix}{name}.tif" for name in specs}
-    fingerprint = _fingerprint(
-        version=1, height=h, width=w, patch_size=int(patch_size),
+    outputs = label_outputs(out_dir, prefix, pred.plan.n_labels, probs=probs, entropy=entropy)
+    settings = dict(
+        height=pred.plan.height, width=pred.plan.width, patch_size=int(patch_size),
         temperature=float(temperature), stride=int(stride), label_size=label_size,
-        tile=int(tile), chunk=int(chunk), method=method, outputs=sorted(specs),
-        valid=valid is not None,
-        model=_digest(epitome.mean, epitome.log_var, epitome.prior_logits, label_probs,
-                      np.zeros(0) if mask is None else mask),
-        image=None if callable(image_reader) else _digest(image_reader),
+        tile=int(tile), chunk=int(chunk), method=method, valid=valid is not None,
+        model=array_digest(epitome.mean, epitome.log_var, epitome.prior_logits, label_probs,
+                           np.zeros(0) if mask is None else mask),
     )
-
-    def writer_kwargs(name):
-        sp = specs[name]
-        return dict(height=h, width=w, dtype=sp["dtype"], bands=sp["bands"], geo=geo,
-                    nodata=sp["nodata"])
-
-    def result(windows, resumed):
-        return RasterFiles(paths["labels"], paths.get("probs"), paths.get("entropy"),
-                           plan.n_tiles, windows, resumed)
-
-    state = None
-    if resume and state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"predict_raster_files: {state_dir} holds a run with different "
-                             "settings; pass resume=False to start over (or another prefix)")
-        if state.get("complete") and all(p.exists() for p in paths.values()):
-            return result(0, state["next_strip"])
-    first, carry, writers = 0, None, {}
-    if state is not None and not state.get("complete"):
-        first = state["next_strip"]
-        writers = _resume_writers(state, state_dir, paths, writer_kwargs,
-                                  finished=first == plan.n_strips, who="predict_raster_files")
-        if state.get("carry"):
-            with np.load(state_dir / state["carry"]) as z:
-                carry = (z["acc"], z["cnt"])
-    else:
-        if state_dir.exists():
-            for f in state_dir.iterdir():
-                f.unlink()
-        state_dir.mkdir(exist_ok=True)
-        writers = {name: RasterWriter(paths[name], **writer_kwargs(name)) for name in specs}
-    outputs = _Outputs(writers)
-    tiles_per_strip = plan.n_tiles // plan.n_strips
-    n_windows = 0
-    try:
-        with tqdm(total=plan.n_tiles, initial=first * tiles_per_strip, disable=not progress,
-                  unit="tile", desc="predict_raster") as bar:
-            for strip in plan.strips(first, carry, bar):
-                r = len(strip.probs)
-                nodata = np.zeros((r, w), bool)
-                if valid is not None:
-                    nodata = ~np.asarray(valid(strip.row0, 0, r, w), bool)
-                outputs.write(strip.probs, nodata)
-                n_windows += strip.windows
-                step = strip.next_strip
-                states = {}
-                for name, wr in writers.items():
-                    st = wr.checkpoint(state_dir / f"{name}.pending.{step}.npy")
-                    st["pending"] = Path(st["pending"]).name if st["pending"] else None
-                    states[name] = st
-                carry_name = None
-                if len(strip.acc):
-                    carry_name = f"carry.{step}.npz"
-                    _save_npz_atomic(state_dir / carry_name, acc=strip.acc, cnt=strip.cnt)
-                _write_json_atomic(state_path, dict(
-                    fingerprint=fingerprint, next_strip=step, writers=states,
-                    carry=carry_name, complete=False))
-                keep = {state_path.name, carry_name} | {
-                    st["pending"] for st in states.values() if st["pending"]}
-                for f in state_dir.iterdir():
-                    if f.name not in keep:
-                        f.unlink(missing_ok=True)
-        for wr in writers.values():
-            wr.close()
-    except BaseException:
-        outputs.abort()
-        raise
-    _write_json_atomic(state_path, dict(fingerprint=fingerprint, next_strip=plan.n_strips,
-                                        complete=True))
-    for f in state_dir.iterdir():
-        if f.name != state_path.name:
-            f.unlink(missing_ok=True)
-    return result(n_windows, first)
+    run = run_strips(pred.plan, pred.add_strip, who="predict_raster_files", outputs=outputs,
+                     state_dir=out_dir / f".{prefix}predict_state", settings=settings,
+                     inputs={"image_reader": pred.image_reader, "valid": valid}, geo=geo,
+                     valid=valid, resume=resume, progress=progress, total=pred.n_tiles,
+                     progress_key="tiles", desc="predict_raster")
+    return RasterFiles(outputs["labels"].path, outputs["probs"].path if probs else None,
+                       outputs["entropy"].path if entropy else None, pred.n_tiles,
+                       run.counts.get("windows", 0) - run.resumed.get("windows", 0),
+                       run.first_strip)
 
 
 def raster_row_writer(
@@ -453,33 +319,16 @@ def raster_row_writer(
     ``<prefix>entropy.tif`` (nats). Returns ``(on_rows, close)``; ``close()`` finalises the
     files and returns their paths.
     """
-    from epilsr.io.geotiff import RasterWriter
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common = dict(height=height, width=width, geo=geo)
-    writers = {"labels": RasterWriter(out_dir / f"{prefix}labels.tif", dtype=np.uint8,
-                                      nodata=NODATA_LABEL, **common)}
-    if probs:
-        writers["probs"] = RasterWriter(out_dir / f"{prefix}probs.tif", dtype=np.float32,
-                                        bands=n_labels, nodata=float("nan"), **common)
-    if entropy:
-        writers["entropy"] = RasterWriter(out_dir / f"{prefix}entropy.tif", dtype=np.float32,
-                                          nodata=float("nan"), **common)
+    specs = label_outputs(Path(out_dir), prefix, n_labels, probs=probs, entropy=entropy)
+    writers = {name: RasterWriter(s.path, height=height, width=width, dtype=s.dtype,
+                                  bands=s.bands, geo=geo, nodata=s.nodata)
+               for name, s in specs.items()}
 
     def on_rows(row0: int, p: np.ndarray) -> None:
         nodata = np.zeros(p.shape[:2], bool)
         if valid is not None:
             nodata = ~np.asarray(valid(row0, 0, p.shape[0], width), bool)
-        lab = np.argmax(p, axis=-1).astype(np.uint8)
-        lab[nodata] = NODATA_LABEL
-        writers["labels"].write(lab)
-        if "probs" in writers:
-            writers["probs"].write(np.where(nodata[..., None], np.nan, p))
-        if "entropy" in writers:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1)
-            writers["entropy"].write(np.where(nodata, np.nan, ent).astype(np.float32))
+        write_outputs(writers, p, nodata)
 
     def close() -> dict[str, Path]:
         for w in writers.values():
