@@ -40,8 +40,9 @@ __all__ = [
 PIXEL_SCALE, TIEPOINT, TRANSFORMATION = 33550, 33922, 34264
 GEOKEYS, GEO_DOUBLES, GEO_ASCII, GDAL_NODATA = 34735, 34736, 34737, 42113
 # GeoKeys used to find the EPSG code.
-_MODEL_TYPE, _GEOGRAPHIC_TYPE, _PROJECTED_TYPE = 1024, 2048, 3072
+_MODEL_TYPE, _RASTER_TYPE, _GEOGRAPHIC_TYPE, _PROJECTED_TYPE = 1024, 1025, 2048, 3072
 _USER_DEFINED = 32767
+_PIXEL_IS_POINT = 2  # GTRasterTypeGeoKey value: model points refer to pixel centres
 
 PathLike = str | os.PathLike
 
@@ -117,17 +118,28 @@ class GeoInfo:
         """True when the raster -> model mapping is defined (tie points or a transformation)."""
         return self.transformation is not None or self.tiepoints is not None
 
-    @property
-    def epsg(self) -> int | None:
-        """EPSG code from the GeoKey directory (projected CRS first, else geographic), or None."""
+    def _inline_keys(self) -> dict[int, int]:
+        """GeoKeys whose values are stored inline in the directory: ``{key_id: value}``."""
         keys = self.geokeys
         if not keys or len(keys) < 4:
-            return None
+            return {}
         entries = {}
         for i in range(4, min(len(keys), 4 + 4 * keys[3]) - 3, 4):
             key_id, location, _count, value = keys[i : i + 4]
             if location == 0:  # value stored inline
                 entries[key_id] = value
+        return entries
+
+    @property
+    def epsg(self) -> int | None:
+        """EPSG code from the GeoKey directory (projected CRS first, else geographic), or None.
+
+        A user-defined CRS (e.g. a custom WKT) has no code here; GDAL may still recognise it:
+        :func:`epilsr.io.align.geoinfo_to_rasterio` returns GDAL's reading of the tags.
+        """
+        entries = self._inline_keys()
+        if not entries:
+            return None
         model = entries.get(_MODEL_TYPE)
         order = (_GEOGRAPHIC_TYPE, _PROJECTED_TYPE) if model == 2 else (
             _PROJECTED_TYPE, _GEOGRAPHIC_TYPE)
@@ -138,18 +150,28 @@ class GeoInfo:
         return None
 
     @property
+    def pixel_is_point(self) -> bool:
+        """True when GTRasterTypeGeoKey says RasterPixelIsPoint (model points = pixel centres)."""
+        return self._inline_keys().get(_RASTER_TYPE) == _PIXEL_IS_POINT
+
+    @property
     def geotransform(self) -> tuple[float, float, float, float, float, float] | None:
         """GDAL-style ``(x0, dx_col, dx_row, y0, dy_col, dy_row)`` of pixel corners, or None.
 
-        Model ``x = x0 + col * dx_col + row * dx_row`` and ``y = y0 + col * dy_col + row * dy_row``.
+        Model ``x = x0 + col * dx_col + row * dx_row`` and ``y = y0 + col * dy_col + row * dy_row``
+        at pixel *corners* (GDAL's convention): for a RasterPixelIsPoint raster, whose tags
+        place model points at pixel centres, the origin is moved by half a pixel (as GDAL does).
         """
+        half = 0.5 if self.pixel_is_point else 0.0
         if self.transformation is not None:
             m = self.transformation
-            return (m[3], m[0], m[1], m[7], m[4], m[5])
+            x0 = m[3] - half * (m[0] + m[1])
+            y0 = m[7] - half * (m[4] + m[5])
+            return (x0, m[0], m[1], y0, m[4], m[5])
         if self.pixel_scale is not None and self.tiepoints is not None and len(self.tiepoints) == 6:
             i, j, _, x, y, _ = self.tiepoints
             sx, sy = self.pixel_scale[:2]
-            return (x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy)
+            return (x - (i + half) * sx, sx, 0.0, y + (j + half) * sy, 0.0, -sy)
         return None
 
     def window(self, row: int, col: int) -> GeoInfo:
