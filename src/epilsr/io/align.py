@@ -9,9 +9,9 @@ bundles GDAL and PROJ). Projections are GDAL's, never hand-written.
 * :class:`AlignedReader`: a coarse raster (any resolution, CRS, extent, grid) brought onto a
   target grid (the imagery's) by nearest-neighbour reprojection, one window at a time through
   a GDAL ``WarpedVRT`` with the exact transformer (``tolerance=1e-6`` pixel; GDAL refuses 0):
-  the value of target pixel ``(r, c)`` is the source pixel containing the target pixel's *centre*. Pixels outside the
-  coarse extent or at its no-data value read as :attr:`AlignedReader.nodata`. Memory is one
-  window (plus GDAL's block cache); no target-sized array is ever made.
+  the value of target pixel ``(r, c)`` is the source pixel containing its *centre*. Pixels
+  outside the coarse extent or at its no-data value read as :attr:`AlignedReader.nodata`.
+  Memory is one window (plus GDAL's block cache); no target-sized array is ever made.
 * :func:`geoinfo_from_rasterio` / :func:`geoinfo_to_rasterio`: :class:`GeoInfo` <-> a rasterio
   CRS + affine transform (the latter is GDAL's own reading of the GeoTIFF tags, so a custom-WKT
   CRS is recognised where GDAL recognises it).
