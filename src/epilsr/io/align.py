@@ -332,6 +332,19 @@ class AlignedReader:
             return np.zeros(0, self.dtype)
         return np.unique(self.source.read(1, window=Window(c0, r0, c1 - c0, r1 - r0)))
 
+    def cell_pixels(self) -> float:
+        """Side of one coarse cell in target pixels: the square root of the area, on the target
+        grid, of the coarse cell at the target's centre (30 for 30 m NLCD on 1 m imagery)."""
+        src = self.source
+        mx, my = apply_affine(self.transform, self.width / 2, self.height / 2)
+        (sx,), (sy,) = warp_transform(self.crs, src.crs, [mx], [my])
+        c0, r0 = apply_affine(~src.transform, sx, sy)
+        cols, rows = np.floor(c0) + np.array([0.0, 1.0, 0.0]), np.floor(r0) + np.array([0, 0, 1.0])
+        xs, ys = apply_affine(src.transform, cols, rows)
+        tx, ty = warp_transform(src.crs, self.crs, list(xs), list(ys))
+        c, r = apply_affine(~self.transform, np.asarray(tx), np.asarray(ty))
+        return math.sqrt(abs((c[1] - c[0]) * (r[2] - r[0]) - (c[2] - c[0]) * (r[1] - r[0])))
+
     def fingerprint(self) -> dict[str, Any]:
         """Cheap identity: the coarse file (path, size, mtime), its grid, and the target grid."""
         src = self.source

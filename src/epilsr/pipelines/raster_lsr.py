@@ -221,7 +221,8 @@ def lsr_raster(
       prefix: file name prefix (several runs in one folder).
       preview: longest side of the PNG preview (imagery | labels | entropy, with a legend);
         ``None`` = no preview.
-      label_names, label_colors: legend of the preview; default the Chesapeake 4 classes when
+      label_names, label_colors: legend of the preview, label names and colour table of the
+        label raster, band names of the probabilities; default the Chesapeake 4 classes when
         ``n == 4``.
       progress: tqdm bar over windows.
       resume: continue from the last checkpoint of an interrupted run with the same settings
@@ -276,10 +277,16 @@ def lsr_raster(
         compression=compression,
     )
 
+    names, colors = _default_palette(n_labels)
+    names = list(label_names) if label_names is not None else names
+    colors = np.asarray(label_colors, np.uint8) if label_colors is not None else colors
+    describe = {"labels": dict(label_names=names, label_colors=colors),
+                "probs": dict(band_names=names), "entropy": dict(description="entropy (nats)")}
+
     def writer_kwargs(name):
         s = specs[name]
         return dict(height=height, width=width, dtype=s["dtype"], bands=s["bands"], geo=geo,
-                    nodata=s["nodata"], compression=compression)
+                    nodata=s["nodata"], compression=compression, **describe[name])
 
     def result(computed, skipped, done):
         return RasterRun(
@@ -420,11 +427,6 @@ def lsr_raster(
         raise
 
     if preview_path is not None:
-        names, colors = _default_palette(n_labels)
-        if label_names is not None:
-            names = list(label_names)
-        if label_colors is not None:
-            colors = np.asarray(label_colors, np.uint8)
         with RasterReader(paths["labels"]) as lab:
             ent = RasterReader(paths["entropy"]) if "entropy" in paths else None
             try:
