@@ -184,17 +184,20 @@ class RasterioReader:
         return data[0] if len(self.bands) == 1 else np.moveaxis(data, 0, -1)
 
     def valid(self, row: int, col: int, height: int, width: int) -> np.ndarray:
-        """``[h, w]`` bool, False where GDAL's dataset mask says no data (no-data tag, mask
-        band or alpha; a pixel is valid when any of the read bands is)."""
+        """``[h, w]`` bool, False where GDAL's mask says no data (no-data tag or mask band; a
+        pixel is valid when any read band is). An alpha band counts as data, not as a mask
+        (4-band NAIP R, G, B, NIR is often flagged RGBA): all True unless :attr:`has_mask`."""
+        if not self.has_mask:
+            return np.ones((int(height), int(width)), bool)
         win = Window(int(col), int(row), int(width), int(height))
         masks = self.dataset.read_masks(self.bands, window=win)
         return np.any(masks > 0, axis=0)
 
     @property
     def has_mask(self) -> bool:
-        """True when GDAL reports any no-data for the read bands (tag, mask band or alpha)."""
-        flags = [self.dataset.mask_flag_enums[b - 1] for b in self.bands]
-        return any(all(f.name != "all_valid" for f in fl) for fl in flags)
+        """True when a read band has a no-data tag or a mask band that is not an alpha band."""
+        flags = {f.name for b in self.bands for f in self.dataset.mask_flag_enums[b - 1]}
+        return "nodata" in flags or ("per_dataset" in flags and "alpha" not in flags)
 
     def fingerprint(self) -> dict[str, Any]:
         """Cheap identity of the input: file path/size/mtime and the grid (no pixel read)."""

@@ -833,7 +833,7 @@ class RasterWriter:
                 f.write(block)
             for lev in reversed(levels):
                 with open(lev.path, "rb") as src:
-                    while chunk := src.read(1 << 24):
+                    while chunk := src.read(1 << 20):
                         f.write(chunk)
 
     def abort(self, *, keep_partial: bool = False) -> None:
