@@ -88,7 +88,7 @@ def test_scene_in_albers_matches_brute_force_and_cell_size(geo):
         c, r = apply_affine(~src_t, np.asarray(ax), np.asarray(ay))
         expect = albers[np.floor(r).astype(int), np.floor(c).astype(int)].reshape(h, w)
         # codes 1.. are table rows 1..; code 0 (cells the 1 m map did not fill) is no data
-        np.testing.assert_array_equal(cls, np.where(expect == 0, -1, expect))
+        np.testing.assert_array_equal(cls, np.where(expect == 0, -1, expect.astype(int)))
         assert 0 < np.mean(cls == -1) < 0.1
         assert np.mean(cls == geo.scene.classes + 1) > 0.7  # 30 m cells vs 32 m blocks
     finally:
