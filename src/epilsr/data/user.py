@@ -27,6 +27,7 @@ import glob
 import importlib.resources
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -219,6 +220,24 @@ class Scene(NamedTuple):
             r.close()
 
 
+def _auto_cell_size(aligned: AlignedReader, table: LabelTable, img: RasterioReader) -> int:
+    """Coarse cell side in imagery pixels from the two grids. A coarse map already resampled to
+    the imagery's resolution (cells of ~1 pixel) says nothing about its true cells: with the
+    NLCD table and metric imagery they are NLCD's 30 m, otherwise ``data.cell_size`` is needed."""
+    cells = aligned.cell_pixels()
+    if cells >= 2:
+        return round(cells)
+    units = img.crs.linear_units if img.crs.is_projected else ""
+    if table.source == "nlcd" and units in ("metre", "meter", "m"):
+        side = round(30.0 / abs(img.transform.a))
+        warnings.warn(f"{aligned.name}: the coarse map is at the imagery's resolution; taking "
+                      f"NLCD's 30 m cells ({side} px). Set data.cell_size otherwise", UserWarning,
+                      stacklevel=2)
+        return max(1, side)
+    raise ValueError(f"{aligned.name}: the coarse map is at the imagery's resolution, so its "
+                     "cell size is unknown; set data.cell_size (coarse cell side in pixels)")
+
+
 def open_scene(image_path: str | os.PathLike, coarse_path: str | os.PathLike,
                table: LabelTable, *, bands: list[int] | None = None,
                bit_depth: int | None = None, cell_size: int | None = None,
@@ -275,7 +294,7 @@ def open_scene(image_path: str | os.PathLike, coarse_path: str | os.PathLike,
                     ok &= np.all(np.isfinite(x), axis=-1) if x.ndim == 3 else np.isfinite(x)
                 return ok
 
-        cells = cell_size if cell_size is not None else max(1, round(aligned.cell_pixels()))
+        cells = cell_size if cell_size is not None else _auto_cell_size(aligned, table, img)
         geo = img.geo
         return Scene(Path(image_path).stem, _ScaledImage(img, scale), classes, valid, geo,
                      img.height, img.width, int(cells), scale, tuple(readers))
