@@ -280,7 +280,7 @@ def lsr_raster(
     names, colors = _default_palette(n_labels)
     names = list(label_names) if label_names is not None else names
     colors = np.asarray(label_colors, np.uint8) if label_colors is not None else colors
-    describe = {"labels": dict(label_names=names, label_colors=colors),
+    describe = {"labels": dict(label_names=names, label_colors=colors, description="labels"),
                 "probs": dict(band_names=names), "entropy": dict(description="entropy (nats)")}
 
     def writer_kwargs(name):
