@@ -183,3 +183,21 @@ def test_pixel_is_point_geotransform_matches_gdal(tmp_path, rotated):
     area = GeoInfo(pixel_scale=(2.0, 3.0, 0.0), tiepoints=(0, 0, 0, 500000.0, 4e6, 0),
                    geokeys=keys[:11] + (1,) + keys[12:])
     assert area.geotransform == (500000.0, 2.0, 0.0, 4e6, 0.0, -3.0)
+
+
+def test_rasterio_reader_reads_a_vrt(tmp_path, rng):
+    img = rng.integers(0, 255, (30, 40, 3)).astype(np.uint8)
+    tif = write_tif(tmp_path / "img.tif", img, UTM, IMG_T)
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="1">img.tif</SourceFilename><SourceBand>{b}</SourceBand>'
+        "</SimpleSource></VRTRasterBand>" for b in (1, 2, 3))
+    vrt = tmp_path / "img.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="40" rasterYSize="30"><SRS>EPSG:26917</SRS>'
+                   f"<GeoTransform>{', '.join(map(str, IMG_T.to_gdal()))}</GeoTransform>"
+                   f"{bands}</VRTDataset>")
+    with RasterioReader(vrt) as rd:
+        np.testing.assert_array_equal(rd(2, 3, 10, 20), img[2:12, 3:23])
+        crs, t = geoinfo_to_rasterio(rd.geo)  # built from GDAL's CRS and transform
+        assert crs.to_epsg() == 26917 and t.almost_equals(IMG_T)
+        assert rd.fingerprint()["path"].endswith("img.vrt") and tif.exists()

@@ -285,6 +285,9 @@ def open_scene(image_path: str | os.PathLike, coarse_path: str | os.PathLike,
             out[inside] = lut[idx[inside]]
             return out
 
+        classes.fingerprint = lambda: {  # type: ignore[attr-defined]
+            **aligned.fingerprint(), "table": table.source, "codes": table.codes.tolist(),
+            "lut_offset": lo}
         valid = None
         if img.has_mask or img.dtype.kind == "f":
             def valid(row, col, height, width):
@@ -294,6 +297,7 @@ def open_scene(image_path: str | os.PathLike, coarse_path: str | os.PathLike,
                     ok &= np.all(np.isfinite(x), axis=-1) if x.ndim == 3 else np.isfinite(x)
                 return ok
 
+            valid.fingerprint = img.fingerprint  # type: ignore[attr-defined]
         cells = cell_size if cell_size is not None else _auto_cell_size(aligned, table, img)
         geo = img.geo
         return Scene(Path(image_path).stem, _ScaledImage(img, scale), classes, valid, geo,
