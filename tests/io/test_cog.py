@@ -11,6 +11,7 @@ from rasterio.crs import CRS  # noqa: E402
 from rasterio.enums import Resampling  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
 
+from epilsr.io import geotiff  # noqa: E402
 from epilsr.io.align import geoinfo_from_rasterio  # noqa: E402
 from epilsr.io.geotiff import RasterWriter, read_geoinfo  # noqa: E402
 
@@ -113,3 +114,18 @@ def test_small_rasters_and_descriptions(tmp_path, rng):
     with pytest.raises(ValueError, match="band_names: expected 4 names, got 2"):
         RasterWriter(tmp_path / "x.tif", height=4, width=4, dtype=np.float32, bands=4,
                      band_names=["a", "b"])
+
+
+def test_bigtiff_layout(tmp_path, rng, monkeypatch):
+    """The BigTIFF variant (64-bit offsets, used above ~4 GB) of the same COG."""
+    monkeypatch.setattr(geotiff, "_BIGTIFF_BYTES", 0)
+    labels = rng.integers(0, 4, (300, 520)).astype(np.uint8)
+    path = write(tmp_path / "big.tif", labels, nodata=255, label_names=NAMES,
+                 label_colors=COLORS)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff
+    with rasterio.open(path) as ds:
+        np.testing.assert_array_equal(ds.read(1), labels)
+        assert ds.overviews(1) == [2, 4] and ds.tags()["LABEL_3"] == NAMES[3]
+        assert ds.crs.to_epsg() == 26917 and ds.colormap(1)[1][:3] == tuple(COLORS[1])
+    assert cog_layout_errors(path) == []

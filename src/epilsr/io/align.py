@@ -49,6 +49,7 @@ __all__ = [
     "RasterioReader",
     "apply_affine",
     "coverage",
+    "geoinfo_from_profile",
     "geoinfo_from_rasterio",
     "geoinfo_to_rasterio",
 ]
@@ -114,6 +115,12 @@ def geoinfo_from_rasterio(crs, transform, *, nodata: float | int | None = None) 
     flat = [*_GEOKEY_VERSION, len(keys)] + [v for k in keys for v in k]
     geo = GeoInfo(geokeys=tuple(flat), geo_ascii=geo_ascii, **changes)
     return geo.with_nodata(nodata) if nodata is not None else geo
+
+
+def geoinfo_from_profile(profile: dict) -> GeoInfo:
+    """:func:`geoinfo_from_rasterio` of a rasterio profile (``crs``, ``transform``, ``nodata``)."""
+    return geoinfo_from_rasterio(profile.get("crs"), profile["transform"],
+                                 nodata=profile.get("nodata"))
 
 
 def geoinfo_to_rasterio(geo: GeoInfo) -> tuple[Any, Affine]:

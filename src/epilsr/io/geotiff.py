@@ -404,6 +404,7 @@ def _save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+_BIGTIFF_BYTES = 2**32 - 2**27  # encoded pixel data above this: BigTIFF (64-bit offsets)
 # TIFF field types: (struct code, size)
 _TYPES = {2: ("s", 1), 3: ("H", 2), 4: ("I", 4), 12: ("d", 8), 16: ("Q", 8)}
 
@@ -811,7 +812,7 @@ class RasterWriter:
 
     def _assemble(self, path: Path, levels: list[_Level]) -> None:
         data_bytes = sum(sum(lev.bytecounts) for lev in levels)
-        self._big = data_bytes > 2**32 - 2**27
+        self._big = data_bytes > _BIGTIFF_BYTES
         placeholder = [[0] * len(lev.bytecounts) for lev in levels]
         sizes = [_ifd_size(self._ifd_tags(lev, i, placeholder[i]), self._big)
                  for i, lev in enumerate(levels)]
