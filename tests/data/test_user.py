@@ -157,3 +157,19 @@ def test_find_images(tmp_path):
     assert [p.name for p in user.find_images(tmp_path / "*.tif")] == ["a.tif", "b.tif"]
     with pytest.raises(FileNotFoundError, match="data.image: no file matches"):
         user.find_images(tmp_path / "*.jp2")
+
+
+def test_code_zero_as_a_class_gets_a_free_fill(tmp_path):
+    """A table whose code 0 is a class and a coarse raster without a no-data tag: pixels
+    outside the coarse extent are no data (a free fill value), code 0 pixels are class 0."""
+    csv = tmp_path / "t.csv"
+    csv.write_text("code,p_a,p_b,p_c\n0,1,0,0\n1,0,1,0\n2,0,0,1\n")
+    table = user.load_label_table(csv)
+    coarse = write_tif(tmp_path / "c.tif", np.array([[0, 1]], np.uint8), UTM,
+                       Affine(30.0, 0, IMG_T.c, 0, -30.0, IMG_T.f))
+    img = write_tif(tmp_path / "i.tif", np.full((40, 60, 3), 9, np.uint8), UTM, IMG_T)
+    with pytest.warns(UserWarning, match="covers only about"):
+        s = user.open_scene(img, coarse, table)
+    cls = s.classes(0, 0, 40, 60)
+    s.close()
+    assert s.classes is not None and cls[0, 0] == 0 and cls[0, 45] == 1 and cls[35, 0] == -1

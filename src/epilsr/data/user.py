@@ -220,6 +220,19 @@ class Scene(NamedTuple):
             r.close()
 
 
+def _free_fill(table: LabelTable, dtype: np.dtype) -> float:
+    """The fill value outside a coarse raster without a no-data tag: 0 unless 0 is a class of
+    the table, else the largest value of ``dtype`` (or -1) that is not a table code."""
+    valid = set(table.codes[table.table.sum(axis=1) > 0].tolist())
+    if 0 not in valid:
+        return 0
+    top = int(np.iinfo(dtype).max) if dtype.kind in "ui" else 2**31 - 1
+    for v in range(top, top - 1024, -1):
+        if v not in valid:
+            return v
+    return -1
+
+
 def _auto_cell_size(aligned: AlignedReader, table: LabelTable, img: RasterioReader) -> int:
     """Coarse cell side in imagery pixels from the two grids. A coarse map already resampled to
     the imagery's resolution (cells of ~1 pixel) says nothing about its true cells: with the
@@ -257,6 +270,10 @@ def open_scene(image_path: str | os.PathLike, coarse_path: str | os.PathLike,
         if img.crs is None:
             raise ValueError(f"{name}: the imagery has no CRS (georeference it first)")
         scale = imagery_scaling(img, bit_depth=bit_depth)
+        if coarse_nodata is None:  # no tag: 0, unless 0 is a class of the table
+            with RasterioReader(coarse_path, bands=[1]) as peek:
+                if peek.nodata is None:
+                    coarse_nodata = _free_fill(table, peek.dtype)
         aligned = AlignedReader(coarse_path, crs=img.crs, transform=img.transform,
                                 height=img.height, width=img.width, nodata=coarse_nodata,
                                 name=Path(coarse_path).name)
