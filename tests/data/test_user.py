@@ -36,6 +36,7 @@ def test_nlcd_table_matches_the_chesapeake_reader():
     assert 0 in t.nodata_codes.tolist()
     lut, lo = t.lut([255])
     assert lo == 0 and lut[0] == -1 and lut[255] == -1 and lut[11] == 1
+    assert t.lut([11])[0][11] == -1  # a declared no-data value wins over its table row
 
 
 def test_custom_table_names_colours_and_errors(tmp_path, rng):

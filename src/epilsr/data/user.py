@@ -68,13 +68,15 @@ class LabelTable(NamedTuple):
 
     def lut(self, extra_nodata: list[float] = ()) -> tuple[np.ndarray, int]:
         """``(lut, offset)``: ``lut[code - offset]`` is the row of ``code`` (-1 = no data or
-        unknown). Covers the table's codes and ``extra_nodata`` values that are integers."""
+        unknown). Covers the table's codes and the integer ``extra_nodata`` values (-1 even
+        when they are table codes)."""
         vals = [int(v) for v in extra_nodata if float(v).is_integer()]
         lo = min([0, *self.codes.tolist(), *vals])
         hi = max([*self.codes.tolist(), *vals])
         lut = np.full(hi - lo + 1, -1, np.int32)
         valid = self.table.sum(axis=1) > 0
         lut[self.codes[valid] - lo] = np.flatnonzero(valid)
+        lut[np.asarray(vals, np.int64) - lo] = -1  # a no-data value wins over a table code
         return lut, lo
 
 
