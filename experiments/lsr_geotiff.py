@@ -11,8 +11,9 @@ its codes mapped to rows of ``data.table`` (``nlcd`` or a CSV, :mod:`epilsr.data
 the run directory: ``labels.tif`` (uint8, 255 = no data, colour table and label names),
 ``entropy.tif``, ``probs.tif`` with ``output.probs=true``, ``preview.png``; the baselines
 (``paint_labels.tif``, ``notebook_labels.tif``) only with ``baselines.paint=true`` /
-``baselines.notebook=true``. With ``data.truth`` (labels ``0..n-1`` on any grid; other values
-ignored) accuracy and IoU are printed and saved in ``metrics.json``.
+``baselines.notebook=true``. With ``data.truth`` (labels ``0..n-1``, or Chesapeake land-cover
+codes, on any grid: ``data.truth_codes``; other values ignored) accuracy and IoU are printed and
+saved in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -60,15 +61,17 @@ def _paint(scene: user.Scene, table: user.LabelTable, path: Path) -> Path:
     return path
 
 
-def _score(labels_path: Path, truth: AlignedReader, n: int) -> tuple[np.ndarray, int, int]:
+def _score(labels_path: Path, truth: AlignedReader, n: int,
+           to_labels) -> tuple[np.ndarray, int, int]:
     """``(confusion [n, n], scored pixels, truth pixels)`` of a label raster against the truth
-    (truth values outside ``0..n-1`` ignored; predicted no-data counted as unscored)."""
+    (``to_labels`` maps truth values; labels outside ``0..n-1`` ignored; predicted no-data
+    counted as unscored)."""
     cm, scored, total = np.zeros((n, n), np.int64), 0, 0
     with RasterReader(labels_path) as lab:
         for r in range(0, lab.height, _BLOCK):
             h = min(_BLOCK, lab.height - r)
             pred = lab(r, 0, h, lab.width).astype(np.int64)
-            t = np.asarray(truth(r, 0, h, lab.width)).astype(np.int64)
+            t = to_labels(np.asarray(truth(r, 0, h, lab.width)))
             ok = (t >= 0) & (t < n)
             total += int(ok.sum())
             ok &= pred < n
@@ -91,13 +94,19 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
     paint = bool(cfg.baselines.get("paint") or False)
     notebook = bool(cfg.baselines.get("notebook") or False)
     key = jax.random.key(cfg.seed)
+    truth_how, to_labels = None, None
+    if data.get("truth"):
+        truth_how, to_labels = user.truth_mapping(data.truth, table,
+                                                  str(data.get("truth_codes") or "auto"))
+        log.info("truth %s read as %s", data.truth, truth_how)
     # Open and check every input before any work (CRS, overlap, codes, dtype, bands).
     scenes = [user.open_scene(p, coarse, table, bands=bands, bit_depth=data.get("bit_depth"),
                               cell_size=data.get("cell_size"),
                               coarse_nodata=data.get("coarse_nodata")) for p in images]
     names = [s.name if [t.name for t in scenes].count(s.name) == 1 else f"{s.name}_{i}"
              for i, s in enumerate(scenes)]
-    results: dict = {"images": {}, "table": table.source, "labels": list(table.label_names)}
+    results: dict = {"images": {}, "table": table.source, "labels": list(table.label_names),
+                     "truth_codes": truth_how}
     pooled: dict[str, np.ndarray] = {}
     rows = []
     try:
@@ -139,7 +148,7 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
                                    transform=scene.image.reader.transform, height=scene.height,
                                    width=scene.width, nodata=NODATA_LABEL) as truth:
                     for method, path in runs.items():
-                        cm, scored, total = _score(path, truth, n)
+                        cm, scored, total = _score(path, truth, n, to_labels)
                         pooled[method] = pooled.get(method, 0) + cm
                         acc = metrics.accuracy_from_confusion(cm)
                         record[method].update(accuracy=acc, scored=scored, truth_pixels=total)

@@ -174,3 +174,18 @@ def test_code_zero_as_a_class_gets_a_free_fill(tmp_path):
     cls = s.classes(0, 0, 40, 60)
     s.close()
     assert s.classes is not None and cls[0, 0] == 0 and cls[0, 45] == 1 and cls[35, 0] == -1
+
+
+def test_truth_mapping(tmp_path):
+    table = user.load_label_table("nlcd")
+    lc = write_tif(tmp_path / "t.tif", np.array([[1, 2, 3], [4, 5, 6], [15, 0, 3]], np.uint8),
+                   UTM, IMG_T)
+    how, fn = user.truth_mapping(lc, table)
+    assert how == "chesapeake"
+    assert fn(np.array([1, 2, 3, 4, 5, 6, 15, 0])).tolist() == [0, 1, 2, 3, 3, 3, 255, 255]
+    lab = write_tif(tmp_path / "l.tif", np.array([[0, 1], [2, 3]], np.uint8), UTM, IMG_T)
+    how, fn = user.truth_mapping(lab, table)
+    assert how == "labels" and fn(np.array([0, 3, 255])).tolist() == [0, 3, 255]
+    assert user.truth_mapping(lab, table, "chesapeake")[0] == "chesapeake"
+    with pytest.raises(ValueError, match="data.truth_codes: expected auto, labels or chesapeake"):
+        user.truth_mapping(lab, table, "lc")

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from epilsr.data.chesapeake import LABEL_COLORS, LABEL_NAMES
+from epilsr.data.chesapeake import LABEL_COLORS, LABEL_NAMES, lc_to_labels
 from epilsr.io.align import AlignedReader, RasterioReader
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "imagery_scaling",
     "load_label_table",
     "open_scene",
+    "truth_mapping",
 ]
 
 _PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
@@ -325,3 +326,23 @@ def open_scene(image_path: str | os.PathLike, coarse_path: str | os.PathLike,
         for r in readers:
             r.close()
         raise
+
+
+def truth_mapping(path: str | os.PathLike, table: LabelTable, how: str = "auto"):
+    """How truth values become labels ``0..n-1``: ``"labels"`` (as they are; others ignored)
+    or ``"chesapeake"`` (Chesapeake Conservancy land-cover codes 1..6 -> the 4 labels,
+    :func:`epilsr.data.chesapeake.lc_to_labels`). ``"auto"``: Chesapeake when the table's labels
+    are its 4 classes and the file is a ``*_lc.tif`` or holds codes 4, 5, 6 or 15 (a decimated
+    read). Returns ``(name, fn)`` with ``fn(values) -> int64 labels`` (255 = ignore)."""
+    if how not in ("auto", "labels", "chesapeake"):
+        raise ValueError(f"data.truth_codes: expected auto, labels or chesapeake, got {how!r}")
+    if how == "auto":
+        how = "labels"
+        if len(table.label_names) == 4:
+            with RasterioReader(path, bands=[1]) as rd:
+                values = np.unique(np.ma.compressed(_decimated(rd)))
+            if str(path).endswith("_lc.tif") or np.isin(values, [4, 5, 6, 15]).any():
+                how = "chesapeake"
+    if how == "chesapeake":
+        return how, lambda v: lc_to_labels(np.clip(v, 0, 255)).astype(np.int64)
+    return how, lambda v: np.asarray(v, np.int64)
