@@ -864,14 +864,17 @@ def write_raster(
     compression: str | None = "deflate",
     tile: int = 256,
     block_rows: int | None = None,
+    **describe: Any,
 ) -> Path:
-    """Write an in-memory (or memory-mapped) ``[H, W(, C)]`` array with :class:`RasterWriter`."""
+    """Write an in-memory (or memory-mapped) ``[H, W(, C)]`` array with :class:`RasterWriter`
+    (``describe``: its ``label_names``, ``label_colors``, ``band_names``, ``description``,
+    ``overviews``)."""
     data = np.asarray(data) if not isinstance(data, np.memmap) else data
     bands = data.shape[2] if data.ndim == 3 else None
     step = block_rows or tile
     with RasterWriter(path, height=data.shape[0], width=data.shape[1], dtype=data.dtype,
                       bands=bands, geo=geo, nodata=nodata, compression=compression,
-                      tile=tile) as w:
+                      tile=tile, **describe) as w:
         for r in range(0, data.shape[0], step):
             w.write(data[r : r + step])
     return Path(path)
