@@ -105,7 +105,7 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
                               coarse_nodata=data.get("coarse_nodata")) for p in images]
     names = [s.name if [t.name for t in scenes].count(s.name) == 1 else f"{s.name}_{i}"
              for i, s in enumerate(scenes)]
-    results: dict = {"images": {}, "table": table.source, "labels": list(table.label_names),
+    results: dict = {"tiles": {}, "table": table.source, "labels": list(table.label_names),
                      "truth_codes": truth_how}
     pooled: dict[str, np.ndarray] = {}
     rows = []
@@ -156,11 +156,12 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
             else:
                 row += [f"{record[m]['seconds']:.1f}s" for m in runs]
             rows.append(row)
-            results["images"][name] = record
+            results["tiles"][name] = record  # "tiles" as in the benchmark runs' metrics.json
     finally:
         for s in scenes:
             s.close()
-    header = ["image"] + [m for m in ("lsr", "notebook", "paint") if m in record]
+    header = ["image"] + [m if m == "paint" else f"{m} W={window}"
+                          for m in ("lsr", "notebook", "paint") if m in record]
     print(format_table(header, rows))
     if pooled:
         summary, results["pooled"] = [], []
@@ -168,7 +169,9 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
             per_class, miou = metrics.iou_from_confusion(cm)
             acc = metrics.accuracy_from_confusion(cm)
             summary.append([method, acc, float(miou)] + [float(v) for v in per_class])
-            results["pooled"].append({"method": method, "accuracy": acc, "miou": float(miou),
+            results["pooled"].append({"method": method,
+                                      "window": None if method == "paint" else window,
+                                      "accuracy": acc, "miou": float(miou),
                                       "iou": [None if np.isnan(v) else float(v)
                                               for v in per_class]})
         print("\npooled over all images (pixels with a prediction and a truth label)")
