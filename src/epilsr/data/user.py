@@ -289,8 +289,8 @@ def open_scene(image_path: str | os.PathLike, coarse_path: str | os.PathLike,
         if missing:
             raise ValueError(
                 f"{aligned.name}: coarse codes {missing[:10]} under {name} are not in the table "
-                f"{table.source} (codes {table.codes.tolist()}); add rows for them or mark them "
-                "no data")
+                f"{table.source} (codes {table.codes.tolist()}); add rows for them, or name a "
+                "no-data code with data.coarse_nodata=<code>")
         lut, lo = table.lut(nodata_vals)
         nodata_set = np.asarray(nodata_vals, np.float64)
 
