@@ -83,12 +83,17 @@ def test_label_raster_round_trip(tmp_path, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_probability_bands_round_trip(tmp_path, rng, dtype):
     probs = rng.dirichlet(np.ones(4), size=(300, 530)).astype(dtype)
-    probs[:5] = np.nan
+    probs[:5] = np.nan  # rows 0-4: overview rows 0, 1 NaN, row 2 the mean of row 5 alone
     path = write(tmp_path / "probs.tif", probs, nodata=float("nan"), band_names=NAMES)
     with rasterio.open(path) as ds:
         assert ds.descriptions == tuple(NAMES) and np.isnan(ds.nodata)
         assert ds.overviews(1) == [2, 4] and ds.count == 4
         np.testing.assert_array_equal(np.moveaxis(ds.read(), 0, -1).astype(dtype), probs)
+        over = np.moveaxis(ds.read(out_shape=(4, 150, 265), resampling=Resampling.nearest), 0, -1)
+    x = probs.astype(np.float64).reshape(150, 2, 265, 2, 4)
+    expect = np.nanmean(np.where(np.isnan(x), np.nan, x), axis=(1, 3))  # 2 x 2 block means
+    np.testing.assert_allclose(over, expect, rtol=2e-3 if dtype == np.float16 else 1e-6)
+    assert np.isnan(over[:2]).all() and not np.isnan(over[3:]).any()
     assert cog_layout_errors(path) == []
     assert read_geoinfo(path).epsg == 26917
 

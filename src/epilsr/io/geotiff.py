@@ -11,10 +11,11 @@
   TIFF is assembled from those encoded tiles on :meth:`RasterWriter.close` and renamed to
   ``<path>``, so no half-written file ever sits at the final path. Its state can be checkpointed
   and a writer resumed after a crash (used by :func:`epilsr.pipelines.raster_lsr.lsr_raster`).
-  Outputs are self-describing Cloud Optimized GeoTIFFs: internal overviews (nearest, halving
-  until the raster fits one tile), every IFD before the pixel data and the smallest overview's
-  tiles first (the COG layout), a colour table and label names for label rasters, band
-  descriptions (GDAL metadata), GDAL no-data, and the input's georeferencing.
+  Outputs are self-describing Cloud Optimized GeoTIFFs: internal overviews (halving until the
+  raster fits one tile; nearest for labels, the mean of valid values for floats), every IFD
+  before the pixel data and the smallest overview's tiles first (the COG layout), a colour table
+  and label names for label rasters, band descriptions (GDAL metadata), GDAL no-data, and the
+  input's georeferencing.
 
 Arrays are channel-last: a raster is ``[H, W]`` (one sample) or ``[H, W, C]``.
 """
@@ -459,6 +460,22 @@ class _TileEncoder:
             self.file.close()
 
 
+def _halve(rows: np.ndarray) -> np.ndarray:
+    """``[h, w, s]`` -> ``[ceil(h/2), ceil(w/2), s]``: integers (labels) by nearest neighbour
+    (every second row and column), floats by the mean of the non-NaN values of each 2 x 2 block
+    (NaN where all four are NaN)."""
+    if rows.dtype.kind != "f":
+        return rows[::2, ::2]
+    h, w = rows.shape[:2]
+    x = np.pad(rows.astype(np.float32), ((0, h % 2), (0, w % 2), (0, 0)),
+               constant_values=np.nan)
+    x = x.reshape(x.shape[0] // 2, 2, x.shape[1] // 2, 2, x.shape[2])
+    ok = ~np.isnan(x)
+    count = ok.sum(axis=(1, 3))
+    total = np.where(ok, x, 0.0).sum(axis=(1, 3))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(rows.dtype)
+
+
 def _ifd_value_bytes(typ: int, values) -> tuple[bytes, int]:
     code, size = _TYPES[typ]
     if typ == 2:
@@ -559,7 +576,8 @@ class RasterWriter:
         palette image with a colour table (other values, e.g. 255 = no data, black).
       band_names: one description per band (e.g. probability bands named after their labels).
       description: the description of a one-band raster (e.g. ``"entropy (nats)"``).
-      overviews: internal overviews (nearest), halving until the raster fits one tile.
+      overviews: internal overviews, halving until the raster fits one tile (nearest for
+        integer rasters, NaN-aware 2 x 2 means for floats).
     """
 
     def __init__(
@@ -760,7 +778,8 @@ class RasterWriter:
                 yield rows[: min(t, level.height - tr * t)]
 
     def _build_overviews(self, main: _Level) -> list[_Level]:
-        """Halve (nearest: every second row and column) until the raster fits one tile."""
+        """Halve until the raster fits one tile (:func:`_halve`: nearest for integer rasters
+        such as labels, the mean of the valid values of each 2 x 2 block for floats)."""
         levels, src = [], main
         while max(src.height, src.width) > self.tile:
             h, w = math.ceil(src.height / 2), math.ceil(src.width / 2)
@@ -768,7 +787,7 @@ class RasterWriter:
             enc = _TileEncoder(self, path, w)
             try:
                 for rows in self._tile_rows(src):  # tile is even: rows start at even indices
-                    enc.write(rows[::2, ::2])
+                    enc.write(_halve(rows))
                 enc.finish()
             except BaseException:
                 enc.close()
