@@ -6,6 +6,9 @@
 
     python -m experiments.lsr +exp=chesapeake data.root=/path/to/cvpr_chesapeake_landcover
 
+    python -m experiments.lsr data=geotiff data.image=<GeoTIFF or glob> data.coarse=<GeoTIFF> \
+        data.table=nlcd [data.truth=<GeoTIFF>]                  # your own rasters (epilsr[geo])
+
 Runs self-epitomic LSR over every tile in windows of each size in ``raster.tile_sizes`` (the
 paper's Table 1 uses 256, 512, 1024 and 2048; windows overlap and are blended, see
 :mod:`epilsr.tiling`), and in the same run the two baselines: painting each coarse cell with its
@@ -13,7 +16,8 @@ most likely label, and the published notebook's EM (``notebook``: uniform ``p(c)
 NLCD classes). Prints per-tile accuracy and a Table-1 style pooled table (method, W, accuracy,
 mIoU, per-class IoU) and writes, per tile and method, GeoTIFFs (labels uint8, entropy, optional
 float16 probabilities) with the input's georeferencing, PNG previews and ``metrics.json`` into
-Hydra's output directory.
+Hydra's output directory. With ``data=geotiff`` see :mod:`experiments.lsr_geotiff` (one folder
+per input image; baselines only when asked).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from tqdm import tqdm
 import epilsr
 from epilsr import metrics, viz
 from epilsr.pipelines import raster_lsr
+from experiments import lsr_geotiff
 from experiments.common import atomic_write, format_table, iter_tiles, one_line_errors
 
 log = logging.getLogger("epilsr.lsr")
@@ -52,12 +57,14 @@ def _tile_panel(tile, paint, pred) -> np.ndarray:
     return viz.panel(panels, titles, legend=legend)
 
 
-def _notebook_kwargs(cfg: DictConfig) -> dict:
+def _notebook_kwargs(cfg: DictConfig, *, cell_size: bool = True) -> dict:
     """The published notebook's self-epitomic LSR: 2x-downsampled tile, 7x7 patches, 20 000
-    patches per 1024^2 of input, 20 EM iterations, uniform p(c) over every NLCD class."""
+    patches per 1024^2 of input, 20 EM iterations, uniform p(c) over every NLCD class
+    (``cell_size=False``: without the data's cell size, set per raster by the caller)."""
     kwargs = OmegaConf.to_container(cfg.notebook, resolve=True)
     per_pixel = kwargs.pop("patches_per_1024") / 1024**2
-    return {**kwargs, "sample_fraction": per_pixel, "cell_size": int(cfg.data.cell_size)}
+    kwargs = {**kwargs, "sample_fraction": per_pixel}
+    return {**kwargs, "cell_size": int(cfg.data.cell_size)} if cell_size else kwargs
 
 
 def _methods(cfg: DictConfig) -> list[tuple[str, str, dict | str | None]]:
@@ -65,7 +72,7 @@ def _methods(cfg: DictConfig) -> list[tuple[str, str, dict | str | None]]:
     kwargs come from :func:`_notebook_kwargs`; None for the paint baseline)."""
     ours = {**OmegaConf.to_container(cfg.lsr, resolve=True), "cell_size": int(cfg.data.cell_size)}
     methods = [("paint", "paint each coarse cell (baseline)", None)]
-    if cfg.baselines.notebook:
+    if cfg.baselines.notebook or cfg.baselines.notebook is None:  # null: on for these data
         methods.append(("notebook", "self-epitomic LSR, published notebook EM", "notebook"))
     methods.append(("lsr", "self-epitomic LSR (epilsr defaults)", ours))
     return methods
@@ -133,6 +140,13 @@ def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str)
 def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     data = cfg.data
+    if data.kind == "geotiff":  # your own rasters: one folder per image, baselines when asked
+        ours = OmegaConf.to_container(cfg.lsr, resolve=True)
+        results = lsr_geotiff.run(cfg, out, lsr_kwargs=ours,
+                                  notebook_kwargs=_notebook_kwargs(cfg, cell_size=False))
+        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+        log.info("wrote %s", out / "metrics.json")
+        return results
     if data.kind == "chesapeake_lila" and cfg.raster.states is not None:
         data = OmegaConf.merge(data, {"states": cfg.raster.states, "split": cfg.raster.split})
     windows = sorted({int(w) for w in cfg.raster.tile_sizes})

@@ -11,6 +11,11 @@
   TIFF is assembled from those encoded tiles on :meth:`RasterWriter.close` and renamed to
   ``<path>``, so no half-written file ever sits at the final path. Its state can be checkpointed
   and a writer resumed after a crash (used by :func:`epilsr.io.strips.run_strips`).
+  Outputs are self-describing Cloud Optimized GeoTIFFs: internal overviews (halving until the
+  raster fits one tile; nearest for labels, the mean of valid values for floats), every IFD
+  before the pixel data and the smallest overview's tiles first (the COG layout), a colour table
+  and label names for label rasters, band descriptions (GDAL metadata), GDAL no-data, and the
+  input's georeferencing.
 
 Arrays are channel-last: a raster is ``[H, W]`` (one sample) or ``[H, W, C]``.
 """
@@ -21,8 +26,11 @@ import dataclasses
 import hashlib
 import math
 import os
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import numpy as np
 import tifffile
@@ -41,10 +49,11 @@ __all__ = [
 
 # GeoTIFF / GDAL tag codes.
 PIXEL_SCALE, TIEPOINT, TRANSFORMATION = 33550, 33922, 34264
-GEOKEYS, GEO_DOUBLES, GEO_ASCII, GDAL_NODATA = 34735, 34736, 34737, 42113
+GEOKEYS, GEO_DOUBLES, GEO_ASCII, GDAL_METADATA, GDAL_NODATA = 34735, 34736, 34737, 42112, 42113
 # GeoKeys used to find the EPSG code.
-_MODEL_TYPE, _GEOGRAPHIC_TYPE, _PROJECTED_TYPE = 1024, 2048, 3072
+_MODEL_TYPE, _RASTER_TYPE, _GEOGRAPHIC_TYPE, _PROJECTED_TYPE = 1024, 1025, 2048, 3072
 _USER_DEFINED = 32767
+_PIXEL_IS_POINT = 2  # GTRasterTypeGeoKey value: model points refer to pixel centres
 
 PathLike = str | os.PathLike
 
@@ -120,17 +129,28 @@ class GeoInfo:
         """True when the raster -> model mapping is defined (tie points or a transformation)."""
         return self.transformation is not None or self.tiepoints is not None
 
-    @property
-    def epsg(self) -> int | None:
-        """EPSG code from the GeoKey directory (projected CRS first, else geographic), or None."""
+    def _inline_keys(self) -> dict[int, int]:
+        """GeoKeys whose values are stored inline in the directory: ``{key_id: value}``."""
         keys = self.geokeys
         if not keys or len(keys) < 4:
-            return None
+            return {}
         entries = {}
         for i in range(4, min(len(keys), 4 + 4 * keys[3]) - 3, 4):
             key_id, location, _count, value = keys[i : i + 4]
             if location == 0:  # value stored inline
                 entries[key_id] = value
+        return entries
+
+    @property
+    def epsg(self) -> int | None:
+        """EPSG code from the GeoKey directory (projected CRS first, else geographic), or None.
+
+        A user-defined CRS (e.g. a custom WKT) has no code here; GDAL may still recognise it:
+        :func:`epilsr.io.align.geoinfo_to_rasterio` returns GDAL's reading of the tags.
+        """
+        entries = self._inline_keys()
+        if not entries:
+            return None
         model = entries.get(_MODEL_TYPE)
         order = (_GEOGRAPHIC_TYPE, _PROJECTED_TYPE) if model == 2 else (
             _PROJECTED_TYPE, _GEOGRAPHIC_TYPE)
@@ -141,18 +161,28 @@ class GeoInfo:
         return None
 
     @property
+    def pixel_is_point(self) -> bool:
+        """True when GTRasterTypeGeoKey says RasterPixelIsPoint (model points = pixel centres)."""
+        return self._inline_keys().get(_RASTER_TYPE) == _PIXEL_IS_POINT
+
+    @property
     def geotransform(self) -> tuple[float, float, float, float, float, float] | None:
         """GDAL-style ``(x0, dx_col, dx_row, y0, dy_col, dy_row)`` of pixel corners, or None.
 
-        Model ``x = x0 + col * dx_col + row * dx_row`` and ``y = y0 + col * dy_col + row * dy_row``.
+        Model ``x = x0 + col * dx_col + row * dx_row`` and ``y = y0 + col * dy_col + row * dy_row``
+        at pixel *corners* (GDAL's convention): for a RasterPixelIsPoint raster, whose tags
+        place model points at pixel centres, the origin is moved by half a pixel (as GDAL does).
         """
+        half = 0.5 if self.pixel_is_point else 0.0
         if self.transformation is not None:
             m = self.transformation
-            return (m[3], m[0], m[1], m[7], m[4], m[5])
+            x0 = m[3] - half * (m[0] + m[1])
+            y0 = m[7] - half * (m[4] + m[5])
+            return (x0, m[0], m[1], y0, m[4], m[5])
         if self.pixel_scale is not None and self.tiepoints is not None and len(self.tiepoints) == 6:
             i, j, _, x, y, _ = self.tiepoints
             sx, sy = self.pixel_scale[:2]
-            return (x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy)
+            return (x - (i + half) * sx, sx, 0.0, y + (j + half) * sy, 0.0, -sy)
         return None
 
     def window(self, row: int, col: int) -> GeoInfo:
@@ -393,6 +423,149 @@ def raster_shape(path: PathLike, *, page: int = 0) -> tuple[int, ...]:
 _COMPRESSION = {None: 1, "none": 1, "lzw": 5, "deflate": 8, "zlib": 8}
 
 
+_BIGTIFF_BYTES = 2**32 - 2**27  # encoded pixel data above this: BigTIFF (64-bit offsets)
+# TIFF field types: (struct code, size)
+_TYPES = {2: ("s", 1), 3: ("H", 2), 4: ("I", 4), 12: ("d", 8), 16: ("Q", 8)}
+
+
+@dataclasses.dataclass
+class _Level:
+    """One resolution level of a COG: its spool of encoded tiles and their byte counts."""
+
+    path: Path
+    height: int
+    width: int
+    bytecounts: list[int]
+
+
+class _TileEncoder:
+    """Rows in, encoded ``tile x tile`` tiles out to a spool file (an overview level)."""
+
+    def __init__(self, writer: RasterWriter, path: Path, width: int):
+        self.writer, self.width, self.path = writer, width, path
+        self.pending = np.zeros((writer.tile, width, writer.bands or 1), writer.dtype)
+        self.n = 0
+        self.bytecounts: list[int] = []
+        self.file = open(path, "wb")  # closed in finish()/close()
+
+    def write(self, rows: np.ndarray) -> None:
+        t = self.writer.tile
+        for r in rows:
+            self.pending[self.n] = r
+            self.n += 1
+            if self.n == t:
+                self._flush()
+
+    def _flush(self) -> None:
+        t = self.writer.tile
+        self.pending[self.n :] = 0
+        for c in range(0, self.width, t):
+            block = self.pending[:, c : c + t]
+            if block.shape[1] < t:
+                block = np.pad(block, ((0, 0), (0, t - block.shape[1]), (0, 0)))
+            data = self.writer._encode(block)
+            self.file.write(data)
+            self.bytecounts.append(len(data))
+        self.n = 0
+
+    def finish(self) -> None:
+        if self.n:
+            self._flush()
+        self.close()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+def _halve(rows: np.ndarray) -> np.ndarray:
+    """``[h, w, s]`` -> ``[ceil(h/2), ceil(w/2), s]``: integers (labels) by nearest neighbour
+    (every second row and column), floats by the mean of the non-NaN values of each 2 x 2 block
+    (NaN where all four are NaN)."""
+    if rows.dtype.kind != "f":
+        return rows[::2, ::2]
+    h, w = rows.shape[:2]
+    x = np.pad(rows.astype(np.float32), ((0, h % 2), (0, w % 2), (0, 0)),
+               constant_values=np.nan)
+    x = x.reshape(x.shape[0] // 2, 2, x.shape[1] // 2, 2, x.shape[2])
+    ok = ~np.isnan(x)
+    count = ok.sum(axis=(1, 3))
+    total = np.where(ok, x, 0.0).sum(axis=(1, 3))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(rows.dtype)
+
+
+def _ifd_value_bytes(typ: int, values) -> tuple[bytes, int]:
+    code, size = _TYPES[typ]
+    if typ == 2:
+        raw = values.encode("utf-8") + b"\0"
+        return raw, len(raw)
+    values = list(values)
+    return struct.pack(f"<{len(values)}{code}", *values), len(values)
+
+
+def _ifd_size(tags: list[tuple], big: bool) -> int:
+    entry, inline = (20, 8) if big else (12, 4)
+    n = (8 if big else 2) + entry * len(tags) + (8 if big else 4)
+    for typ_values in tags:
+        raw, _ = _ifd_value_bytes(typ_values[1], typ_values[2])
+        if len(raw) > inline:
+            n += len(raw) + (len(raw) & 1)
+    return n
+
+
+def _ifd_bytes(tags: list[tuple], at: int, next_ifd: int, big: bool) -> bytes:
+    """One IFD at file offset ``at``: entries, the next-IFD offset, then out-of-line values."""
+    entry, inline = (20, 8) if big else (12, 4)
+    head = (8 if big else 2) + entry * len(tags) + (8 if big else 4)
+    out = [struct.pack("<Q" if big else "<H", len(tags))]
+    extra = bytearray()
+    for code, typ, values in tags:
+        raw, count = _ifd_value_bytes(typ, values)
+        if len(raw) <= inline:
+            field = raw.ljust(inline, b"\0")
+        else:
+            field = struct.pack("<Q" if big else "<I", at + head + len(extra))
+            extra += raw + (b"\0" if len(raw) & 1 else b"")
+        out.append(struct.pack("<HHQ" if big else "<HHI", code, typ, count) + field)
+    out.append(struct.pack("<Q" if big else "<I", next_ifd))
+    return b"".join(out) + bytes(extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Description:
+    """GDAL metadata XML and the TIFF colour map of an output raster."""
+
+    xml: str | None
+    colormap: list[int] | None
+
+    @classmethod
+    def make(cls, dtype, bands, label_names, label_colors, band_names, description):
+        items: list[str] = []
+        spp = bands or 1
+        if label_names is not None:
+            names = [str(n) for n in label_names]
+            items.append(f'<Item name="LABELS">{escape("; ".join(names))}</Item>')
+            items += [f'<Item name="LABEL_{i}">{escape(n)}</Item>' for i, n in enumerate(names)]
+        if band_names is not None:
+            if len(band_names) != spp:
+                raise ValueError(f"band_names: expected {spp} names, got {len(band_names)}")
+            items += [f'<Item name="DESCRIPTION" sample="{i}" role="description">'
+                      f"{escape(str(n))}</Item>" for i, n in enumerate(band_names)]
+        elif description is not None:
+            items.append(f'<Item name="DESCRIPTION" sample="0" role="description">'
+                         f"{escape(str(description))}</Item>")
+        xml = None
+        if items:
+            xml = "<GDALMetadata>\n" + "".join(f"  {it}\n" for it in items) + "</GDALMetadata>"
+        colormap = None
+        if label_colors is not None and spp == 1 and np.dtype(dtype) == np.uint8:
+            colors = np.asarray(label_colors, np.uint16).reshape(-1, 3)[:256]
+            table = np.zeros((256, 3), np.uint16)
+            table[: len(colors)] = colors
+            colormap = (table.T * 257).ravel().tolist()
+        return cls(xml, colormap)
+
+
 class RasterWriter:
     """Writes a tiled, compressed GeoTIFF row block by row block with bounded memory.
 
@@ -415,6 +588,14 @@ class RasterWriter:
       predictor: ``True`` = horizontal differencing for integers, floating-point predictor for
         floats; ``False`` = none.
       tile: tile side (multiple of 16).
+      label_names: names of label values ``0..n-1`` of a one-band integer raster (GDAL metadata
+        items ``LABEL_<i>`` and ``LABELS``, a comma-free ``;``-separated list).
+      label_colors: ``[n, 3]`` uint8 colours of those labels: a one-band uint8 raster becomes a
+        palette image with a colour table (other values, e.g. 255 = no data, black).
+      band_names: one description per band (e.g. probability bands named after their labels).
+      description: the description of a one-band raster (e.g. ``"entropy (nats)"``).
+      overviews: internal overviews, halving until the raster fits one tile (nearest for
+        integer rasters, NaN-aware 2 x 2 means for floats).
     """
 
     def __init__(
@@ -430,6 +611,11 @@ class RasterWriter:
         compression: str | None = "deflate",
         predictor: bool = True,
         tile: int = 256,
+        label_names: Sequence[str] | None = None,
+        label_colors: Any = None,
+        band_names: Sequence[str] | None = None,
+        description: str | None = None,
+        overviews: bool = True,
         _state: dict | None = None,
     ):
         self.path = Path(path)
@@ -452,6 +638,9 @@ class RasterWriter:
             self._predictor = 3 if self.dtype.kind == "f" else 2
         geo = geo if geo is not None else GeoInfo()
         self.geo = geo.with_nodata(nodata) if nodata is not None else geo
+        self._describe = _Description.make(
+            self.dtype, self.bands, label_names, label_colors, band_names, description)
+        self._overviews = bool(overviews)
         self.partial = self.path.with_name(self.path.name + ".partial")
         spp = self.bands or 1
         self._pending = np.zeros((self.tile, self.width, spp), self.dtype)
@@ -559,34 +748,130 @@ class RasterWriter:
                 yield f.read(n)
 
     def close(self) -> Path:
-        """Assemble the GeoTIFF and rename it to ``path`` (all rows must have been written)."""
+        """Assemble the COG and rename it to ``path`` (all rows must have been written).
+
+        Overviews are made from the encoded tiles (decoded one tile row at a time, bounded
+        memory) into temporary spools next to ``path``; the TIFF is then written as header,
+        every IFD, and the tiles from the smallest overview to the full resolution.
+        """
         if self._closed:
             return self.path
         if self._rows != self.height:
             raise ValueError(f"{self.path.name}: only {self._rows} of {self.height} rows written")
         self._spool.close()
-        spp = self.bands or 1
-        shape = (self.height, self.width) + ((spp,) if spp > 1 else ())
-        nbytes = self.height * self.width * spp * self.dtype.itemsize
+        main = _Level(self.partial, self.height, self.width, list(self._bytecounts))
+        levels = [main] + (self._build_overviews(main) if self._overviews else [])
         tmp = self.path.with_name(self.path.name + ".partial.tif")
-        with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**32 - 2**27, byteorder="<") as tw:
-            tw.write(
-                self._tiles(),
-                shape=shape,
-                dtype=self.dtype,
-                tile=(self.tile, self.tile),
-                compression=self._compression,
-                predictor=self._predictor if self._predictor > 1 else None,
-                photometric="minisblack",
-                planarconfig="contig" if spp > 1 else None,  # one band: a plain 2-D page
-                extratags=self.geo.extratags(),
-                metadata=None,
-                software="epilsr",
-            )
+        try:
+            self._assemble(tmp, levels)
+        finally:
+            for lev in levels[1:]:
+                lev.path.unlink(missing_ok=True)
         commit(tmp, self.path)
         self.partial.unlink(missing_ok=True)
         self._closed = True
         return self.path
+
+    # ---- overviews and the COG layout ------------------------------------------------------
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        spp, t = self.bands or 1, self.tile
+        if self._compression != 1:
+            data = tifffile.TIFF.DECOMPRESSORS[self._compression](data)
+        tile = np.frombuffer(data, self.dtype).reshape(t, t, spp)
+        if self._predictor > 1:
+            tile = tifffile.TIFF.UNPREDICTORS[self._predictor](tile.copy(), axis=-2)
+        return tile
+
+    def _tile_rows(self, level: _Level):
+        """The rows of a spooled level, one decoded tile row ``[<=tile, w, spp]`` at a time."""
+        t = self.tile
+        across = math.ceil(level.width / t)
+        with open(level.path, "rb") as f:
+            for tr in range(math.ceil(level.height / t)):
+                tiles = [self._decode(f.read(n)) for n in level.bytecounts[
+                    tr * across : (tr + 1) * across]]
+                rows = np.concatenate(tiles, axis=1)[:, : level.width]
+                yield rows[: min(t, level.height - tr * t)]
+
+    def _build_overviews(self, main: _Level) -> list[_Level]:
+        """Halve until the raster fits one tile (:func:`_halve`: nearest for integer rasters
+        such as labels, the mean of the valid values of each 2 x 2 block for floats)."""
+        levels, src = [], main
+        while max(src.height, src.width) > self.tile:
+            h, w = math.ceil(src.height / 2), math.ceil(src.width / 2)
+            path = self.path.with_name(f"{self.path.name}.ovr{len(levels) + 1}.partial")
+            enc = _TileEncoder(self, path, w)
+            try:
+                for rows in self._tile_rows(src):  # tile is even: rows start at even indices
+                    enc.write(_halve(rows))
+                enc.finish()
+            except BaseException:
+                enc.close()
+                path.unlink(missing_ok=True)
+                raise
+            src = _Level(path, h, w, enc.bytecounts)
+            levels.append(src)
+        return levels
+
+    def _ifd_tags(self, level: _Level, index: int, offsets: list[int]) -> list[tuple]:
+        """``(code, type, values)`` of one IFD (geo and metadata tags on the full resolution)."""
+        spp, t = self.bands or 1, self.tile
+        fmt = {"u": 1, "i": 2, "f": 3}[self.dtype.kind]
+        palette = self._describe.colormap is not None
+        tags: list[tuple] = [
+            (254, 4, [0 if index == 0 else 1]),
+            (256, 4, [level.width]), (257, 4, [level.height]),
+            (258, 3, [self.dtype.itemsize * 8] * spp), (259, 3, [self._compression]),
+            (262, 3, [3 if palette else 1]), (277, 3, [spp]), (284, 3, [1]),
+            (322, 3, [t]), (323, 3, [t]),
+            (324, 16 if self._big else 4, offsets),
+            (325, 16 if self._big else 4, level.bytecounts),
+            (339, 3, [fmt] * spp),
+        ]
+        if self._predictor > 1:
+            tags.append((317, 3, [self._predictor]))
+        if palette:
+            tags.append((320, 3, self._describe.colormap))
+        if spp > 1:
+            tags.append((338, 3, [0] * (spp - 1)))
+        if self.geo.nodata is not None:
+            tags.append((GDAL_NODATA, 2, self.geo.nodata))
+        if index == 0:
+            tags.append((305, 2, "epilsr"))
+            for code, dtype, _count, value, _ in self.geo.extratags():
+                if code != GDAL_NODATA:
+                    tags.append((code, {"d": 12, "H": 3, "s": 2}[dtype], value))
+            if self._describe.xml:
+                tags.append((GDAL_METADATA, 2, self._describe.xml))
+        return sorted(tags, key=lambda x: x[0])
+
+    def _assemble(self, path: Path, levels: list[_Level]) -> None:
+        data_bytes = sum(sum(lev.bytecounts) for lev in levels)
+        self._big = data_bytes > _BIGTIFF_BYTES
+        placeholder = [[0] * len(lev.bytecounts) for lev in levels]
+        sizes = [_ifd_size(self._ifd_tags(lev, i, placeholder[i]), self._big)
+                 for i, lev in enumerate(levels)]
+        header = 16 if self._big else 8
+        ifd_at = [header + sum(sizes[:i]) for i in range(len(levels))]
+        pos = header + sum(sizes)
+        offsets: list[list[int]] = [[] for _ in levels]
+        for i in reversed(range(len(levels))):  # smallest overview first, full resolution last
+            for n in levels[i].bytecounts:
+                offsets[i].append(pos if n else 0)
+                pos += n
+        with open(path, "wb") as f:
+            f.write(b"II" + (struct.pack("<HHHQ", 43, 8, 0, 16) if self._big
+                             else struct.pack("<HI", 42, 8)))
+            for i, lev in enumerate(levels):
+                nxt = ifd_at[i + 1] if i + 1 < len(levels) else 0
+                block = _ifd_bytes(self._ifd_tags(lev, i, offsets[i]), ifd_at[i], nxt, self._big)
+                assert len(block) == sizes[i]
+                f.write(block)
+            for lev in reversed(levels):
+                with open(lev.path, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        f.write(chunk)
 
     def abort(self, *, keep_partial: bool = False) -> None:
         """Stop without producing ``path``; deletes ``<path>.partial`` unless ``keep_partial``."""
@@ -615,14 +900,17 @@ def write_raster(
     compression: str | None = "deflate",
     tile: int = 256,
     block_rows: int | None = None,
+    **describe: Any,
 ) -> Path:
-    """Write an in-memory (or memory-mapped) ``[H, W(, C)]`` array with :class:`RasterWriter`."""
+    """Write an in-memory (or memory-mapped) ``[H, W(, C)]`` array with :class:`RasterWriter`
+    (``describe``: its ``label_names``, ``label_colors``, ``band_names``, ``description``,
+    ``overviews``)."""
     data = np.asarray(data) if not isinstance(data, np.memmap) else data
     bands = data.shape[2] if data.ndim == 3 else None
     step = block_rows or tile
     with RasterWriter(path, height=data.shape[0], width=data.shape[1], dtype=data.dtype,
                       bands=bands, geo=geo, nodata=nodata, compression=compression,
-                      tile=tile) as w:
+                      tile=tile, **describe) as w:
         for r in range(0, data.shape[0], step):
             w.write(data[r : r + step])
     return Path(path)

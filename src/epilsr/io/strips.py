@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -155,19 +155,26 @@ class OutputSpec(NamedTuple):
     dtype: Any
     bands: int | None
     nodata: float | int
+    describe: Mapping[str, Any] = {}  # RasterWriter's label_names/colors, band_names, description
 
 
 def label_outputs(out_dir: Path, prefix: str, n_labels: int, *, probs: bool,
-                  entropy: bool, probs_dtype: Any = np.float32) -> dict[str, OutputSpec]:
-    """``labels`` (uint8), optional ``probs`` ``[H, W, n]`` and ``entropy`` (nats) GeoTIFFs."""
+                  entropy: bool, probs_dtype: Any = np.float32,
+                  label_names: Sequence[str] | None = None,
+                  label_colors: ArrayLike | None = None) -> dict[str, OutputSpec]:
+    """``labels`` (uint8; colour table and names), optional ``probs`` ``[H, W, n]`` (bands named
+    by label) and ``entropy`` (nats) GeoTIFFs."""
+    names = None if label_names is None else list(label_names)
+    colors = None if label_colors is None else np.asarray(label_colors, np.uint8)
     specs = {"labels": OutputSpec(out_dir / f"{prefix}labels.tif", np.dtype(np.uint8), None,
-                                  NODATA_LABEL)}
+                                  NODATA_LABEL, dict(label_names=names, label_colors=colors,
+                                                     description="labels"))}
     if probs:
         specs["probs"] = OutputSpec(out_dir / f"{prefix}probs.tif", np.dtype(probs_dtype),
-                                    n_labels, float("nan"))
+                                    n_labels, float("nan"), dict(band_names=names))
     if entropy:
         specs["entropy"] = OutputSpec(out_dir / f"{prefix}entropy.tif", np.dtype(np.float32),
-                                      None, float("nan"))
+                                      None, float("nan"), dict(description="entropy (nats)"))
     return specs
 
 
@@ -305,7 +312,7 @@ def _open_writers(outputs: Mapping[str, OutputSpec], plan: StripPlan, geo: GeoIn
     try:
         for name, spec in outputs.items():
             kw = dict(height=plan.height, width=plan.width, dtype=spec.dtype, bands=spec.bands,
-                      geo=geo, nodata=spec.nodata, compression=compression)
+                      geo=geo, nodata=spec.nodata, compression=compression, **spec.describe)
             if saved is None:
                 writers[name] = RasterWriter(spec.path, **kw)
                 continue

@@ -250,7 +250,8 @@ def lsr_raster(
       prefix: file name prefix (several runs in one folder).
       preview: longest side of the PNG preview (imagery | labels | entropy, with a legend);
         ``None`` = no preview.
-      label_names, label_colors: legend of the preview; default the Chesapeake 4 classes when
+      label_names, label_colors: legend of the preview, label names and colour table of the
+        label raster, band names of the probabilities; default the Chesapeake 4 classes when
         ``n == 4``.
       progress: tqdm bar over windows.
       resume: continue from the last checkpoint of an interrupted run with the same settings
@@ -276,8 +277,12 @@ def lsr_raster(
     plan, add_strip = _lsr_strips(key, _lsr_fn(lsr_kwargs), image_reader, classes, windows,
                                   overlap, height, width)
     out_dir = Path(out_dir)
+    names, colors = _default_palette(table.shape[1])
+    names = names if label_names is None else list(label_names)
+    colors = colors if label_colors is None else np.asarray(label_colors, np.uint8)
     outputs = label_outputs(out_dir, prefix, table.shape[1], probs=write_probs,
-                            entropy=write_entropy, probs_dtype=probs_dtype)
+                            entropy=write_entropy, probs_dtype=probs_dtype,
+                            label_names=names, label_colors=colors)
     preview_path = out_dir / f"{prefix}preview.png" if preview else None
     finish = None if preview_path is None else functools.partial(
         _preview, preview_path, outputs, image_reader, height=height, width=width,
