@@ -121,7 +121,7 @@ def _smooth_image(seed: int, size=64, c=3, width=3) -> np.ndarray:
 
 
 sample_jit = jax.jit(sample_patches, static_argnames=("size", "batch"))
-obj_jit = jax.jit(objective, static_argnames=("quantile", "method"))
+obj_jit = jax.jit(objective, static_argnames=("quantile", "route"))
 
 
 # ----------------------------------------------------------------------------- objective

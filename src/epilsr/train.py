@@ -50,6 +50,7 @@ import optax
 from jax.typing import ArrayLike
 
 from epilsr._validate import is_concrete
+from epilsr.correlate import resolve_route
 from epilsr.epitome import Epitome, clamp_epitome
 from epilsr.likelihood import check_patches, log_likelihood, log_prior
 from epilsr.samplers import PATCH_SIZES
@@ -208,9 +209,9 @@ def _worst(scores: jax.Array, quantile: float) -> jax.Array:
 
 
 def _tempered_log_marginal(
-    epitome: Epitome, patches: jax.Array, temperature, method: str, loglik=log_likelihood
+    epitome: Epitome, patches: jax.Array, temperature, route: str, loglik=log_likelihood
 ):
-    logits = loglik(epitome, patches, method=method) / temperature + log_prior(epitome)
+    logits = loglik(epitome, patches, route=route) / temperature + log_prior(epitome)
     return jax.nn.logsumexp(logits, axis=(1, 2, 3))
 
 
@@ -222,7 +223,8 @@ def objective(
     mask: ArrayLike | None = None,
     quantile: float = 1.0,
     reference: Epitome | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> tuple[jax.Array, ObjectiveAux]:
     """Masked, tempered, worst-quantile negative log-likelihood (paper Sec. 3).
 
@@ -241,7 +243,8 @@ def objective(
         as no mask (guard), so the value and gradient are always finite.
       quantile: ``q`` in ``(0, 1]`` (a static Python float).
       reference: optional frozen :class:`Epitome` with the same channels and ``N >= K``.
-      method: correlation route of :func:`epilsr.log_likelihood`.
+      route: correlation route of :func:`epilsr.log_likelihood`; ``method``: its deprecated
+        alias.
 
     Returns:
       ``(loss [], aux)`` with ``aux`` an :class:`ObjectiveAux`.
@@ -253,18 +256,18 @@ def objective(
         mask=mask,
         quantile=quantile,
         reference=reference,
-        method=method,
+        route=resolve_route(route, method),
     )
 
 
 def _objective(
-    params, patches, *, temperature, mask, quantile, reference, method, loglik=log_likelihood
+    params, patches, *, temperature, mask, quantile, reference, route, loglik=log_likelihood
 ):
     """:func:`objective` with the likelihood function injected (the sharded step passes
     :func:`_sharded_log_likelihood`)."""
     quantile = _check_quantile(quantile)
     patches = check_patches(params, patches)
-    ll = loglik(params, patches, method=method)  # [B, L, N1, N2]
+    ll = loglik(params, patches, route=route)  # [B, L, N1, N2]
     lp = log_prior(params)
     allowed = None if mask is None else _guard_mask(_check_mask(mask, params))
     logits, log_marginal = _masked_logsumexp(ll / temperature + lp, allowed)
@@ -272,7 +275,7 @@ def _objective(
         scores = log_marginal
     else:
         reference = jax.tree.map(jax.lax.stop_gradient, reference)
-        scores = _tempered_log_marginal(reference, patches, temperature, method, loglik)
+        scores = _tempered_log_marginal(reference, patches, temperature, route, loglik)
     selected = _worst(jax.lax.stop_gradient(scores), quantile)
     count = _quantile_count(quantile, patches.shape[0])
     loss = -jnp.sum(jnp.where(selected, log_marginal, 0.0)) / count
@@ -325,7 +328,8 @@ def train_step(
     promotion_threshold: float | None = None,
     delta: float = 0.05,
     reference: Epitome | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> tuple[TrainState, TrainInfo]:
     """One SGD step with location promotion and diversification (paper Sec. 3).
 
@@ -346,7 +350,8 @@ def train_step(
       promotion_threshold: counter threshold; ``None`` = ``c / (L N1 N2)``, ``c = 0.5``.
       delta: reset the counters when more than ``1 - delta`` of the positions are masked.
       reference: optional frozen :class:`Epitome` for diversification against a prior model.
-      method: correlation route of :func:`epilsr.log_likelihood`.
+      route: correlation route of :func:`epilsr.log_likelihood`; ``method``: its deprecated
+        alias.
 
     Returns:
       ``(new_state, info)`` with ``info`` a :class:`TrainInfo`.
@@ -361,7 +366,7 @@ def train_step(
         promotion_threshold=promotion_threshold,
         delta=delta,
         reference=reference,
-        method=method,
+        route=resolve_route(route, method),
     )
 
 
@@ -376,7 +381,7 @@ def _train_step(
     promotion_threshold=None,
     delta=0.05,
     reference=None,
-    method="auto",
+    route="auto",
     loglik=log_likelihood,
 ):
     """:func:`train_step` with the likelihood function injected."""
@@ -409,7 +414,7 @@ def _train_step(
         mask=allowed,
         quantile=quantile,
         reference=reference,
-        method=method,
+        route=route,
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = clamp_epitome(optax.apply_updates(params, updates))
@@ -469,8 +474,9 @@ def make_train_step(*, optimizer: optax.GradientTransformation, **hyper):
     return jax.jit(functools.partial(_step_with_reference, optimizer=optimizer, **hyper))
 
 
-def _step_with_reference(state, patches, reference=None, **kwargs):
-    return _train_step(state, patches, reference=reference, **kwargs)
+def _step_with_reference(state, patches, reference=None, route="auto", method=None, **kwargs):
+    route = resolve_route(route, method)
+    return _train_step(state, patches, reference=reference, route=route, **kwargs)
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -485,7 +491,8 @@ def worst_quantile(
     *,
     quantile: float,
     temperature: float | ArrayLike,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """Indices of the worst-modelled patches under a frozen epitome (cascade ``E0 -> E1``).
 
@@ -494,7 +501,7 @@ def worst_quantile(
       patches: ``[B, K, K, C]``.
       quantile: ``q`` in ``(0, 1]``.
       temperature: ``T`` of ``log sum_s p(x|s)^(1/T) p(s)``.
-      method: correlation route.
+      route: correlation route; ``method``: its deprecated alias.
 
     Returns:
       ``[ceil(q B)]`` int32 indices, the lowest-likelihood patch first. Use
@@ -502,7 +509,7 @@ def worst_quantile(
     """
     quantile = _check_quantile(quantile)
     patches = check_patches(epitome, patches)
-    scores = _tempered_log_marginal(epitome, patches, temperature, method)
+    scores = _tempered_log_marginal(epitome, patches, temperature, resolve_route(route, method))
     k = _quantile_count(quantile, patches.shape[0])
     _, idx = jax.lax.top_k(-scores, k)
     return idx.astype(jnp.int32)
