@@ -210,6 +210,7 @@ def _bilinear(impl):
     return f
 
 
+@functools.cache
 def _dft_block(n2: int, k1: int, k2: int, f: int) -> int:
     """Output block ``T`` along axis 2 of ``"dft_rows"``: fewest multiply-adds per position.
 
