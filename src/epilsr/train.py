@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -225,6 +225,7 @@ def objective(
     reference: Epitome | None = None,
     route: str = "auto",
     method: str | None = None,
+    loglik: Callable = log_likelihood,
 ) -> tuple[jax.Array, ObjectiveAux]:
     """Masked, tempered, worst-quantile negative log-likelihood (paper Sec. 3).
 
@@ -245,26 +246,13 @@ def objective(
       reference: optional frozen :class:`Epitome` with the same channels and ``N >= K``.
       route: correlation route of :func:`epilsr.log_likelihood`; ``method``: its deprecated
         alias.
+      loglik: ``(epitome, patches, *, route) -> [B, L, N1, N2]``, :func:`epilsr.log_likelihood`
+        (the sharded step injects a ``shard_map``'d one).
 
     Returns:
       ``(loss [], aux)`` with ``aux`` an :class:`ObjectiveAux`.
     """
-    return _objective(
-        params,
-        patches,
-        temperature=temperature,
-        mask=mask,
-        quantile=quantile,
-        reference=reference,
-        route=resolve_route(route, method),
-    )
-
-
-def _objective(
-    params, patches, *, temperature, mask, quantile, reference, route, loglik=log_likelihood
-):
-    """:func:`objective` with the likelihood function injected (the sharded step passes
-    :func:`_sharded_log_likelihood`)."""
+    route = resolve_route(route, method)
     quantile = _check_quantile(quantile)
     patches = check_patches(params, patches)
     ll = loglik(params, patches, route=route)  # [B, L, N1, N2]
@@ -330,6 +318,7 @@ def train_step(
     reference: Epitome | None = None,
     route: str = "auto",
     method: str | None = None,
+    loglik: Callable = log_likelihood,
 ) -> tuple[TrainState, TrainInfo]:
     """One SGD step with location promotion and diversification (paper Sec. 3).
 
@@ -352,39 +341,12 @@ def train_step(
       reference: optional frozen :class:`Epitome` for diversification against a prior model.
       route: correlation route of :func:`epilsr.log_likelihood`; ``method``: its deprecated
         alias.
+      loglik: the likelihood function of :func:`objective`.
 
     Returns:
       ``(new_state, info)`` with ``info`` a :class:`TrainInfo`.
     """
-    return _train_step(
-        state,
-        patches,
-        optimizer=optimizer,
-        temperature=temperature,
-        quantile=quantile,
-        promotion=promotion,
-        promotion_threshold=promotion_threshold,
-        delta=delta,
-        reference=reference,
-        route=resolve_route(route, method),
-    )
-
-
-def _train_step(
-    state,
-    patches,
-    *,
-    optimizer,
-    temperature=None,
-    quantile=0.25,
-    promotion=True,
-    promotion_threshold=None,
-    delta=0.05,
-    reference=None,
-    route="auto",
-    loglik=log_likelihood,
-):
-    """:func:`train_step` with the likelihood function injected."""
+    route = resolve_route(route, method)
     params = state.params
     quantile = _check_quantile(quantile)
     patches = check_patches(params, patches)
@@ -406,7 +368,7 @@ def _train_step(
     counters = state.counters
     allowed = _guard_mask(counters < promotion_threshold) if promotion else None
 
-    grad_fn = jax.value_and_grad(functools.partial(_objective, loglik=loglik), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(objective, loglik=loglik), has_aux=True)
     (loss, aux), grads = grad_fn(
         params,
         patches,
@@ -474,9 +436,8 @@ def make_train_step(*, optimizer: optax.GradientTransformation, **hyper):
     return jax.jit(functools.partial(_step_with_reference, optimizer=optimizer, **hyper))
 
 
-def _step_with_reference(state, patches, reference=None, route="auto", method=None, **kwargs):
-    route = resolve_route(route, method)
-    return _train_step(state, patches, reference=reference, route=route, **kwargs)
+def _step_with_reference(state, patches, reference=None, **kwargs):
+    return train_step(state, patches, reference=reference, **kwargs)
 
 
 # --------------------------------------------------------------------------- data parallel

@@ -389,7 +389,7 @@ def correlate_dft_rows(maps: jax.Array, kernels: jax.Array, plan: CorrelationPla
 
 
 def _dft_sizes(n: int, k: int, t: int) -> tuple[int, int, int]:
-    """``(blocks, P, W)`` of the 2-D block route along one axis with output blocks of ``t``."""
+    """``(blocks, P, W)`` of ``"dft_2d"`` along one axis with output blocks of ``t``."""
     p_len = t + k - 1
     return -(-n // t), p_len, p_len // 2 + 1
 
