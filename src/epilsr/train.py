@@ -27,8 +27,8 @@ posteriors (early training) reset every step, i.e. no promotion until the model 
 **Patch sizes** (bucketing). Patch widths are static shapes. Drawing them from a finite set
 (odd 11..31 by default, :data:`epilsr.samplers.PATCH_SIZES`) on the host and calling one
 jitted step means ``jit`` caches one executable per size: at most 11 compilations, after which
-no step recompiles. :func:`make_train_step` returns such a step; :func:`patch_sizes` draws a
-whole schedule of sizes at once.
+no step recompiles. :func:`make_train_step` returns such a step;
+:func:`epilsr.samplers.patch_sizes` draws a whole schedule of sizes at once.
 
 **Data parallelism.** :func:`make_sharded_train_step` jits the same step with the batch sharded
 over the mesh axis ``"data"`` and everything else replicated; the compiler (GSPMD) inserts the
@@ -53,7 +53,6 @@ from epilsr._validate import is_concrete
 from epilsr.correlate import resolve_route
 from epilsr.epitome import Epitome, clamp_epitome
 from epilsr.likelihood import check_patches, log_likelihood, log_prior
-from epilsr.samplers import PATCH_SIZES
 
 __all__ = [
     "TrainState",
@@ -66,7 +65,6 @@ __all__ = [
     "default_temperature",
     "default_promotion_threshold",
     "step_key",
-    "patch_sizes",
     "make_train_step",
     "worst_quantile",
     "mixture",
@@ -409,27 +407,13 @@ def train_step(
     return new_state, info
 
 
-def patch_sizes(
-    key: ArrayLike, *, num_steps: int, sizes: Sequence[int] = PATCH_SIZES
-) -> np.ndarray:
-    """A schedule of patch widths, one per step, drawn uniformly from ``sizes``.
-
-    Returns a host ``[num_steps]`` int array (one device round trip for the whole run): each
-    entry is a static shape, so a jitted step compiles once per distinct size (bucketing).
-    """
-    sizes = np.asarray(tuple(int(s) for s in sizes), np.int64)
-    if sizes.size == 0 or sizes.min() < 1:
-        raise ValueError(f"sizes: expected positive patch widths, got {sizes.tolist()}")
-    idx = np.asarray(jax.random.randint(key, (num_steps,), 0, sizes.size))
-    return sizes[idx]
-
-
 def make_train_step(*, optimizer: optax.GradientTransformation, **hyper):
     """A jitted ``step(state, patches, reference=None) -> (state, info)`` (documented entry).
 
     ``hyper`` are the keyword arguments of :func:`train_step` (static). ``jit`` caches one
-    executable per patch size, so with patch widths drawn from :data:`PATCH_SIZES` the loop
-    compiles at most 11 times. Create the optimizer once: it is part of the cache key.
+    executable per patch size, so with patch widths drawn from
+    :data:`epilsr.samplers.PATCH_SIZES` the loop compiles at most 11 times. Create the
+    optimizer once: it is part of the cache key.
     """
     if "reference" in hyper:
         raise ValueError("reference: pass it to the returned step, not as a static hyperparameter")
