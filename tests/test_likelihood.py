@@ -21,6 +21,7 @@ from epilsr import (
     log_posterior,
     log_prior,
 )
+from epilsr.correlate import plan_for
 from tests.reference import (
     cut_patches,
     log_likelihood_bf,
@@ -311,3 +312,17 @@ def test_clamp_epitome_bounds(rng):
     again = clamp_epitome(out)
     np.testing.assert_allclose(again.log_var, out.log_var)
     assert dataclasses.is_dataclass(out)
+
+
+def test_deprecated_method_alias_and_explicit_plan(rng):
+    """``method=`` (and the old route names) still work with a DeprecationWarning; an explicit
+    plan (here an accelerator's, without CPU chunking) gives the same values."""
+    epi, arrays = _epitome(rng, 1, 9, 9, 2)
+    patches = rng.uniform(size=(2, 3, 3, 2)).astype(np.float32)
+    want = log_likelihood_bf(arrays[0], arrays[1], patches)
+    ll = jax.jit(log_likelihood, static_argnames=("route", "plan", "method"))
+    with pytest.warns(DeprecationWarning, match="route"):
+        old = ll(epi, patches, method="hybrid")
+    assert _rel_err(old, want) < 1e-5
+    got = ll(epi, patches, route="dft_2d", plan=plan_for(platform="gpu"))
+    assert _rel_err(got, want) < 1e-5
