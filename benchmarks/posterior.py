@@ -7,9 +7,9 @@ For every ``N`` in {128, 299, 499}, ``K`` in {7, 11, 21, 31}, ``B`` in {64, 256}
 ``L = 1``, uniform patches, an epitome from :func:`epilsr.init_epitome`), times in one
 process, round-robin (one call of each per round, so all see the same background load):
 
-* ``jax``: jitted :func:`epilsr.log_likelihood` (default ``method="auto"``) and
+* ``jax``: jitted :func:`epilsr.log_likelihood` (default ``route="auto"``) and
   :func:`epilsr.log_posterior` (``T = (K/11)^2``);
-* ``direct``: the same with ``method="direct"`` (one ``lax.conv`` on the wrap-padded epitome;
+* ``direct``: the same with ``route="direct"`` (one ``lax.conv`` on the wrap-padded epitome;
   skipped above ``--direct-gflop`` of arithmetic);
 * ``torch``: the plain PyTorch route (:class:`benchmarks._baselines.TorchLikelihood`: a
   ``conv2d`` of the patches over the circularly padded epitome, CUDA when present; skipped
@@ -25,15 +25,16 @@ fraction of the matmul rate the *direct-equivalent* work would need is also give
 (``equiv``). ``--quick`` runs the acceptance shapes only (N=299 B=64 K=7,31; N=499 B=256
 K=31); ``--shape`` (repeatable) replaces the shape list. Also reported: the minor page faults
 per call (MiB of pages first touched) of ours and of torch's log-likelihood. ``--chunk-mib``
-overrides the memory bound of the transform routes' batch chunks
-(``epilsr.correlate._CHUNK_BYTES``, 256 MiB; on the CPU the 2-D block route also caps chunks
-at 16 patches and the hybrid route groups its column blocks by ``_GROUP_BYTES``, which this
-does not change). Prints a table and writes ``benchmarks/results/posterior.json``.
+overrides the memory bound of the transform routes' batch chunks (the ``chunk_bytes`` of the
+platform's :class:`epilsr.correlate.CorrelationPlan`; its other budgets, e.g. the CPU's
+``dft_2d_batch`` and ``column_group_bytes``, stay). Prints a table and writes
+``benchmarks/results/posterior.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -42,9 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import epilsr
-import epilsr.correlate
 from benchmarks import _baselines as bl
-from epilsr.correlate import _auto_method
+from epilsr.correlate import CorrelationPlan, choose_route, plan_for
 from epilsr.correlate import route_flops as _route_flops
 
 C, L = 4, 1
@@ -52,26 +52,26 @@ FULL = [(n, b, k) for n in (128, 299, 499) for b in (64, 256) for k in (7, 11, 2
 QUICK = [(299, 64, 7), (299, 64, 31), (499, 256, 31)]
 
 
-def route_flops(route: str, n: int, b: int, k: int) -> float:
+def route_flops(route: str, n: int, b: int, k: int, plan: CorrelationPlan) -> float:
     """Flops of the correlation route (:func:`epilsr.correlate.route_flops`; box sums and the
     epitome-side maps are O(N^2 K) and left out)."""
-    return _route_flops(route, (L, n, n, 2 * C), (b, k, k, 2 * C))
+    return _route_flops(route, (L, n, n, 2 * C), (b, k, k, 2 * C), plan=plan)
 
 
-def bench_one(n, b, k, *, rounds, torch, direct_gflop, key):
+def bench_one(n, b, k, *, rounds, torch, direct_gflop, key, plan):
     epi = epilsr.init_epitome(key, size=n, channels=C, layers=L, mean=0.5)
     patches = jax.random.uniform(jax.random.fold_in(key, 1), (b, k, k, C), jnp.float32)
     temp = (k / 11.0) ** 2
-    ll = jax.jit(epilsr.log_likelihood)
-    lp = jax.jit(lambda e, x: epilsr.log_posterior(e, x, temperature=temp))
+    ll = jax.jit(lambda e, x: epilsr.log_likelihood(e, x, plan=plan))
+    lp = jax.jit(lambda e, x: epilsr.log_posterior(e, x, temperature=temp, plan=plan))
     fns = {
         "jax_ll": lambda: jax.block_until_ready(ll(epi, patches)),
         "jax_lp": lambda: jax.block_until_ready(lp(epi, patches)),
     }
-    route = _auto_method((L, n, n, 2 * C), (b, k, k, 2 * C))
-    do_direct = route != "direct" and route_flops("direct", n, b, k) / 1e9 <= direct_gflop
+    route = choose_route((L, n, n, 2 * C), (b, k, k, 2 * C), plan)
+    do_direct = route != "direct" and route_flops("direct", n, b, k, plan) / 1e9 <= direct_gflop
     if do_direct:
-        lld = jax.jit(lambda e, x: epilsr.log_likelihood(e, x, method="direct"))
+        lld = jax.jit(lambda e, x: epilsr.log_likelihood(e, x, route="direct"))
         fns["direct_ll"] = lambda: jax.block_until_ready(lld(epi, patches))
     if torch is not None:
         tl = bl.TorchLikelihood(torch, epi)
@@ -117,8 +117,8 @@ def bench_one(n, b, k, *, rounds, torch, direct_gflop, key):
         "patches_per_s": b / med["jax_ll"],
         "memory": mem,
         "device_peak_bytes": bl.device_peak(),
-        "flops": route_flops(route, n, b, k),
-        "direct_flops": route_flops("direct", n, b, k),
+        "flops": route_flops(route, n, b, k, plan),
+        "direct_flops": route_flops("direct", n, b, k, plan),
         "max_rel_diff_vs_torch": agree,
     }
     for name in ("torch_ll", "direct_ll"):
@@ -154,10 +154,11 @@ def main(argv=None) -> dict:
             shapes = []
         if not shapes or any(len(s_) != 3 or min(s_) < 1 for s_ in shapes):
             p.error(f"--shape: expected N,B,K with positive integers, got {args.shape}")
+    plan = plan_for()
     if args.chunk_mib is not None:
         if not args.chunk_mib > 0:
             p.error(f"--chunk-mib: expected a positive size, got {args.chunk_mib}")
-        epilsr.correlate._CHUNK_BYTES = int(args.chunk_mib * 2**20)
+        plan = dataclasses.replace(plan, chunk_bytes=int(args.chunk_mib * 2**20))
     torch, t_start, meta, rate = bl.start(args.no_torch)
     print(
         f"{meta['device']} ({meta['processor']}, {meta['cpu_affinity']} cores), jax "
@@ -167,7 +168,7 @@ def main(argv=None) -> dict:
         flush=True,
     )
     rows = []
-    meta["chunk_bytes"] = epilsr.correlate._CHUNK_BYTES
+    meta["plan"] = dataclasses.asdict(plan)
     for n, b, k in shapes:
         r = bench_one(
             n,
@@ -177,6 +178,7 @@ def main(argv=None) -> dict:
             torch=torch,
             direct_gflop=args.direct_gflop,
             key=jax.random.key(n * 1000 + k),
+            plan=plan,
         )
         peak = rate["jax"]
         r["roofline"] = {

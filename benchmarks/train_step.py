@@ -6,8 +6,8 @@ One step = forward + backward + Adam + constraints + location-promotion counters
 ``N = 299``, ``L = 1``, ``C = 4``, ``B = 256`` uniform patches with self-diversification
 (``q = 0.25``) and ``T = (K/11)^2``:
 
-* ``jax``: :func:`epilsr.train.make_train_step` (``method="auto"``);
-* ``direct``: the same with ``method="direct"`` (one ``lax.conv``; ``--no-direct`` skips it);
+* ``jax``: :func:`epilsr.train.make_train_step` (``route="auto"``);
+* ``direct``: the same with ``route="direct"`` (one ``lax.conv``; ``--no-direct`` skips it);
 * ``torch``: :class:`benchmarks._baselines.TorchTrainer` (``conv2d`` forward, autograd
   backward, ``torch.optim.Adam``, in-place clamps; CUDA when present).
 
@@ -32,7 +32,7 @@ import optax
 import epilsr
 from benchmarks import _baselines as bl
 from epilsr import train
-from epilsr.correlate import _auto_method, route_flops
+from epilsr.correlate import choose_route, plan_for, route_flops
 
 N, L, C, B = 299, 1, 4, 256
 
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
         step = train.make_train_step(optimizer=optimizer)
         variants = {"jax": step}
         if not args.no_direct:
-            variants["direct"] = train.make_train_step(optimizer=optimizer, method="direct")
+            variants["direct"] = train.make_train_step(optimizer=optimizer, route="direct")
         for name, fn in variants.items():
             states[name] = train.train_init(jax.random.key(1), epi, optimizer)
             counter = iter(range(10**6))
@@ -88,8 +88,9 @@ def main(argv=None) -> dict:
         med = {name: statistics.median(t) for name, t in times.items()}
         state0 = train.train_init(jax.random.key(1), epi, optimizer)
         mem = bl.jax_memory(step, state0, batches[0])
-        route = _auto_method((L, N, N, 2 * C), (B, k, k, 2 * C))
-        flops = 3 * route_flops(route, (L, N, N, 2 * C), (B, k, k, 2 * C))
+        plan = plan_for(batches[0])
+        route = choose_route((L, N, N, 2 * C), (B, k, k, 2 * C), plan)
+        flops = 3 * route_flops(route, (L, N, N, 2 * C), (B, k, k, 2 * C), plan=plan)
         row = {
             "K": k,
             "route": route,

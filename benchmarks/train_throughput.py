@@ -12,9 +12,9 @@ Variants that are compared (auto vs direct at one ``K``; 1, 2, 4 devices at one 
 timed round-robin, one step each per round, and ratios are medians of the per-round ratios,
 so a change of background load on a shared machine hits both sides.
 
-1. **Patch size** (single device): ``K`` in ``--sizes`` with the default ``method="auto"``
+1. **Patch size** (single device): ``K`` in ``--sizes`` with the default ``route="auto"``
    correlation routing.
-2. **Routing baseline**: the same step with ``method="direct"`` (``lax.conv`` for every
+2. **Routing baseline**: the same step with ``route="direct"`` (``lax.conv`` for every
    ``K``) at ``--direct-sizes``; ``ratio = direct / auto`` seconds per step (> 1: auto wins).
 3. **Device scaling**: :func:`epilsr.parallel.make_sharded_train_step` over ``--devices`` forced
    host CPU devices at each ``--scaling-sizes`` width (``--scaling-steps`` timed steps); after
@@ -56,7 +56,7 @@ import optax  # noqa: E402
 
 import epilsr  # noqa: E402
 from epilsr import train  # noqa: E402
-from epilsr.correlate import _auto_method  # noqa: E402
+from epilsr.correlate import choose_route, plan_for  # noqa: E402
 from experiments.common import format_table  # noqa: E402
 
 N, LAYERS, CHANNELS, BATCH = 299, 1, 4, 256
@@ -142,7 +142,8 @@ def _max_abs_diff(a: epilsr.Epitome, b: epilsr.Epitome) -> dict:
 
 
 def _routing(size: int) -> str:
-    return _auto_method((LAYERS, N, N, 2 * CHANNELS), (BATCH, size, size, 2 * CHANNELS))
+    maps, patches = (LAYERS, N, N, 2 * CHANNELS), (BATCH, size, size, 2 * CHANNELS)
+    return choose_route(maps, patches, plan_for())
 
 
 _COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|reduce-scatter)\(")
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1-2. patch size with auto routing, and the direct (lax.conv) baseline, interleaved
     step_auto = train.make_train_step(optimizer=optimizer)
-    step_direct = train.make_train_step(optimizer=optimizer, method="direct")
+    step_direct = train.make_train_step(optimizer=optimizer, route="direct")
     sizes, direct = {}, {}
     auto_sizes, direct_sizes = _ints(args.sizes), _ints(args.direct_sizes)
     for k in sorted(set(auto_sizes) | set(direct_sizes)):

@@ -222,7 +222,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         _truncate_log(out / "metrics.jsonl", name, int(state.step))
     base_key = state.key  # host-local copy (before any replication over a mesh)
     steps = int(tcfg.steps)
-    sizes = train.patch_sizes(key_sizes, num_steps=steps, sizes=tuple(tcfg.patch_sizes))
+    sizes = samplers.patch_sizes(key_sizes, num_steps=steps, sizes=tuple(tcfg.patch_sizes))
     hyper = dict(
         quantile=float(tcfg.quantile),
         promotion=bool(tcfg.promotion),
@@ -258,9 +258,9 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
             skey = jax.random.fold_in(skey, proc)
         if label is None:
             return samplers.sample_patches(skey, images, size=k, batch=local_batch)
-        return samplers.sample_patches_with_label(
-            skey, images, labels, label=label, size=k, batch=local_batch
-        )
+        return samplers.sample_labelled_patches(
+            skey, images, labels, label=label, patch_size=k, batch=local_batch
+        )[0]
 
     k_eval = int(cfg.eval.patch_size)
     eval_patches = samplers.sample_patches(

@@ -66,7 +66,7 @@ def run_train(args) -> None:
     import optax
 
     from epilsr.io import checkpoint
-    from epilsr.samplers import random_patch_size, sample_patches
+    from epilsr.samplers import patch_sizes, sample_patches
     from epilsr.train import make_train_step, step_key
 
     optimizer = optax.adam(1e-2)
@@ -80,7 +80,7 @@ def run_train(args) -> None:
     sample = jax.jit(sample_patches, static_argnames=("size", "batch"))
     while int(state.step) < args.steps:
         key = step_key(state)
-        size = random_patch_size(jax.random.fold_in(key, 1), sizes=(3, 5))  # 2 buckets
+        size = int(patch_sizes(jax.random.fold_in(key, 1), num_steps=1, sizes=(3, 5))[0])
         patches = sample(jax.random.fold_in(key, 0), image, size=size, batch=TRAIN_BATCH)
         state, _ = step(state, patches)
         done = int(state.step)

@@ -76,7 +76,7 @@ def _check_jit(fn, *args, static_argnames=(), **kwargs):
 
 
 def test_jit_log_likelihood(setup):
-    out = _check_jit(functools.partial(log_likelihood, method="fft"), setup["epi"],
+    out = _check_jit(functools.partial(log_likelihood, route="fft"), setup["epi"],
                      setup["patches"])
     chex.assert_shape(out, (B, L, N1, N2))
 
@@ -84,7 +84,7 @@ def test_jit_log_likelihood(setup):
 def test_jit_log_posterior(setup):
     mask = np.ones((L, N1, N2), bool)
     mask[0] = False
-    fn = functools.partial(log_posterior, temperature=4.0, method="direct")
+    fn = functools.partial(log_posterior, temperature=4.0, route="direct")
     out = _check_jit(fn, setup["epi"], setup["patches"], mask=mask)
     chex.assert_shape(out, (B, L, N1, N2))
     # Temperature as a traced argument too.
@@ -289,7 +289,7 @@ def _bad_cases():
             lambda: predict(epi, lp, img, patch_size=10, temperature=9.0), "patch_size"),
         "predict NaN image": (
             lambda: predict(epi, lp, img_nan, patch_size=3, temperature=9.0), "image"),
-        "correlation method": (lambda: log_likelihood(epi, x, method="fast"), "method"),
+        "correlation route": (lambda: log_likelihood(epi, x, route="fast"), "route"),
     }
 
 

@@ -16,9 +16,9 @@ from tests.reference import (
     random_epitome_arrays,
 )
 
-METHODS = ["direct", "fft"]
-emb_labels = jax.jit(embed_labels, static_argnames="method")
-emb_classes = jax.jit(embed_classes, static_argnames=("n_classes", "method"))
+ROUTES = ["direct", "fft"]
+emb_labels = jax.jit(embed_labels, static_argnames="route")
+emb_classes = jax.jit(embed_classes, static_argnames=("n_classes", "route"))
 
 
 def _epitome(rng, n_layers, n1, n2, c):
@@ -49,17 +49,17 @@ LABEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(
     "case", LABEL_CASES, ids=lambda c: "L{}-N{}x{}-K{}-Kl{}-C{}-n{}-B{}".format(*c)
 )
-def test_embed_labels_vs_bruteforce(rng, case, method):
+def test_embed_labels_vs_bruteforce(rng, case, route):
     n_layers, n1, n2, k, kl, c, n, b = case
     epi, (mean, log_var, prior) = _epitome(rng, n_layers, n1, n2, c)
     patches = cut_patches(rng, mean, b, k, k, noise=0.1)
     labels = _soft_labels(rng, b, kl, kl, n)
     t = float(k * k)
-    got = emb_labels(epi, patches, labels, temperature=t, method=method)
+    got = emb_labels(epi, patches, labels, temperature=t, route=route)
     assert got.shape == (n_layers, n1, n2, n) and got.dtype == jnp.float32
     _close(got, embed_labels_bf(mean, log_var, prior, patches, labels, t))
 
@@ -70,8 +70,8 @@ def test_embed_labels_rectangular_blocks_and_mask(rng):
     patches = cut_patches(rng, mean, 3, 5, 4, noise=0.1)
     labels = _soft_labels(rng, 3, 2, 3, 3)
     mask = rng.uniform(size=(2, 9, 11)) < 0.5
-    for method in METHODS:
-        got = emb_labels(epi, patches, labels, temperature=9.0, mask=mask, method=method)
+    for route in ROUTES:
+        got = emb_labels(epi, patches, labels, temperature=9.0, mask=mask, route=route)
         _close(got, embed_labels_bf(mean, log_var, prior, patches, labels, 9.0, mask))
 
 
@@ -86,7 +86,7 @@ def test_embed_labels_one_hot_known_position():
     labels = np.zeros((1, kl, kl, 2), np.float32)
     labels[..., 1] = 1.0
     labels[0, 0, 0] = [1.0, 0.0]
-    z = np.asarray(emb_labels(epi, patch, labels, temperature=0.1, method="fft"))
+    z = np.asarray(emb_labels(epi, patch, labels, temperature=0.1, route="fft"))
     o = (k - kl) // 2
     want = np.zeros((1, n, n, 2))
     for i in range(kl):
@@ -104,17 +104,17 @@ CLASS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(
     "case", CLASS_CASES, ids=lambda c: "L{}-N{}x{}-K{}-C{}-Cc{}-B{}".format(*c)
 )
-def test_embed_classes_vs_bruteforce(rng, case, method):
+def test_embed_classes_vs_bruteforce(rng, case, route):
     n_layers, n1, n2, k, c, n_classes, b = case
     epi, (mean, log_var, prior) = _epitome(rng, n_layers, n1, n2, c)
     patches = cut_patches(rng, mean, b, k, k, noise=0.1)
     classes = rng.integers(0, n_classes, size=b)
     t = float(k * k)
-    got = emb_classes(epi, patches, classes, n_classes=n_classes, temperature=t, method=method)
+    got = emb_classes(epi, patches, classes, n_classes=n_classes, temperature=t, route=route)
     assert got.shape == (n_layers, n1, n2, n_classes) and got.dtype == jnp.float32
     _close(got, embed_classes_bf(mean, log_var, prior, patches, classes, n_classes, t))
 
@@ -139,8 +139,8 @@ def test_spread_class_posteriors_vs_bruteforce(rng):
 # ------------------------------------------------------------------ conservation and additivity
 
 
-@pytest.mark.parametrize("use_mask,method", [(False, "fft"), (True, "direct")])
-def test_mass_conservation(rng, use_mask, method):
+@pytest.mark.parametrize("use_mask,route", [(False, "fft"), (True, "direct")])
+def test_mass_conservation(rng, use_mask, route):
     n_layers, n, k, kl, c, n_lab, n_classes, b = 2, 11, 5, 3, 3, 4, 3, 8
     epi, (mean, _, _) = _epitome(rng, n_layers, n, n, c)
     patches = rng.uniform(size=(b, k, k, c)).astype(np.float32)
@@ -148,12 +148,12 @@ def test_mass_conservation(rng, use_mask, method):
     classes = rng.integers(0, n_classes, size=b)
     mask = (rng.uniform(size=(n_layers, n, n)) < 0.3) if use_mask else None
     z = emb_labels(epi, patches, labels.astype(np.float32), temperature=4.0, mask=mask,
-                   method=method)
+                   route=route)
     np.testing.assert_allclose(np.sum(np.asarray(z, np.float64)), labels.sum(), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(z, np.float64).sum(axis=(0, 1, 2)),
                                labels.sum(axis=(0, 1, 2)), rtol=1e-5)
     zc = np.asarray(emb_classes(epi, patches, classes, n_classes=n_classes, temperature=4.0,
-                                mask=mask, method=method), np.float64)
+                                mask=mask, route=route), np.float64)
     counts = np.bincount(classes, minlength=n_classes)
     np.testing.assert_allclose(zc.sum(axis=(0, 1, 2)), k * k * counts, rtol=1e-5, atol=1e-4)
     if use_mask:
@@ -171,15 +171,15 @@ def test_accumulation_over_batches(rng):
     y1, y2 = (_soft_labels(rng, b, 3, 3, 3) for b in (3, 5))
     c1, c2 = rng.integers(0, 4, size=3), rng.integers(0, 4, size=5)
     both = np.concatenate([p1, p2])
-    method = "direct"
-    z = emb_labels(epi, p1, y1, temperature=9.0, method=method) + emb_labels(
-        epi, p2, y2, temperature=9.0, method=method)
-    zz = emb_labels(epi, both, np.concatenate([y1, y2]), temperature=9.0, method=method)
+    route = "direct"
+    z = emb_labels(epi, p1, y1, temperature=9.0, route=route) + emb_labels(
+        epi, p2, y2, temperature=9.0, route=route)
+    zz = emb_labels(epi, both, np.concatenate([y1, y2]), temperature=9.0, route=route)
     np.testing.assert_allclose(z, zz, rtol=1e-5, atol=1e-6)
-    z = emb_classes(epi, p1, c1, n_classes=4, temperature=9.0, method=method) + emb_classes(
-        epi, p2, c2, n_classes=4, temperature=9.0, method=method)
+    z = emb_classes(epi, p1, c1, n_classes=4, temperature=9.0, route=route) + emb_classes(
+        epi, p2, c2, n_classes=4, temperature=9.0, route=route)
     zz = emb_classes(epi, both, np.concatenate([c1, c2]), n_classes=4, temperature=9.0,
-                     method=method)
+                     route=route)
     np.testing.assert_allclose(z, zz, rtol=1e-5, atol=1e-6)
 
 
@@ -195,4 +195,4 @@ def test_embed_labels_uses_posterior(rng):
             for i in range(3):
                 for j in range(3):
                     want[0, (s1 + i) % 7, (s2 + j) % 7, 0] += post[0, s1, s2]
-    _close(emb_labels(epi, patches, ones, temperature=9.0, method="direct"), want)
+    _close(emb_labels(epi, patches, ones, temperature=9.0, route="direct"), want)

@@ -21,6 +21,7 @@ from epilsr import (
     log_posterior,
     log_prior,
 )
+from epilsr.correlate import plan_for
 from tests.reference import (
     cut_patches,
     log_likelihood_bf,
@@ -30,12 +31,12 @@ from tests.reference import (
     random_epitome_arrays,
 )
 
-METHODS = ["direct", "hybrid", "dft", "fft"]
+ROUTES = ["direct", "dft_rows", "dft_2d", "fft"]
 
 # Jitted once per shape (one compilation instead of one per primitive); validation is tested
 # separately on the eager functions.
-ll_jit = jax.jit(log_likelihood, static_argnames="method")
-lp_jit = jax.jit(log_posterior, static_argnames="method")
+ll_jit = jax.jit(log_likelihood, static_argnames="route")
+lp_jit = jax.jit(log_posterior, static_argnames="route")
 
 # (L, N1, N2, K, C, B): odd and prime N, K = 1, K = N, smooth N (unpadded FFT), rectangular.
 CASES = [
@@ -70,31 +71,31 @@ def _tv(got_log, want) -> float:
 # ------------------------------------------------------------------ log p(x|s) and p(s|x)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "L{}-N{}x{}-K{}-C{}-B{}".format(*c))
-def test_log_likelihood_and_posterior_vs_bruteforce(rng, case, method):
+def test_log_likelihood_and_posterior_vs_bruteforce(rng, case, route):
     """Relative error of log p(x|s) <= 1e-5; tempered posterior TV <= 1e-4."""
     n_layers, n1, n2, k, c, b = case
     epi, (mean, log_var, prior) = _epitome(rng, n_layers, n1, n2, c)
     unrelated = rng.uniform(size=(b, k, k, c)).astype(np.float32)
     matching = cut_patches(rng, mean, b, k, k)  # windows of the epitome plus small noise
     for patches in (unrelated, matching):
-        got = ll_jit(epi, patches, method=method)
+        got = ll_jit(epi, patches, route=route)
         assert got.shape == (b, n_layers, n1, n2) and got.dtype == jnp.float32
         want = log_likelihood_bf(mean, log_var, patches)
         assert _rel_err(got, want) <= 1e-5
     # Realistic temperatures: (K/11)^2 (training), K^2 (embedding), and 1 for small K.
     temps = [(k / 11) ** 2, float(k * k)] + ([1.0] if k <= 5 else [])
     for t in temps:
-        got = lp_jit(epi, matching, temperature=t, method=method)
+        got = lp_jit(epi, matching, temperature=t, route=route)
         assert _tv(got, posterior_bf(mean, log_var, prior, matching, t, loglik=want)) <= 1e-4, t
 
 
 def test_log_likelihood_rectangular_patch(rng):
     epi, (mean, log_var, _) = _epitome(rng, 2, 11, 7, 2)
     patches = rng.uniform(size=(3, 5, 2, 2)).astype(np.float32)
-    for method in METHODS:
-        got = ll_jit(epi, patches, method=method)
+    for route in ROUTES:
+        got = ll_jit(epi, patches, route=route)
         assert _rel_err(got, log_likelihood_bf(mean, log_var, patches)) <= 1e-5
 
 
@@ -115,8 +116,8 @@ def test_posterior_random_patches_high_temperature(rng):
     """Unrelated patches with a broad posterior (T = K^2): still float32-accurate."""
     epi, (mean, log_var, prior) = _epitome(rng, 2, 13, 13, 3)
     patches = rng.uniform(size=(4, 5, 5, 3)).astype(np.float32)
-    for method in METHODS:
-        got = lp_jit(epi, patches, temperature=25.0, method=method)
+    for route in ROUTES:
+        got = lp_jit(epi, patches, temperature=25.0, route=route)
         assert _tv(got, posterior_bf(mean, log_var, prior, patches, 25.0)) <= 1e-4
 
 
@@ -125,19 +126,19 @@ def test_log_prior_vs_bruteforce(rng):
     np.testing.assert_allclose(log_prior(epi), log_prior_bf(prior), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_posterior_mask(rng, method):
+@pytest.mark.parametrize("route", ROUTES)
+def test_posterior_mask(rng, route):
     epi, (mean, log_var, prior) = _epitome(rng, 2, 11, 11, 2)
     patches = rng.uniform(size=(3, 4, 4, 2)).astype(np.float32)
     mask = rng.uniform(size=(2, 11, 11)) < 0.4
     t = 16.0
-    got = np.asarray(lp_jit(epi, patches, temperature=t, mask=mask, method=method), np.float64)
+    got = np.asarray(lp_jit(epi, patches, temperature=t, mask=mask, route=route), np.float64)
     assert np.all(np.isneginf(got[:, ~mask]))
     assert np.all(np.isfinite(got[:, mask]))
     want = log_posterior_bf(mean, log_var, prior, patches, t, mask)
     assert _tv(got, np.exp(want)) <= 1e-4
     # The allowed entries are the unmasked posterior renormalised over the allowed set.
-    full = np.asarray(lp_jit(epi, patches, temperature=t, method=method), np.float64)
+    full = np.asarray(lp_jit(epi, patches, temperature=t, route=route), np.float64)
     kept = np.exp(full[:, mask])
     kept /= kept.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(np.exp(got[:, mask]), kept, atol=1e-5)
@@ -169,14 +170,14 @@ def test_posterior_sums_to_one(n_layers, n, k, c, b, log_t, seed):
     rng = np.random.default_rng(seed)
     epi, _ = _epitome(rng, n_layers, n, n + 1, c)
     patches = rng.uniform(size=(b, k, k, c)).astype(np.float32)
-    lp = np.asarray(lp_jit(epi, patches, temperature=math.exp(log_t), method="direct"))
+    lp = np.asarray(lp_jit(epi, patches, temperature=math.exp(log_t), route="direct"))
     assert lp.shape == (b, n_layers, n, n + 1)
     assert np.all(lp <= 1e-6)
     np.testing.assert_allclose(np.exp(lp.astype(np.float64)).sum(axis=(1, 2, 3)), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_posterior_shift_equivariance(rng, method):
+@pytest.mark.parametrize("route", ROUTES)
+def test_posterior_shift_equivariance(rng, route):
     """Rolling mean/log_var/prior by (a, b) rolls the posterior by (a, b)."""
     epi, (mean, log_var, prior) = _epitome(rng, 2, 13, 11, 3)
     patches = cut_patches(rng, mean, 3, 5, 5, noise=0.1)
@@ -187,7 +188,7 @@ def test_posterior_shift_equivariance(rng, method):
         jnp.roll(epi.prior_logits, (a, b), axis=(1, 2)),
     )
     def post(e):
-        return np.exp(np.asarray(lp_jit(e, patches, temperature=25.0, method=method), np.float64))
+        return np.exp(np.asarray(lp_jit(e, patches, temperature=25.0, route=route), np.float64))
 
     base, shifted = post(epi), post(rolled)
     np.testing.assert_allclose(shifted, np.roll(base, (a, b), axis=(2, 3)), atol=1e-5)
@@ -196,8 +197,8 @@ def test_posterior_shift_equivariance(rng, method):
 def test_posterior_rectangular_epitome(rng):
     epi, (mean, log_var, prior) = _epitome(rng, 2, 7, 12, 2)
     patches = cut_patches(rng, mean, 4, 3, 5)
-    for method in METHODS:
-        got = lp_jit(epi, patches, temperature=9.0, method=method)
+    for route in ROUTES:
+        got = lp_jit(epi, patches, temperature=9.0, route=route)
         assert got.shape == (4, 2, 7, 12)
         assert _tv(got, posterior_bf(mean, log_var, prior, patches, 9.0)) <= 1e-4
 
@@ -212,19 +213,19 @@ def test_posterior_array_temperature(rng):
 # ------------------------------------------------------------------ gradients
 
 
-def _grad_total(epi, patches, method):
+def _grad_total(epi, patches, route):
     def total(m, v):
-        return jnp.sum(log_likelihood(Epitome(m, v, epi.prior_logits), patches, method=method))
+        return jnp.sum(log_likelihood(Epitome(m, v, epi.prior_logits), patches, route=route))
 
     return jax.grad(total, argnums=(0, 1))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_log_likelihood_gradient_finite_differences(rng, method):
+@pytest.mark.parametrize("route", ROUTES)
+def test_log_likelihood_gradient_finite_differences(rng, route):
     """d sum(log p(x|s)) / d(mean, log_var) vs central differences of the float64 reference."""
     epi, (mean, log_var, _) = _epitome(rng, 2, 7, 9, 2)
     patches = rng.uniform(size=(3, 3, 4, 2)).astype(np.float32)
-    g_mean, g_var = _grad_total(epi, patches, method)(epi.mean, epi.log_var)
+    g_mean, g_var = _grad_total(epi, patches, route)(epi.mean, epi.log_var)
     mean64, var64 = mean.astype(np.float64), log_var.astype(np.float64)
     h = 1e-4
     for _ in range(4):
@@ -239,12 +240,12 @@ def test_log_likelihood_gradient_finite_differences(rng, method):
             assert abs(float(grad[idx]) - fd) <= 1e-3 * abs(fd) + 1e-4 * scale, (which, idx)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_log_likelihood_gradient_under_jit(rng, method):
+@pytest.mark.parametrize("route", ROUTES)
+def test_log_likelihood_gradient_under_jit(rng, route):
     """Training steps are jitted: jit(grad(...)) must work and equal the eager gradient."""
     epi, _ = _epitome(rng, 2, 7, 9, 2)
     patches = rng.uniform(size=(3, 3, 4, 2)).astype(np.float32)
-    grad = _grad_total(epi, patches, method)
+    grad = _grad_total(epi, patches, route)
     eager = grad(epi.mean, epi.log_var)
     jitted = jax.jit(grad)(epi.mean, epi.log_var)
     for a, b in zip(eager, jitted, strict=True):
@@ -311,3 +312,17 @@ def test_clamp_epitome_bounds(rng):
     again = clamp_epitome(out)
     np.testing.assert_allclose(again.log_var, out.log_var)
     assert dataclasses.is_dataclass(out)
+
+
+def test_deprecated_method_alias_and_explicit_plan(rng):
+    """``method=`` (and the old route names) still work with a DeprecationWarning; an explicit
+    plan (here an accelerator's, without CPU chunking) gives the same values."""
+    epi, arrays = _epitome(rng, 1, 9, 9, 2)
+    patches = rng.uniform(size=(2, 3, 3, 2)).astype(np.float32)
+    want = log_likelihood_bf(arrays[0], arrays[1], patches)
+    ll = jax.jit(log_likelihood, static_argnames=("route", "plan", "method"))
+    with pytest.warns(DeprecationWarning, match="route"):
+        old = ll(epi, patches, method="hybrid")
+    assert _rel_err(old, want) < 1e-5
+    got = ll(epi, patches, route="dft_2d", plan=plan_for(platform="gpu"))
+    assert _rel_err(got, want) < 1e-5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 
@@ -22,6 +23,7 @@ from epilsr import (
     self_epitomic_lsr,
     super_resolve,
 )
+from epilsr.correlate import plan_for
 from tests.reference import lsr_objective_bf, super_resolve_bf
 
 # iters traced (not static): one compilation serves every iteration count.
@@ -275,7 +277,7 @@ def test_self_lsr_pixel_spread_matches_general_route(rng):
 
 
 @pytest.mark.parametrize("wrap", [True, False], ids=["wrap", "inside"])
-def test_self_lsr_unfolded_route_matches_correlation_route(rng, wrap, monkeypatch):
+def test_self_lsr_unfolded_route_matches_correlation_route(rng, wrap):
     """The unfolded-window matrix-product route == the correlation route it replaces (sampled
     patches, downsampling, odd sizes): forcing the memory fallback must not change the answer."""
 
@@ -284,8 +286,9 @@ def test_self_lsr_unfolded_route_matches_correlation_route(rng, wrap, monkeypatc
     table = _table(rng, 4, 3)
     args = dict(patch_size=3, downsample=2, sample_fraction=0.4, wrap=wrap, iters=7, chunk=16)
     fast = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
-    monkeypatch.setattr(self_epitomic, "_UNFOLD_BUDGET", 0)
-    slow = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, **args)
+    no_unfolding = dataclasses.replace(plan_for(img), unfold_bytes=1)
+    slow = self_epitomic_lsr(jax.random.PRNGKey(3), img, classes, table, plan=no_unfolding,
+                             **args)
     np.testing.assert_allclose(fast, slow, atol=2e-5)
 
 
@@ -294,7 +297,6 @@ def test_self_epitomic_counts_mass_and_lsr(rng, downsample, fraction):
     """Counts: one unit per patch spread over its K x K window (K^2 per patch, dense: every
     window once); the class of each patch is its centre's; self_epitomic_lsr is these counts +
     adapt_compositions with the documented table preprocessing."""
-    from epilsr import self_epitomic
 
     h, w, k, n_rows = 23, 19, 3, 5
     img = rng.uniform(size=(h, w, 3)).astype(np.float32)

@@ -169,11 +169,11 @@ def test_replicate_keeps_typed_keys():
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize("method,pieces", [
-    ("hybrid", False), ("hybrid", True), ("dft", False), ("dft", True), ("fft", False),
+@pytest.mark.parametrize("route,pieces", [
+    ("dft_rows", False), ("dft_rows", True), ("dft_2d", False), ("dft_2d", True), ("fft", False),
     ("direct", False),
 ])
-def test_sharded_likelihood_route_matches_single_device(monkeypatch, method, pieces):
+def test_sharded_likelihood_route_matches_single_device(monkeypatch, route, pieces):
     """The shard_map'd likelihood (each device correlates its own patches) gives the same
     step as one device, with the transform routes too (``pieces``: forced into batch chunks
     and column groups, i.e. scans whose carry varies over the mesh), and keeps the batch
@@ -183,18 +183,22 @@ def test_sharded_likelihood_route_matches_single_device(monkeypatch, method, pie
     import optax
 
     if pieces:
-        import epilsr.correlate as correlate
+        import dataclasses
 
-        monkeypatch.setattr(correlate, "_batch_chunk", lambda b, per_example: (2, -(-b // 2)))
-        monkeypatch.setattr(correlate, "_DFT_CPU_CHUNK", 2)
-        monkeypatch.setattr(correlate, "_dft_block", lambda n2, k1, k2, f: 3)
-        monkeypatch.setattr(correlate, "_hybrid_group", lambda *args: 1)
+        import epilsr.correlate as correlate
+        from epilsr.correlate import routes
+
+        pieces_plan = dataclasses.replace(correlate.default_plan("cpu"), dft_2d_batch=2)
+        monkeypatch.setattr(correlate, "plan_for", lambda *arrays, **kw: pieces_plan)
+        monkeypatch.setattr(routes, "_batch_chunk", lambda b, per_example, cap: (2, -(-b // 2)))
+        monkeypatch.setattr(routes, "_dft_block", lambda n2, k1, k2, f: 3)
+        monkeypatch.setattr(routes, "_rows_group", lambda *args: 1)
 
     from epilsr import init_epitome
     from epilsr.train import train_init
 
     optimizer = optax.sgd(0.1)
-    hyper = dict(temperature=4.0, quantile=0.5, promotion_threshold=0.05, method=method)
+    hyper = dict(temperature=4.0, quantile=0.5, promotion_threshold=0.05, route=route)
     epi = init_epitome(jax.random.key(3), size=12, channels=2, mean=0.5)
     rng = np.random.default_rng(7)
     batches = [rng.uniform(size=(16, 5, 5, 2)).astype(np.float32) for _ in range(2)]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from epilsr import Epitome, predict
 from tests.reference import predict_bf, random_epitome_arrays
 
-pred_jit = jax.jit(predict, static_argnames=("patch_size", "stride", "chunk", "method"))
+pred_jit = jax.jit(predict, static_argnames=("patch_size", "stride", "chunk", "route"))
 
 
 def _setup(rng, n_layers, n1, n2, c, n, h, w, from_epitome=True):
@@ -29,7 +29,7 @@ def _setup(rng, n_layers, n1, n2, c, n, h, w, from_epitome=True):
     return epi, (mean, log_var, prior), label_probs, image.astype(np.float32)
 
 
-@pytest.mark.parametrize("method", ["direct", "fft"])
+@pytest.mark.parametrize("route", ["direct", "fft"])
 @pytest.mark.parametrize(
     "case",
     [
@@ -41,10 +41,10 @@ def _setup(rng, n_layers, n1, n2, c, n, h, w, from_epitome=True):
     ],
     ids=["K3", "K4-rect", "K1", "K5-lowT"],
 )
-def test_predict_vs_bruteforce(rng, case, method):
+def test_predict_vs_bruteforce(rng, case, route):
     n_layers, n1, n2, c, n, h, w, k, t = case
     epi, (mean, log_var, prior), label_probs, image = _setup(rng, n_layers, n1, n2, c, n, h, w)
-    got = pred_jit(epi, label_probs, image, patch_size=k, temperature=t, chunk=16, method=method)
+    got = pred_jit(epi, label_probs, image, patch_size=k, temperature=t, chunk=16, route=route)
     assert got.shape == (h, w, n)
     want = predict_bf(mean, log_var, prior, label_probs, image, k, t)
     np.testing.assert_allclose(got, want, atol=1e-4)

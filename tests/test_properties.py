@@ -155,7 +155,7 @@ def _em_objectives_observed(counts, table):
 
 
 _sr = jax.jit(super_resolve)  # iters traced: one compilation per shape
-_predict = jax.jit(predict, static_argnames=("patch_size", "stride", "chunk", "method"))
+_predict = jax.jit(predict, static_argnames=("patch_size", "stride", "chunk", "route"))
 
 # --------------------------------------------------------------------------- (a)
 

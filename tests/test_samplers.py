@@ -15,9 +15,9 @@ from epilsr.samplers import (
     PATCH_SIZES,
     extract_patches,
     label_positions,
-    random_patch_size,
+    patch_sizes,
+    sample_labelled_patches,
     sample_patches,
-    sample_patches_with_label,
 )
 
 
@@ -98,9 +98,10 @@ def test_label_conditioned_patches_contain_label(rng):
     labels = np.zeros((t, h, w), np.int32)
     labels[1, 10:12, 3] = 2  # a tiny region of label 2 in tile 1 only
     images = np.concatenate([_coded_image(t, h, w), labels[..., None].astype(np.float32)], -1)
-    patches = np.asarray(
-        sample_patches_with_label(jax.random.key(0), images, labels, label=2, size=size, batch=16)
-    )
+    patches, blocks = sample_labelled_patches(jax.random.key(0), images, labels, label=2,
+                                              patch_size=size, label_size=size, batch=16)
+    patches = np.asarray(patches)
+    np.testing.assert_array_equal(blocks, patches[..., 3])  # the blocks are the windows' labels
     assert patches.shape == (16, size, size, 4)
     for p in patches:
         assert np.any(p[..., 3] == 2)
@@ -115,20 +116,24 @@ def test_label_conditioned_determinism_and_precomputed_valid():
     labels[5, 5] = 1
     images = _coded_image(1, 12, 12)[0]
     valid = label_positions(labels, label=1, size=3)
-    a = sample_patches_with_label(jax.random.key(4), images, labels, label=1, size=3, batch=6)
-    b = sample_patches_with_label(
-        jax.random.key(4), images, labels, label=1, size=3, batch=6, valid=valid
-    )
-    np.testing.assert_array_equal(a, b)
+    a = sample_labelled_patches(jax.random.key(4), images, labels, label=1, patch_size=3,
+                                batch=6)
+    b = sample_labelled_patches(jax.random.key(4), images, labels, valid, patch_size=3, batch=6)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_label_absent_raises():
     labels = np.zeros((10, 10), np.int32)
     images = np.zeros((10, 10, 1), np.float32)
     with pytest.raises(ValueError, match="no 3x3 window contains"):
-        sample_patches_with_label(jax.random.key(0), images, labels, label=5, size=3, batch=2)
+        sample_labelled_patches(jax.random.key(0), images, labels, label=5, patch_size=3, batch=2)
     with pytest.raises(ValueError, match="to match images"):
-        sample_patches_with_label(jax.random.key(0), images, labels[:9], label=0, size=3, batch=2)
+        sample_labelled_patches(jax.random.key(0), images, labels[:9], label=0, patch_size=3,
+                                batch=2)
+    with pytest.raises(ValueError, match="label_size"):
+        sample_labelled_patches(jax.random.key(0), images, labels, patch_size=3, label_size=5,
+                                batch=2)
 
 
 def test_extract_patches_corners():
@@ -137,15 +142,30 @@ def test_extract_patches_corners():
     np.testing.assert_array_equal(p[:, 0, 0], [[1, 2, 3], [0, 5, 0]])
 
 
-def test_random_patch_size():
+def test_patch_sizes():
     assert PATCH_SIZES == (11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
-    drawn = {random_patch_size(jax.random.fold_in(jax.random.key(0), i)) for i in range(200)}
-    assert drawn == set(PATCH_SIZES)
-    assert all(isinstance(s, int) for s in drawn)
-    assert random_patch_size(jax.random.key(5)) == random_patch_size(jax.random.key(5))
-    assert random_patch_size(jax.random.key(5), sizes=(7,)) == 7
-    with pytest.raises(ValueError):
-        random_patch_size(jax.random.key(0), sizes=())
+    drawn = patch_sizes(jax.random.key(0), num_steps=400)
+    assert set(drawn.tolist()) == set(PATCH_SIZES) and drawn.shape == (400,)
+    np.testing.assert_array_equal(drawn, patch_sizes(jax.random.key(0), num_steps=400))
+    assert patch_sizes(jax.random.key(5), num_steps=3, sizes=(7,)).tolist() == [7, 7, 7]
+    with pytest.raises(ValueError, match="sizes"):
+        patch_sizes(jax.random.key(0), num_steps=1, sizes=())
+
+
+def test_labelled_patches_uniform_and_centre_blocks():
+    """Without ``valid``/``label`` every window is allowed (the draws of :func:`sample_patches`);
+    each block is the label block centred in its patch (``o = (K - Kl) // 2``)."""
+    images = _coded_image(2, 9, 11)
+    labels = (images[..., 1] * 100 + images[..., 2]).astype(np.int32)  # row, col coded
+    key = jax.random.key(3)
+    patches, blocks = sample_labelled_patches(key, images, labels, patch_size=5, label_size=3,
+                                              batch=32)
+    np.testing.assert_array_equal(patches, sample_patches(key, images, size=5, batch=32))
+    p = np.asarray(patches)
+    rows, cols = p[:, 0, 0, 1].astype(int), p[:, 0, 0, 2].astype(int)
+    np.testing.assert_array_equal(np.asarray(blocks)[:, 0, 0], (rows + 1) * 100 + cols + 1)
+    _, centre = sample_labelled_patches(key, images, labels, patch_size=5, batch=32)
+    np.testing.assert_array_equal(np.asarray(centre)[:, 0, 0], (rows + 2) * 100 + cols + 2)
 
 
 def test_prefetch_order_device_and_errors():

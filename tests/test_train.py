@@ -14,7 +14,7 @@ import pytest
 
 from epilsr import Epitome, init_epitome, log_posterior, log_prior
 from epilsr.epitome import LOG_VAR_MAX, LOG_VAR_MIN, PRIOR_LOGIT_BOUND
-from epilsr.samplers import sample_patches
+from epilsr.samplers import patch_sizes, sample_patches
 from epilsr.train import (
     DEFAULT_PROMOTION_C,
     TrainState,
@@ -23,7 +23,6 @@ from epilsr.train import (
     make_train_step,
     mixture,
     objective,
-    patch_sizes,
     step_key,
     train_init,
     train_step,
@@ -121,7 +120,7 @@ def _smooth_image(seed: int, size=64, c=3, width=3) -> np.ndarray:
 
 
 sample_jit = jax.jit(sample_patches, static_argnames=("size", "batch"))
-obj_jit = jax.jit(objective, static_argnames=("quantile", "method"))
+obj_jit = jax.jit(objective, static_argnames=("quantile", "route"))
 
 
 # ----------------------------------------------------------------------------- objective

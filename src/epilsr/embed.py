@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_index_range, check_rank
-from epilsr.correlate import box_spread, circular_correlate_adjoint
+from epilsr.correlate import box_spread, circular_correlate_adjoint, resolve_route
 from epilsr.epitome import Epitome
 from epilsr.likelihood import log_posterior
 from epilsr.parallel import _auto_mesh
@@ -40,7 +40,8 @@ def embed_labels(
     *,
     temperature: float | ArrayLike,
     mask: ArrayLike | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """Label counts ``z`` of Eq. 6, with the label block centred in the patch.
 
@@ -54,11 +55,13 @@ def embed_labels(
       labels: ``[B, Kl, Kl, n]`` soft or one-hot labels, ``Kl <= K``.
       temperature: posterior temperature ``T``.
       mask: optional ``[L, N1, N2]`` bool of allowed positions.
-      method: correlation route.
+      route: correlation route (:func:`epilsr.correlate.circular_correlate`); ``method``:
+        its deprecated alias.
 
     Returns:
       ``[L, N1, N2, n]`` counts; ``sum(z) == sum_b sum(labels[b])``.
     """
+    route = resolve_route(route, method)
     labels = jnp.asarray(labels)
     check_rank("labels", labels, 4, "[B, Kl, Kl, n]")
     patches = jnp.asarray(patches)
@@ -72,10 +75,10 @@ def embed_labels(
             f"labels: label block {labels.shape[1:3]} is larger than the patch {(k1, k2)}"
         )
     post = jnp.exp(
-        log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
+        log_posterior(epitome, patches, temperature=temperature, mask=mask, route=route)
     )
     z = circular_correlate_adjoint(
-        post, labels.astype(jnp.float32), map_size=epitome.size, method=method
+        post, labels.astype(jnp.float32), map_size=epitome.size, route=route
     )
     return jnp.roll(z, ((k1 - kl1) // 2, (k2 - kl2) // 2), axis=(1, 2))
 
@@ -107,7 +110,8 @@ def embed_classes(
     n_classes: int,
     temperature: float | ArrayLike,
     mask: ArrayLike | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """Class counts of Eq. 11: every pixel of window ``s`` receives ``p(s|x)`` for ``x``'s class.
 
@@ -121,11 +125,13 @@ def embed_classes(
       n_classes: ``Cc``.
       temperature: posterior temperature ``T``.
       mask: optional ``[L, N1, N2]`` bool of allowed positions.
-      method: correlation route.
+      route: correlation route (:func:`epilsr.correlate.circular_correlate`); ``method``:
+        its deprecated alias.
 
     Returns:
       ``[L, N1, N2, Cc]`` counts; ``sum(z[..., c]) == K^2 * #{b: c_b = c}``.
     """
+    route = resolve_route(route, method)
     classes = jnp.asarray(classes)
     check_rank("classes", classes, 1, "[B]")
     patches = jnp.asarray(patches)
@@ -136,7 +142,7 @@ def embed_classes(
         )
     check_index_range("classes", classes, n_classes, "class")
     post = jnp.exp(
-        log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
+        log_posterior(epitome, patches, temperature=temperature, mask=mask, route=route)
     )
     return spread_class_posteriors(post, classes, n_classes=n_classes, window=patches.shape[1:3])
 
@@ -153,7 +159,8 @@ def accumulate_labels(
     blocks: ArrayLike,
     *,
     temperature: float | ArrayLike,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """``counts + z`` with ``z`` the Eq. 6 counts of one batch.
 
@@ -164,14 +171,16 @@ def accumulate_labels(
       blocks: ``[B, Kl, Kl]`` int labels centred in the patches; values outside ``[0, n)``
         (no data) are skipped.
       temperature: posterior temperature (``K^2`` in the original embedding).
-      method: correlation route.
+      route: correlation route (:func:`epilsr.correlate.circular_correlate`); ``method``:
+        its deprecated alias.
 
     Returns:
       ``[L, N1, N2, n]``.
     """
+    route = resolve_route(route, method)
     counts = jnp.asarray(counts, jnp.float32)
     y = one_hot_labels(blocks, n_labels=counts.shape[-1])
-    return counts + embed_labels(epitome, patches, y, temperature=temperature, method=method)
+    return counts + embed_labels(epitome, patches, y, temperature=temperature, route=route)
 
 
 def accumulate_classes(
@@ -181,7 +190,8 @@ def accumulate_classes(
     classes: ArrayLike,
     *,
     temperature: float | ArrayLike,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """``counts + z`` with ``z`` the Eq. 11 counts of one batch.
 
@@ -192,9 +202,10 @@ def accumulate_classes(
     Returns:
       ``[L, N1, N2, Cc]``.
     """
+    route = resolve_route(route, method)
     counts = jnp.asarray(counts, jnp.float32)
     patches = jnp.asarray(patches)
-    post = jnp.exp(log_posterior(epitome, patches, temperature=temperature, method=method))
+    post = jnp.exp(log_posterior(epitome, patches, temperature=temperature, route=route))
     z = spread_class_posteriors(
         post, jnp.asarray(classes), n_classes=counts.shape[-1], window=patches.shape[1:3]
     )

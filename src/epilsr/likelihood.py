@@ -17,7 +17,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_finite, check_rank, is_concrete
-from epilsr.correlate import box_sum, circular_correlate
+from epilsr.correlate import CorrelationPlan, box_sum, circular_correlate, resolve_route
 from epilsr.epitome import Epitome
 
 __all__ = [
@@ -51,19 +51,29 @@ def check_patches(epitome: Epitome, patches: ArrayLike) -> jax.Array:
     return patches.astype(jnp.float32)
 
 
-def log_likelihood(epitome: Epitome, patches: ArrayLike, *, method: str = "auto") -> jax.Array:
+def log_likelihood(
+    epitome: Epitome,
+    patches: ArrayLike,
+    *,
+    route: str = "auto",
+    plan: CorrelationPlan | None = None,
+    method: str | None = None,
+) -> jax.Array:
     """Exact ``log p(x|s)`` of Eq. 3 for every patch and position, with all constants.
 
     Args:
       epitome: :class:`Epitome` with ``mean, log_var [L, N1, N2, C]``.
       patches: ``[B, K1, K2, C]`` float patches.
-      method: correlation route, ``"auto"``, ``"direct"``, ``"hybrid"``, ``"dft"`` or ``"fft"``
-        (see :func:`epilsr.correlate.circular_correlate`).
+      route: correlation route, ``"auto"``, ``"direct"``, ``"dft_rows"``, ``"dft_2d"`` or
+        ``"fft"`` (see :func:`epilsr.correlate.circular_correlate`).
+      plan: :class:`~epilsr.correlate.CorrelationPlan`; ``None``: that of the arrays' platform.
+      method: deprecated alias of ``route``.
 
     Returns:
       ``[B, L, N1, N2]``; entry ``[b, l, s1, s2]`` is the log-density of patch ``b`` under the
       window of layer ``l`` with top-left corner ``(s1, s2)`` (wrapping modulo ``N``).
     """
+    route = resolve_route(route, method)
     patches = check_patches(epitome, patches)
     _, k1, k2, c = patches.shape
     centre = jax.lax.stop_gradient(jnp.mean(epitome.mean, axis=(0, 1, 2)))  # [C]
@@ -72,7 +82,7 @@ def log_likelihood(epitome: Epitome, patches: ArrayLike, *, method: str = "auto"
     inv_var = jnp.exp(-epitome.log_var)
     maps = jnp.concatenate([inv_var, mu * inv_var], axis=-1)  # [L, N1, N2, 2C]
     kernels = jnp.concatenate([x * x, -2.0 * x], axis=-1)  # [B, K1, K2, 2C]
-    cross = circular_correlate(maps, kernels, method=method)  # [B, L, N1, N2]
+    cross = circular_correlate(maps, kernels, route=route, plan=plan)  # [B, L, N1, N2]
     window_const = box_sum(jnp.sum(mu * mu * inv_var + epitome.log_var, axis=-1), (k1, k2))
     return -0.5 * (cross + window_const[None] + (k1 * k2 * c) * LOG_2PI)
 
@@ -98,7 +108,9 @@ def log_posterior(
     *,
     temperature: float | ArrayLike = 1.0,
     mask: ArrayLike | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    plan: CorrelationPlan | None = None,
+    method: str | None = None,
 ) -> jax.Array:
     """Normalised tempered posterior ``log p(s|x) = log p(x|s)/T + log p(s) - log Z``.
 
@@ -108,13 +120,15 @@ def log_posterior(
       temperature: ``T > 0`` (scalar). ``T = (K/11)^2`` was used for training, ``K^2`` for
         embedding in the original implementation.
       mask: optional ``[L, N1, N2]`` bool, ``True`` = position allowed.
-      method: correlation route (see :func:`epilsr.correlate.circular_correlate`).
+      route, plan, method: as in :func:`log_likelihood`.
 
     Returns:
       ``[B, L, N1, N2]`` log-probabilities normalised over all positions (masked ones ``-inf``).
     """
+    route = resolve_route(route, method)
     _check_temperature(temperature)
-    logits = log_likelihood(epitome, patches, method=method) / temperature + log_prior(epitome)
+    logits = log_likelihood(epitome, patches, route=route, plan=plan) / temperature
+    logits = logits + log_prior(epitome)
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.shape != epitome.prior_logits.shape:

@@ -54,9 +54,9 @@ def _sharded_log_likelihood(mesh: Mesh):
     ``psum`` over ``"data"``, so the gradient is the exact sum over the global batch.
     """
 
-    def loglik(epitome: Epitome, patches: jax.Array, *, method: str = "auto") -> jax.Array:
+    def loglik(epitome: Epitome, patches: jax.Array, *, route: str = "auto") -> jax.Array:
         fn = jax.shard_map(
-            functools.partial(log_likelihood, method=method),
+            functools.partial(log_likelihood, route=route),
             mesh=mesh,
             in_specs=(PartitionSpec(), PartitionSpec("data")),
             out_specs=PartitionSpec("data"),

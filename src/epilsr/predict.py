@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_finite, check_rank
-from epilsr.correlate import circular_correlate
+from epilsr.correlate import circular_correlate, resolve_route
 from epilsr.epitome import Epitome, as_float_image
 from epilsr.likelihood import log_posterior
 from epilsr.windows import grid_starts
@@ -33,7 +33,8 @@ def patch_label_predictions(
     posteriors: jax.Array,
     *,
     patch_size: tuple[int, int],
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """Eq. 2 for whole patches: ``y[b, u, :] = sum_{l, s} p(s|x_b) label_probs[l, s + u, :]``.
 
@@ -41,14 +42,16 @@ def patch_label_predictions(
       label_probs: ``[L, N1, N2, n]`` ``p(l | m, n)``.
       posteriors: ``[B, L, N1, N2]`` ``p(s | x_b)``.
       patch_size: ``(K1, K2)``.
-      method: correlation route.
+      route: correlation route (:func:`epilsr.correlate.circular_correlate`); ``method``:
+        its deprecated alias.
 
     Returns:
       ``[B, K1, K2, n]``.
     """
+    route = resolve_route(route, method)
     b = posteriors.shape[0]
     zeros = jnp.zeros((b, *patch_size, label_probs.shape[-1]), posteriors.dtype)
-    _, vjp = jax.vjp(lambda k: circular_correlate(label_probs, k, method=method), zeros)
+    _, vjp = jax.vjp(lambda k: circular_correlate(label_probs, k, route=route), zeros)
     return vjp(posteriors)[0]
 
 
@@ -125,7 +128,8 @@ def window_sums(
     temperature: float | ArrayLike,
     mask: ArrayLike | None = None,
     chunk: int = 256,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Unnormalised Eq. 2 sums of the windows ``starts`` of one image (or raster tile).
 
@@ -142,12 +146,13 @@ def window_sums(
       starts: ``[P, 2]`` int window corners, ``P`` a multiple of ``chunk`` (pad with weight 0).
       weights: ``[P]`` float (0 = padding).
       patch_size: ``K``; label_size: ``Kl`` (centre block) or None.
-      temperature, mask, method: as in :func:`predict`.
+      temperature, mask, route, method: as in :func:`predict`.
       chunk: windows per posterior batch.
 
     Returns:
       ``(acc [H, W, n], count [H, W])``.
     """
+    route = resolve_route(route, method)
     h, w, c = image.shape
     k = patch_size
     kl = k if label_size is None else label_size
@@ -163,9 +168,9 @@ def window_sums(
         st, wt = xs
         patches = jax.vmap(lambda s: jax.lax.dynamic_slice(image, (s[0], s[1], 0), (k, k, c)))(st)
         post = jnp.exp(
-            log_posterior(epitome, patches, temperature=temperature, mask=mask, method=method)
+            log_posterior(epitome, patches, temperature=temperature, mask=mask, route=route)
         )
-        y = patch_label_predictions(label_probs, post, patch_size=(k, k), method=method)
+        y = patch_label_predictions(label_probs, post, patch_size=(k, k), route=route)
         y = y[:, o : o + kl, o : o + kl] * wt[:, None, None, None]
         r = st[:, 0, None, None] + o + offs[None, :, None]  # [B, Kl, 1]
         q = st[:, 1, None, None] + o + offs[None, None, :]  # [B, 1, Kl]
@@ -189,7 +194,8 @@ def predict(
     label_size: int | None = None,
     mask: ArrayLike | None = None,
     chunk: int = 256,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """Dense label probabilities of an image (Eq. 2).
 
@@ -214,11 +220,13 @@ def predict(
       label_size: ``Kl``: predict the centre block only (``K - Kl`` even); None = whole window.
       mask: optional ``[L, N1, N2]`` allowed positions.
       chunk: patches per posterior batch (bounds memory to ``chunk * L * N1 * N2`` floats).
-      method: correlation route.
+      route: correlation route (:func:`epilsr.correlate.circular_correlate`); ``method``:
+        its deprecated alias.
 
     Returns:
       ``[H, W, n]`` per-pixel label distributions.
     """
+    route = resolve_route(route, method)
     image = as_float_image(image)
     check_finite("image", image)
     h, w, _ = image.shape
@@ -242,7 +250,7 @@ def predict(
     starts = jnp.pad(starts, ((0, pad), (0, 0)))
     acc, count = window_sums(
         epitome, label_probs, image, starts, weights, patch_size=k, label_size=label_size,
-        temperature=temperature, mask=mask, chunk=chunk, method=method,
+        temperature=temperature, mask=mask, chunk=chunk, route=route,
     )
     acc, count = acc[o : o + h, o : o + w], count[o : o + h, o : o + w]
     return acc / count[..., None]

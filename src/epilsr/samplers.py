@@ -4,8 +4,10 @@ Patches are cut with ``jax.random`` from an image ``[H, W, C]`` or a stack of ti
 ``[T, H, W, C]``; windows lie inside the tile (no wrap-around in images, unlike epitomes).
 Every sampler is a pure function of its ``key``: the same key gives the same patches, so a
 training loop that derives each step's key with ``jax.random.fold_in(base_key, step)`` is
-exactly resumable. Patch sizes are static shapes: draw the size on the host
-(:func:`random_patch_size`) and let ``jit`` cache one compilation per size (bucketing).
+exactly resumable. Patch sizes are static shapes: draw them on the host (:func:`patch_sizes`)
+and let ``jit`` cache one compilation per size (bucketing). Two samplers: :func:`sample_patches`
+(patches only, every window equally likely) and :func:`sample_labelled_patches` (patches and
+their centred label blocks, optionally restricted to windows holding a label or to a mask).
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from epilsr._validate import check_rank, is_concrete
 
 __all__ = [
     "sample_patches",
-    "sample_patches_with_label",
+    "sample_labelled_patches",
     "label_positions",
     "sample_positions",
     "extract_patches",
-    "random_patch_size",
-    "sample_labelled_patches",
+    "patch_sizes",
 ]
 
 #: Odd patch widths used by the paper (Sec. 5.2: 11 x 11 to 31 x 31): 11 sizes.
@@ -111,13 +112,19 @@ def sample_patches(key: ArrayLike, images: ArrayLike, *, size: int, batch: int) 
       ``[B, K, K, C]`` float32.
     """
     images = _as_tiles(images)
-    t, h, w, _ = images.shape
-    _check_size(size, h, w)
+    _check_size(size, images.shape[1], images.shape[2])
+    tiles, rows, cols = _uniform_positions(key, images.shape[:3], size, batch)
+    return extract_patches(images, tiles, rows, cols, size=size)
+
+
+def _uniform_positions(key, shape: tuple[int, int, int], size: int, batch: int):
+    """``[B]`` tiles, rows and columns of windows drawn uniformly inside ``[T, H, W]`` tiles."""
+    t, h, w = shape
     kt, ki, kj = jax.random.split(key, 3)
     tiles = jax.random.randint(kt, (batch,), 0, t)
     rows = jax.random.randint(ki, (batch,), 0, h - size + 1)
     cols = jax.random.randint(kj, (batch,), 0, w - size + 1)
-    return extract_patches(images, tiles, rows, cols, size=size)
+    return tiles, rows, cols
 
 
 def label_positions(labels: ArrayLike, *, label: int, size: int) -> jax.Array:
@@ -169,94 +176,82 @@ def sample_positions(key: ArrayLike, valid: ArrayLike, *, batch: int):
     return tiles, rows, cols
 
 
-def sample_patches_with_label(
-    key: ArrayLike,
-    images: ArrayLike,
-    labels: ArrayLike,
-    *,
-    label: int,
-    size: int,
-    batch: int,
-    valid: ArrayLike | None = None,
-) -> jax.Array:
-    """Random ``K x K`` patches that contain at least one pixel of ``label``.
+def patch_sizes(
+    key: ArrayLike, *, num_steps: int, sizes: Sequence[int] = PATCH_SIZES
+) -> np.ndarray:
+    """A schedule of patch widths, one per step, drawn uniformly from ``sizes``.
 
-    Uniform over the valid windows (top-left corners from :func:`label_positions`).
-
-    Args:
-      key: PRNG key.
-      images: ``[H, W, C]`` or ``[T, H, W, C]``.
-      labels: ``[H, W]`` or ``[T, H, W]`` integer labels aligned with ``images``.
-      label: the required label.
-      size: ``K``.
-      batch: ``B``.
-      valid: optional precomputed ``label_positions(labels, label=label, size=size)``; pass
-        it to avoid recomputing the box filter every step.
-
-    Returns:
-      ``[B, K, K, C]`` float32.
-
-    Raises:
-      ValueError: if no window contains ``label`` (checked on concrete arrays).
+    Returns a host ``[num_steps]`` int array (one device round trip for the whole run): each
+    entry is a static shape, so a jitted step compiles at most ``len(sizes)`` times (one
+    bucket per size). ``int(patch_sizes(key, num_steps=1)[0])`` draws a single width.
     """
-    images = _as_tiles(images)
-    labels = _as_label_tiles(labels)
-    if labels.shape != images.shape[:3]:
-        raise ValueError(
-            f"labels: expected shape {images.shape[:3]} to match images {images.shape}, "
-            f"got {labels.shape}"
-        )
-    if valid is None:
-        valid = label_positions(labels, label=label, size=size)
-    valid = jnp.asarray(valid)
-    expected = (images.shape[0], images.shape[1] - size + 1, images.shape[2] - size + 1)
-    if valid.shape != expected:
-        raise ValueError(f"valid: expected shape {expected}, got {valid.shape}")
-    if is_concrete(valid) and not bool(np.any(np.asarray(valid))):
-        raise ValueError(f"label {label}: no {size}x{size} window contains this label")
-    tiles, rows, cols = sample_positions(key, valid, batch=batch)
-    return extract_patches(images, tiles, rows, cols, size=size)
-
-
-def random_patch_size(key: ArrayLike, *, sizes: Sequence[int] = PATCH_SIZES) -> int:
-    """Draws one patch width uniformly from ``sizes`` (a Python int: a static shape).
-
-    Drawing on the host keeps the set of shapes finite, so a jitted step compiles at most
-    ``len(sizes)`` times (one bucket per size). Use ``jax.random.fold_in(key, step)`` for a
-    step-indexed, resumable draw.
-    """
-    sizes = tuple(int(s) for s in sizes)
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"sizes: expected positive patch widths, got {sizes}")
-    return sizes[int(jax.random.randint(key, (), 0, len(sizes)))]
+    sizes = np.asarray(tuple(int(s) for s in sizes), np.int64)
+    if sizes.size == 0 or sizes.min() < 1:
+        raise ValueError(f"sizes: expected positive patch widths, got {sizes.tolist()}")
+    if num_steps < 0:
+        raise ValueError(f"num_steps: expected a count >= 0, got {num_steps}")
+    idx = np.asarray(jax.random.randint(key, (num_steps,), 0, sizes.size))
+    return sizes[idx]
 
 
 def sample_labelled_patches(
     key: ArrayLike,
     images: ArrayLike,
     labels: ArrayLike,
-    valid: ArrayLike,
+    valid: ArrayLike | None = None,
     *,
     patch_size: int,
-    label_size: int,
     batch: int,
+    label_size: int = 1,
+    label: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Random ``K x K`` patches and their centred ``Kl x Kl`` label blocks.
 
+    Windows are drawn uniformly among the allowed top-left corners: ``valid`` when given (e.g.
+    :func:`epilsr.pipelines.embedding.centre_valid`), else those whose window contains a pixel
+    of ``label`` (:func:`label_positions`) when ``label`` is given, else every window inside a
+    tile. Label block ``(i, j)`` is label pixel ``(r + o + i, c + o + j)`` of a window with
+    corner ``(r, c)``, ``o = (K - Kl) // 2``: ``Kl = 1`` gives the class under the centre.
+
     Args:
       key: PRNG key.
-      images: ``[T, H, W, C]``; labels: ``[T, H, W]`` int.
-      valid: ``[T, H-K+1, W-K+1]`` bool allowed top-left corners (e.g. :func:`centre_valid`).
-      patch_size: ``K``; label_size: ``Kl`` (``K - Kl`` even); batch: ``B``.
+      images: ``[H, W, C]`` or ``[T, H, W, C]``; labels: ``[H, W]`` or ``[T, H, W]`` int.
+      valid: optional ``[T, H-K+1, W-K+1]`` bool allowed top-left corners.
+      patch_size: ``K``; batch: ``B``; label_size: ``Kl <= K``.
+      label: optional label every window must contain (ignored when ``valid`` is given).
 
     Returns:
-      ``(patches [B, K, K, C] float32, blocks [B, Kl, Kl] int)``.
+      ``(patches [B, K, K, C] float32, blocks [B, Kl, Kl] int32)``.
+
+    Raises:
+      ValueError: if shapes disagree or no window is allowed (checked on concrete arrays).
     """
-    tiles, rows, cols = sample_positions(key, valid, batch=batch)
+    images, labels = _as_tiles(images), _as_label_tiles(labels)
+    if labels.shape != images.shape[:3]:
+        raise ValueError(
+            f"labels: expected shape {images.shape[:3]} to match images {images.shape}, "
+            f"got {labels.shape}"
+        )
+    _check_size(patch_size, images.shape[1], images.shape[2])
+    if not 1 <= label_size <= patch_size:
+        raise ValueError(f"label_size: expected 1 <= Kl <= K={patch_size}, got {label_size}")
+    if valid is None and label is None:
+        tiles, rows, cols = _uniform_positions(key, images.shape[:3], patch_size, batch)
+    else:
+        if valid is None:
+            valid = label_positions(labels, label=label, size=patch_size)
+        valid = jnp.asarray(valid)
+        t, h, w = images.shape[:3]
+        expected = (t, h - patch_size + 1, w - patch_size + 1)
+        if valid.shape != expected:
+            raise ValueError(f"valid: expected shape {expected}, got {valid.shape}")
+        if is_concrete(valid) and not bool(np.any(np.asarray(valid))):
+            what = f"contains label {label}" if label is not None else "is allowed by valid"
+            raise ValueError(f"no {patch_size}x{patch_size} window {what}")
+        tiles, rows, cols = sample_positions(key, valid, batch=batch)
     patches = extract_patches(images, tiles, rows, cols, size=patch_size)
     o = (patch_size - label_size) // 2
     blocks = extract_patches(
-        jnp.asarray(labels)[..., None].astype(jnp.float32), tiles, rows + o, cols + o,
-        size=label_size,
+        labels[..., None].astype(jnp.float32), tiles, rows + o, cols + o, size=label_size
     )[..., 0]
     return patches, blocks.astype(jnp.int32)

@@ -16,7 +16,14 @@ from epilsr._validate import (
     check_rank,
     is_concrete,
 )
-from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
+from epilsr.correlate import (
+    CorrelationPlan,
+    box_spread,
+    box_sum,
+    circular_correlate,
+    circular_correlate_adjoint,
+    plan_for,
+)
 from epilsr.epitome import as_float_image
 from epilsr.lsr import _normalise, adapt_compositions
 
@@ -55,6 +62,7 @@ def _window_mask(size: tuple[int, int], k: int, wrap: bool) -> jax.Array:
         "wrap",
         "class_spread",
         "unfold",
+        "plan",
     ),
 )
 def _self_counts(
@@ -72,6 +80,7 @@ def _self_counts(
     wrap,
     class_spread,
     unfold,
+    plan,
 ):
     h, w, _ = image.shape
     k, d = patch_size, downsample
@@ -144,7 +153,7 @@ def _self_counts(
     def body(acc, xs):
         pos, _, wt = xs
         patches = jax.vmap(extract)(pos)  # [chunk, K, K, C]
-        logits = (circular_correlate(maps, patches)[:, 0] - half_norm) * scale
+        logits = (circular_correlate(maps, patches, plan=plan)[:, 0] - half_norm) * scale
         logits = jnp.where(valid, logits, -jnp.inf)
         post = jax.nn.softmax(logits, axis=(1, 2)) * wt[:, None, None]  # [chunk, h, w]
         if class_spread == "window":
@@ -154,7 +163,9 @@ def _self_counts(
             blocks = jax.vmap(
                 lambda p: jax.lax.dynamic_slice(cls_onehot, (p // n2, p % n2, 0), (k, k, n_classes))
             )(pos)
-            acc = acc + circular_correlate_adjoint(post[:, None], blocks, map_size=(n1, n2))[0]
+            acc = acc + circular_correlate_adjoint(
+                post[:, None], blocks, map_size=(n1, n2), plan=plan
+            )[0]
         return acc, None
 
     acc0 = jnp.zeros((n1, n2, n_classes), jnp.float32)
@@ -162,9 +173,6 @@ def _self_counts(
     if class_spread == "window":
         return box_spread(acc, (k, k), axes=(0, 1))
     return acc
-
-
-_UNFOLD_BUDGET = 1 << 30  # bytes of unfolded windows before falling back to correlations
 
 
 def _unfold_bytes(shape: tuple[int, ...], k: int, wrap: bool) -> int:
@@ -194,13 +202,14 @@ def _compact_classes(
     return jnp.asarray(lookup)[classes], padded
 
 
-def _default_chunk(positions: int, unfold: bool) -> int:
-    """Patches per posterior batch. The matrix-product route keeps ``[chunk, S]`` at ~256 MB and
-    at most 256 patches (the product then runs near the machine's matmul rate; larger chunks
-    measured no faster); the correlation route keeps ``[chunk, h, w]`` at ~64 MB."""
+def _default_chunk(positions: int, unfold: bool, plan: CorrelationPlan) -> int:
+    """Patches per posterior batch: ``[chunk, S]`` under ``plan.unfold_batch_floats`` and at
+    most ``plan.unfold_batch_max`` patches on the matrix-product route (the product then runs
+    near the machine's matmul rate), ``[chunk, h, w]`` under ``plan.correlate_batch_floats``
+    and at most ``plan.correlate_batch_max`` on the correlation route."""
     if unfold:
-        return max(1, min(256, (1 << 26) // positions))
-    return max(1, min(2048, (1 << 24) // positions))
+        return max(1, min(plan.unfold_batch_max, plan.unfold_batch_floats // positions))
+    return max(1, min(plan.correlate_batch_max, plan.correlate_batch_floats // positions))
 
 
 def _balanced_chunk(total: int, chunk: int) -> int:
@@ -267,16 +276,17 @@ def _check_sampling(image, classes, n_rows, patch_size, downsample, var, class_s
 
 
 def _counts(key, image, classes, present, n_rows, n_patches, *, patch_size, var, downsample,
-            temperature, wrap, class_spread, chunk):
+            temperature, wrap, class_spread, chunk, plan):
     """Eq. 11 counts ``[h, w, n_rows]`` of checked inputs (see :func:`self_epitomic_counts`)."""
     n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
     temperature = float(patch_size**2) if temperature is None else temperature
+    plan = plan_for(image) if plan is None else plan
     unfold = (
         class_spread == "window"
-        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= _UNFOLD_BUDGET
+        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= plan.unfold_bytes
     )
     if chunk is None:
-        chunk = _default_chunk(n1 * n2, unfold)
+        chunk = _default_chunk(n1 * n2, unfold, plan)
     total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
     chunk = _balanced_chunk(total, chunk)
     compact, rows = _compact_classes(classes, present, n_rows)
@@ -294,6 +304,7 @@ def _counts(key, image, classes, present, n_rows, n_patches, *, patch_size, var,
         wrap=wrap,
         class_spread=class_spread,
         unfold=unfold,
+        plan=plan,
     )
     if rows is not None:  # back to the rows of the table (absent classes: zero counts)
         full = jnp.zeros((*counts.shape[:-1], n_rows), counts.dtype)
@@ -315,6 +326,7 @@ def self_epitomic_counts(
     wrap: bool = False,
     class_spread: str = "window",
     chunk: int | None = None,
+    plan: CorrelationPlan | None = None,
 ) -> jax.Array:
     """The class counts that self-epitomic LSR feeds to its EM (Eq. 11, the tile as epitome).
 
@@ -334,7 +346,7 @@ def self_epitomic_counts(
     return _counts(
         key, image, classes, present, n_classes, n_patches, patch_size=patch_size, var=var,
         downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
-        chunk=chunk,
+        chunk=chunk, plan=plan,
     )
 
 
@@ -359,6 +371,7 @@ def self_epitomic_lsr(
     cell_size: int = 30,
     class_prior: str | ArrayLike | None = None,
     chunk: int | None = None,
+    plan: CorrelationPlan | None = None,
 ) -> jax.Array:
     """Self-epitomic label super-resolution of one tile (Sec. 5.1).
 
@@ -400,8 +413,10 @@ def self_epitomic_lsr(
         (the paper); ``"uniform"`` = every row of the table equally, present in the tile or not
         (the published notebook's variant, which pulls labels toward absent classes'
         compositions; rows that are all zero get no weight); or a ``[Cc]`` array.
-      chunk: patches per posterior batch (bounds memory; default: at most 256 patches with
-        ``[chunk, h, w]`` under ~256 MB on the matrix-product route, ~64 MB otherwise).
+      chunk: patches per posterior batch (bounds memory; default: from ``plan``'s budgets).
+      plan: :class:`~epilsr.correlate.CorrelationPlan` whose budgets decide between unfolded
+        windows and correlations and size the posterior batches; ``None``: the plan of the
+        image's platform (:func:`~epilsr.correlate.plan_for`).
 
     Returns:
       ``[H, W, n]`` per-pixel label probabilities.
@@ -429,7 +444,7 @@ def self_epitomic_lsr(
     counts = _counts(
         key, image, classes, present, table.shape[0], n_patches, patch_size=patch_size, var=var,
         downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
-        chunk=chunk,
+        chunk=chunk, plan=plan,
     )
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)

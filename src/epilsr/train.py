@@ -27,8 +27,8 @@ posteriors (early training) reset every step, i.e. no promotion until the model 
 **Patch sizes** (bucketing). Patch widths are static shapes. Drawing them from a finite set
 (odd 11..31 by default, :data:`epilsr.samplers.PATCH_SIZES`) on the host and calling one
 jitted step means ``jit`` caches one executable per size: at most 11 compilations, after which
-no step recompiles. :func:`make_train_step` returns such a step; :func:`patch_sizes` draws a
-whole schedule of sizes at once.
+no step recompiles. :func:`make_train_step` returns such a step;
+:func:`epilsr.samplers.patch_sizes` draws a whole schedule of sizes at once.
 
 **Data parallelism.** :func:`make_sharded_train_step` jits the same step with the batch sharded
 over the mesh axis ``"data"`` and everything else replicated; the compiler (GSPMD) inserts the
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -50,9 +50,9 @@ import optax
 from jax.typing import ArrayLike
 
 from epilsr._validate import is_concrete
+from epilsr.correlate import resolve_route
 from epilsr.epitome import Epitome, clamp_epitome
 from epilsr.likelihood import check_patches, log_likelihood, log_prior
-from epilsr.samplers import PATCH_SIZES
 
 __all__ = [
     "TrainState",
@@ -65,7 +65,6 @@ __all__ = [
     "default_temperature",
     "default_promotion_threshold",
     "step_key",
-    "patch_sizes",
     "make_train_step",
     "worst_quantile",
     "mixture",
@@ -208,9 +207,9 @@ def _worst(scores: jax.Array, quantile: float) -> jax.Array:
 
 
 def _tempered_log_marginal(
-    epitome: Epitome, patches: jax.Array, temperature, method: str, loglik=log_likelihood
+    epitome: Epitome, patches: jax.Array, temperature, route: str, loglik=log_likelihood
 ):
-    logits = loglik(epitome, patches, method=method) / temperature + log_prior(epitome)
+    logits = loglik(epitome, patches, route=route) / temperature + log_prior(epitome)
     return jax.nn.logsumexp(logits, axis=(1, 2, 3))
 
 
@@ -222,7 +221,9 @@ def objective(
     mask: ArrayLike | None = None,
     quantile: float = 1.0,
     reference: Epitome | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
+    loglik: Callable = log_likelihood,
 ) -> tuple[jax.Array, ObjectiveAux]:
     """Masked, tempered, worst-quantile negative log-likelihood (paper Sec. 3).
 
@@ -241,30 +242,18 @@ def objective(
         as no mask (guard), so the value and gradient are always finite.
       quantile: ``q`` in ``(0, 1]`` (a static Python float).
       reference: optional frozen :class:`Epitome` with the same channels and ``N >= K``.
-      method: correlation route of :func:`epilsr.log_likelihood`.
+      route: correlation route of :func:`epilsr.log_likelihood`; ``method``: its deprecated
+        alias.
+      loglik: ``(epitome, patches, *, route) -> [B, L, N1, N2]``, :func:`epilsr.log_likelihood`
+        (the sharded step injects a ``shard_map``'d one).
 
     Returns:
       ``(loss [], aux)`` with ``aux`` an :class:`ObjectiveAux`.
     """
-    return _objective(
-        params,
-        patches,
-        temperature=temperature,
-        mask=mask,
-        quantile=quantile,
-        reference=reference,
-        method=method,
-    )
-
-
-def _objective(
-    params, patches, *, temperature, mask, quantile, reference, method, loglik=log_likelihood
-):
-    """:func:`objective` with the likelihood function injected (the sharded step passes
-    :func:`_sharded_log_likelihood`)."""
+    route = resolve_route(route, method)
     quantile = _check_quantile(quantile)
     patches = check_patches(params, patches)
-    ll = loglik(params, patches, method=method)  # [B, L, N1, N2]
+    ll = loglik(params, patches, route=route)  # [B, L, N1, N2]
     lp = log_prior(params)
     allowed = None if mask is None else _guard_mask(_check_mask(mask, params))
     logits, log_marginal = _masked_logsumexp(ll / temperature + lp, allowed)
@@ -272,7 +261,7 @@ def _objective(
         scores = log_marginal
     else:
         reference = jax.tree.map(jax.lax.stop_gradient, reference)
-        scores = _tempered_log_marginal(reference, patches, temperature, method, loglik)
+        scores = _tempered_log_marginal(reference, patches, temperature, route, loglik)
     selected = _worst(jax.lax.stop_gradient(scores), quantile)
     count = _quantile_count(quantile, patches.shape[0])
     loss = -jnp.sum(jnp.where(selected, log_marginal, 0.0)) / count
@@ -325,7 +314,9 @@ def train_step(
     promotion_threshold: float | None = None,
     delta: float = 0.05,
     reference: Epitome | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
+    loglik: Callable = log_likelihood,
 ) -> tuple[TrainState, TrainInfo]:
     """One SGD step with location promotion and diversification (paper Sec. 3).
 
@@ -346,40 +337,14 @@ def train_step(
       promotion_threshold: counter threshold; ``None`` = ``c / (L N1 N2)``, ``c = 0.5``.
       delta: reset the counters when more than ``1 - delta`` of the positions are masked.
       reference: optional frozen :class:`Epitome` for diversification against a prior model.
-      method: correlation route of :func:`epilsr.log_likelihood`.
+      route: correlation route of :func:`epilsr.log_likelihood`; ``method``: its deprecated
+        alias.
+      loglik: the likelihood function of :func:`objective`.
 
     Returns:
       ``(new_state, info)`` with ``info`` a :class:`TrainInfo`.
     """
-    return _train_step(
-        state,
-        patches,
-        optimizer=optimizer,
-        temperature=temperature,
-        quantile=quantile,
-        promotion=promotion,
-        promotion_threshold=promotion_threshold,
-        delta=delta,
-        reference=reference,
-        method=method,
-    )
-
-
-def _train_step(
-    state,
-    patches,
-    *,
-    optimizer,
-    temperature=None,
-    quantile=0.25,
-    promotion=True,
-    promotion_threshold=None,
-    delta=0.05,
-    reference=None,
-    method="auto",
-    loglik=log_likelihood,
-):
-    """:func:`train_step` with the likelihood function injected."""
+    route = resolve_route(route, method)
     params = state.params
     quantile = _check_quantile(quantile)
     patches = check_patches(params, patches)
@@ -401,7 +366,7 @@ def _train_step(
     counters = state.counters
     allowed = _guard_mask(counters < promotion_threshold) if promotion else None
 
-    grad_fn = jax.value_and_grad(functools.partial(_objective, loglik=loglik), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(objective, loglik=loglik), has_aux=True)
     (loss, aux), grads = grad_fn(
         params,
         patches,
@@ -409,7 +374,7 @@ def _train_step(
         mask=allowed,
         quantile=quantile,
         reference=reference,
-        method=method,
+        route=route,
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = clamp_epitome(optax.apply_updates(params, updates))
@@ -442,27 +407,13 @@ def _train_step(
     return new_state, info
 
 
-def patch_sizes(
-    key: ArrayLike, *, num_steps: int, sizes: Sequence[int] = PATCH_SIZES
-) -> np.ndarray:
-    """A schedule of patch widths, one per step, drawn uniformly from ``sizes``.
-
-    Returns a host ``[num_steps]`` int array (one device round trip for the whole run): each
-    entry is a static shape, so a jitted step compiles once per distinct size (bucketing).
-    """
-    sizes = np.asarray(tuple(int(s) for s in sizes), np.int64)
-    if sizes.size == 0 or sizes.min() < 1:
-        raise ValueError(f"sizes: expected positive patch widths, got {sizes.tolist()}")
-    idx = np.asarray(jax.random.randint(key, (num_steps,), 0, sizes.size))
-    return sizes[idx]
-
-
 def make_train_step(*, optimizer: optax.GradientTransformation, **hyper):
     """A jitted ``step(state, patches, reference=None) -> (state, info)`` (documented entry).
 
     ``hyper`` are the keyword arguments of :func:`train_step` (static). ``jit`` caches one
-    executable per patch size, so with patch widths drawn from :data:`PATCH_SIZES` the loop
-    compiles at most 11 times. Create the optimizer once: it is part of the cache key.
+    executable per patch size, so with patch widths drawn from
+    :data:`epilsr.samplers.PATCH_SIZES` the loop compiles at most 11 times. Create the
+    optimizer once: it is part of the cache key.
     """
     if "reference" in hyper:
         raise ValueError("reference: pass it to the returned step, not as a static hyperparameter")
@@ -470,7 +421,7 @@ def make_train_step(*, optimizer: optax.GradientTransformation, **hyper):
 
 
 def _step_with_reference(state, patches, reference=None, **kwargs):
-    return _train_step(state, patches, reference=reference, **kwargs)
+    return train_step(state, patches, reference=reference, **kwargs)
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -485,7 +436,8 @@ def worst_quantile(
     *,
     quantile: float,
     temperature: float | ArrayLike,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
 ) -> jax.Array:
     """Indices of the worst-modelled patches under a frozen epitome (cascade ``E0 -> E1``).
 
@@ -494,7 +446,7 @@ def worst_quantile(
       patches: ``[B, K, K, C]``.
       quantile: ``q`` in ``(0, 1]``.
       temperature: ``T`` of ``log sum_s p(x|s)^(1/T) p(s)``.
-      method: correlation route.
+      route: correlation route; ``method``: its deprecated alias.
 
     Returns:
       ``[ceil(q B)]`` int32 indices, the lowest-likelihood patch first. Use
@@ -502,7 +454,7 @@ def worst_quantile(
     """
     quantile = _check_quantile(quantile)
     patches = check_patches(epitome, patches)
-    scores = _tempered_log_marginal(epitome, patches, temperature, method)
+    scores = _tempered_log_marginal(epitome, patches, temperature, resolve_route(route, method))
     k = _quantile_count(quantile, patches.shape[0])
     _, idx = jax.lax.top_k(-scores, k)
     return idx.astype(jnp.int32)

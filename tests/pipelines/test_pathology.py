@@ -197,12 +197,14 @@ def test_train_epitome_runs_and_is_finite(rng):
         (lambda: pathology.nucleus_scores(np.zeros((4, 4)), np.zeros((4, 5), int), [1]), "scores"),
         (lambda: pathology.pixel_classes(np.zeros(3), block=2), "classes: expected rank"),
         (
-            lambda: pathology.sample_class_patches(
+            lambda: pathology.embed_coarse(
                 jax.random.key(0),
+                epilsr.init_epitome(jax.random.key(1), size=4, channels=3),
                 np.zeros((1, 8, 8, 3)),
                 np.zeros((1, 8, 7), int),
+                n_classes=2,
+                n_patches=2,
                 patch_size=3,
-                batch=2,
             ),
             "classes: expected shape",
         ),

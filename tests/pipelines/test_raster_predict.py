@@ -261,8 +261,8 @@ def test_sharded_accumulation_equals_single_device(rng):
     patches, blocks = _labelled_batch(rng, mean, 16, 5, 3, 4, nodata_frac=0.1)
     for fn, targets, n in ((embed.accumulate_labels, blocks, 4),
                            (embed.accumulate_classes, blocks[:, 1, 1] % 3, 3)):
-        single = embed.make_accumulate_step(fn, temperature=25.0, method="direct")
-        sharded = embed.make_accumulate_step(fn, mesh=mesh, temperature=25.0, method="direct")
+        single = embed.make_accumulate_step(fn, temperature=25.0, route="direct")
+        sharded = embed.make_accumulate_step(fn, mesh=mesh, temperature=25.0, route="direct")
         z0 = jnp.full((2, 11, 11, n), 0.5)
         want = single(z0, epi, patches, targets)
         got = sharded(z0, epi, jax.device_put(patches, jax.sharding.NamedSharding(
@@ -280,7 +280,7 @@ def _dataset(rng, mean, t=3, h=16, w=14, n=3):
 def test_embed_label_maps_sharded_equals_single_and_skips_nodata(rng):
     epi, (mean, _, _) = _epitome(rng, 1, 13, 13, 3)
     images, labels = _dataset(rng, mean)
-    kw = dict(n_labels=3, patch_size=7, label_size=3, batch=8, num_batches=3, method="direct",
+    kw = dict(n_labels=3, patch_size=7, label_size=3, batch=8, num_batches=3, route="direct",
               temperature=49.0)
     key = jax.random.key(3)
     single = embedding.embed_label_maps(key, epi, images, labels, **kw)

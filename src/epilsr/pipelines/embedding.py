@@ -8,6 +8,7 @@ import numpy as np
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
+from epilsr.correlate import resolve_route
 from epilsr.embed import (
     accumulate_classes,
     accumulate_labels,
@@ -104,14 +105,14 @@ def _shard(x: jax.Array, mesh) -> jax.Array:
 
 
 def _embed_loop(
-    key, epitome, draw, fn, n_out, *, num_batches, batch, mesh, temperature, method, progress,
+    key, epitome, draw, fn, n_out, *, num_batches, batch, mesh, temperature, route, progress,
     desc,
 ):
     if mesh is not None and batch % mesh.devices.size:
         raise ValueError(f"batch: {batch} is not divisible by the {mesh.devices.size} devices")
     if num_batches < 1 or batch < 1:
         raise ValueError(f"num_batches, batch: expected positive, got {num_batches}, {batch}")
-    step = make_accumulate_step(fn, mesh=mesh, temperature=temperature, method=method)
+    step = make_accumulate_step(fn, mesh=mesh, temperature=temperature, route=route)
     counts = jnp.zeros((*epitome.prior_logits.shape, n_out), jnp.float32)
     if mesh is not None:
         counts, epitome = replicate(counts, mesh), replicate(epitome, mesh)
@@ -136,7 +137,8 @@ def embed_label_maps(
     temperature: float | ArrayLike,
     ignore: int | None = NODATA_LABEL,
     mesh: jax.sharding.Mesh | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
     progress: bool = False,
 ) -> jax.Array:
     """High-resolution label embedding over a dataset (Eq. 6, Sec. 5.1).
@@ -160,12 +162,14 @@ def embed_label_maps(
         ``T = K^2`` versus ~10 at the training temperature ``(K/11)^2``).
       ignore: no-data label value (None: none).
       mesh: optional 1-D ``"data"`` mesh to shard each batch over.
-      method: correlation route (prefer ``"direct"`` when sharded: GSPMD gathers FFT batches).
+      route: correlation route (prefer ``"direct"`` when sharded: GSPMD gathers FFT batches);
+        ``method``: its deprecated alias.
       progress: tqdm bar.
 
     Returns:
       ``[L, N1, N2, n]`` counts ``z``; :func:`label_probs_from_counts` normalises them.
     """
+    route = resolve_route(route, method)
     images, labels = check_label_maps(images, labels, n_labels=n_labels, ignore=ignore,
                                       epitome=epitome)
     k, kl = int(patch_size), int(label_size)
@@ -184,7 +188,7 @@ def embed_label_maps(
                                        batch=batch)
 
     return _embed_loop(key, epitome, draw, accumulate_labels, n_labels, num_batches=num_batches,
-                       batch=batch, mesh=mesh, temperature=t, method=method, progress=progress,
+                       batch=batch, mesh=mesh, temperature=t, route=route, progress=progress,
                        desc="embed labels")
 
 
@@ -201,7 +205,8 @@ def embed_class_maps(
     temperature: float | ArrayLike,
     ignore: int | None = NODATA_LABEL,
     mesh: jax.sharding.Mesh | None = None,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
     progress: bool = False,
 ) -> jax.Array:
     """Low-resolution class embedding over a dataset (Eq. 11, Sec. 5.1).
@@ -213,6 +218,7 @@ def embed_class_maps(
     Returns:
       ``[L, N1, N2, Cc]`` counts (``p(m, n | c)`` after normalising over positions).
     """
+    route = resolve_route(route, method)
     images, classes = check_label_maps(images, classes, n_labels=n_classes, ignore=ignore,
                                        epitome=epitome, name="classes")
     k = int(patch_size)
@@ -231,7 +237,7 @@ def embed_class_maps(
 
     return _embed_loop(key, epitome, draw, accumulate_classes, n_classes,
                        num_batches=num_batches, batch=batch, mesh=mesh, temperature=t,
-                       method=method, progress=progress, desc="embed classes")
+                       route=route, progress=progress, desc="embed classes")
 
 
 def all_tile_lsr(

@@ -41,9 +41,9 @@ from epilsr.embed import embed_classes
 from epilsr.epitome import Epitome, init_epitome
 from epilsr.lsr import super_resolve
 from epilsr.predict import predict
-from epilsr.samplers import PATCH_SIZES, extract_patches, sample_patches
+from epilsr.samplers import PATCH_SIZES, patch_sizes, sample_labelled_patches, sample_patches
 from epilsr.self_epitomic import self_epitomic_lsr
-from epilsr.train import make_train_step, patch_sizes, train_init
+from epilsr.train import make_train_step, train_init
 
 __all__ = [
     "H_REF",
@@ -51,7 +51,6 @@ __all__ = [
     "stain_image",
     "pixel_classes",
     "train_epitome",
-    "sample_class_patches",
     "embed_coarse",
     "til_label_probs",
     "box_smooth",
@@ -181,39 +180,6 @@ def train_epitome(
 # --------------------------------------------------------------------------- embedding, LSR
 
 
-def sample_class_patches(
-    key: ArrayLike, images: ArrayLike, classes: ArrayLike, *, patch_size: int, batch: int
-) -> tuple[jax.Array, jax.Array]:
-    """Random ``K x K`` patches and the class of the pixel under each patch's centre.
-
-    Args:
-      key: PRNG key.
-      images: ``[T, H, W, C]``.
-      classes: ``[T, H, W]`` int per-pixel coarse class (:func:`pixel_classes`).
-      patch_size: ``K``.
-      batch: ``B``.
-
-    Returns:
-      ``(patches [B, K, K, C], classes [B])``.
-    """
-    images, classes = jnp.asarray(images), jnp.asarray(classes)
-    if images.ndim != 4 or classes.shape != images.shape[:3]:
-        raise ValueError(
-            f"classes: expected shape {images.shape[:3]} ([T, H, W]) for images {images.shape}, "
-            f"got {classes.shape}"
-        )
-    t, h, w, _ = images.shape
-    if not 1 <= patch_size <= min(h, w):
-        raise ValueError(f"patch_size: expected 1 <= K <= {min(h, w)}, got {patch_size}")
-    kt, ki, kj = jax.random.split(key, 3)
-    tiles = jax.random.randint(kt, (batch,), 0, t)
-    rows = jax.random.randint(ki, (batch,), 0, h - patch_size + 1)
-    cols = jax.random.randint(kj, (batch,), 0, w - patch_size + 1)
-    patches = extract_patches(images, tiles, rows, cols, size=patch_size)
-    c = patch_size // 2
-    return patches, classes[tiles, rows + c, cols + c]
-
-
 def embed_coarse(
     key: ArrayLike,
     epitome: Epitome,
@@ -246,6 +212,11 @@ def embed_coarse(
     temperature = float(patch_size**2) if temperature is None else temperature
     images = jnp.asarray(images, jnp.float32)
     classes = jnp.asarray(classes, jnp.int32)
+    if images.ndim != 4 or classes.shape != images.shape[:3]:
+        raise ValueError(
+            f"classes: expected shape {images.shape[:3]} ([T, H, W]) for images {images.shape}, "
+            f"got {classes.shape}"
+        )
     counts = jnp.zeros((*epitome.prior_logits.shape, n_classes), jnp.float32)
     for i in range(-(-n_patches // batch)):
         counts = counts + _embed_batch(
@@ -263,7 +234,9 @@ def embed_coarse(
 
 @functools.partial(jax.jit, static_argnames=("n_classes", "patch_size", "batch"))
 def _embed_batch(key, epitome, images, classes, temperature, *, n_classes, patch_size, batch):
-    patches, cls = sample_class_patches(key, images, classes, patch_size=patch_size, batch=batch)
+    patches, cls = sample_labelled_patches(key, images, classes, patch_size=patch_size,
+                                           batch=batch)
+    cls = cls[:, 0, 0]  # the class under each patch's centre
     return embed_classes(epitome, patches, cls, n_classes=n_classes, temperature=temperature)
 
 

@@ -1,29 +1,24 @@
-"""Wrap-around (circular) correlation of patch batches with epitome-sized maps, and box sums.
+"""The four correlation routes behind :func:`epilsr.correlate.circular_correlate`.
 
-The patch-dependent part of ``log p(x|s)`` (paper Eq. 5) is a sum of circular correlations
+Each computes, for ``maps [L, N1, N2, F]`` and ``kernels [B, K1, K2, F]``,
 
     out[b, l, s1, s2] = sum_{i, j, f} maps[l, (s1 + i) % N1, (s2 + j) % N2, f] * kernels[b, i, j, f]
 
-computed by one of four routes behind :func:`circular_correlate`:
-
 * ``"direct"``: wrap-pad the maps by ``K - 1`` and run one ``lax.conv`` whose output channels
-  are the patches (``O(B L N^2 K^2 F)``, excellent for small ``K``);
-* ``"hybrid"``: block DFTs (as matrix products) along one axis, direct sums over the ``K1`` row
-  offsets along the other (moderate ``K``);
-* ``"dft"``: block DFTs along both axes, all of them matrix products, and one small product
+  are the patches (``O(B L N^2 K^2 F)``, best for small ``K``);
+* ``"dft_rows"``: block DFTs (as matrix products) along one axis, direct sums over the ``K1``
+  row offsets along the other (moderate ``K``);
+* ``"dft_2d"``: block DFTs along both axes, all of them matrix products, and one small product
   per frequency summing the ``F`` channels (large ``K``);
 * ``"fft"``: wrap-pad the maps to ``N + K - 1``, zero-pad both sides to a smooth FFT length
   ``M >= N + K - 1`` (prime ``N`` such as 299 or 499 never hits a slow transform), multiply
   in the frequency domain, sum over the ``F`` feature channels *before* the single inverse
   transform per (patch, layer) (``O((B + L) F M^2 log M + B L F M^2)``).
 
-``"auto"`` picks by a cost model calibrated on CPU. On the CPU the two block-DFT routes work in
-pieces (column groups, chunks of 16 patches) small enough that glibc reuses their memory between
-calls instead of mapping fresh, page-faulting memory each time; values are written in place,
-derivatives go through the stacked variant (a custom JVP: both routes are bilinear). The
-adjoint (spreading values from positions back over their windows, used by the embeddings of
-Eqs. 6 and 11) is obtained as the exact VJP of the correlation, so both stay consistent by
-construction.
+The two block-DFT routes work in pieces whose sizes a :class:`~epilsr.correlate.CorrelationPlan`
+bounds (batch chunks; on the CPU also column groups and small chunks, which glibc then reuses
+between calls instead of mapping fresh, page-faulting memory each time); values are written in
+place, derivatives go through the stacked variant (a custom JVP: both routes are bilinear).
 """
 
 from __future__ import annotations
@@ -37,14 +32,21 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from epilsr.correlate.plan import CorrelationPlan, plan_for
+
 __all__ = [
-    "circular_correlate",
-    "circular_correlate_adjoint",
-    "box_sum",
-    "box_spread",
+    "ROUTES",
+    "correlate_direct",
+    "correlate_dft_2d",
+    "correlate_dft_rows",
+    "correlate_fft",
+    "dft_2d_cost",
     "fft_size",
+    "route_flops",
     "wrap_pad",
 ]
+
+ROUTES = ("direct", "dft_rows", "dft_2d", "fft")
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -81,7 +83,7 @@ def wrap_pad(
     return x
 
 
-def _correlate_direct(maps: jax.Array, kernels: jax.Array) -> jax.Array:
+def correlate_direct(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     _, n1, n2, _ = maps.shape
     _, k1, k2, _ = kernels.shape
     padded = wrap_pad(maps, (1, 2), (n1 + k1 - 1, n2 + k2 - 1))
@@ -97,7 +99,7 @@ def _correlate_direct(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     return jnp.transpose(out, (3, 0, 1, 2))
 
 
-def _fft_plan(n: int, k: int) -> tuple[int, bool]:
+def _fft_length(n: int, k: int) -> tuple[int, bool]:
     """FFT length along one axis and whether the maps need wrap-padding first."""
     padded = fft_size(n + k - 1)
     if fft_size(n) == n and n <= padded:
@@ -105,11 +107,11 @@ def _fft_plan(n: int, k: int) -> tuple[int, bool]:
     return padded, True
 
 
-def _correlate_fft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
+def correlate_fft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     _, n1, n2, _ = maps.shape
     _, k1, k2, _ = kernels.shape
-    m1, pad1 = _fft_plan(n1, k1)
-    m2, pad2 = _fft_plan(n2, k2)
+    m1, pad1 = _fft_length(n1, k1)
+    m2, pad2 = _fft_length(n2, k2)
     if pad1 or pad2:
         maps = wrap_pad(maps, (1, 2), (n1 + k1 - 1 if pad1 else n1, n2 + k2 - 1 if pad2 else n2))
     # Channel-first so the transforms run over the trailing axes.
@@ -120,13 +122,9 @@ def _correlate_fft(maps: jax.Array, kernels: jax.Array) -> jax.Array:
     return out[..., :n1, :n2]
 
 
-# Intermediates of the batch-dependent part are kept under this many bytes per batch chunk.
-_CHUNK_BYTES = 1 << 28
-
-
-def _batch_chunk(batch: int, per_example_bytes: int) -> tuple[int, int]:
-    """``(chunk, n_chunks)``: equal chunks of the batch, each under :data:`_CHUNK_BYTES`."""
-    chunk = max(1, min(batch, _CHUNK_BYTES // max(per_example_bytes, 1)))
+def _batch_chunk(batch: int, per_example_bytes: int, chunk_bytes: int) -> tuple[int, int]:
+    """``(chunk, n_chunks)``: equal chunks of the batch, each under ``chunk_bytes``."""
+    chunk = max(1, min(batch, chunk_bytes // max(per_example_bytes, 1)))
     n_chunks = -(-batch // chunk)
     return -(-batch // n_chunks), n_chunks
 
@@ -189,8 +187,8 @@ def _bilinear(impl):
     """``impl(maps, kernels, in_place)`` (bilinear in ``maps`` and ``kernels``) as a function
     of ``(maps, kernels)`` whose values come from the in-place variant and whose derivatives
     from the other one: ``d(out) = impl(dmaps, kernels) + impl(maps, dkernels)``, which reverse
-    mode transposes without carrying the whole output through a scan (N=299 B=256 K=21, maps
-    gradient of the 2-D block route: 438 ms through the in-place scan, 170 ms this way)."""
+    mode transposes without carrying the whole output through a scan (measured several times
+    faster for the maps gradient; benchmarks/RESULTS.md)."""
 
     @jax.custom_jvp
     def f(maps, kernels):
@@ -212,8 +210,9 @@ def _bilinear(impl):
     return f
 
 
+@functools.cache
 def _dft_block(n2: int, k1: int, k2: int, f: int) -> int:
-    """Output block ``T`` along axis 2 of the hybrid route: fewest multiply-adds per position.
+    """Output block ``T`` along axis 2 of ``"dft_rows"``: fewest multiply-adds per position.
 
     Per block of ``T`` outputs the route does ``8 K1 F`` flops for each of the ``W = P//2 + 1``
     frequencies of a length ``P = T + K2 - 1`` transform (the products) and ``4 W T`` (the
@@ -254,38 +253,23 @@ def _half_spectrum_weights(p_len: int) -> np.ndarray:
     return weight
 
 
-# Temporaries per column group of the hybrid route. glibc serves allocations above 32 MiB with
-# fresh mmaps whose pages fault on first touch at every call (~1 us per 4 KiB page on the
-# benchmark CPU); groups this small are reused from the heap instead.
-_GROUP_BYTES = 24 << 20
-
-
-# Patches per batch chunk of the 2-D block route on CPU: its per-frequency products run best
-# with ~16 patch columns, and the chunk's temporaries then stay small (N=299 B=64 K=21/31:
-# 75/95 -> 57/86 ms; N=499 B=256 K=31: 761 -> 705 ms).
-_DFT_CPU_CHUNK = 16
-
-
-def _on_cpu() -> bool:
-    """Whether computations run on the CPU (the small-chunk rules are CPU-specific: on an
-    accelerator a scan over chunks only serialises work)."""
-    return jax.default_backend() == "cpu"
-
-
-def _hybrid_group(
-    lyr: int, n1: int, k1: int, f: int, b: int, t: int, w: int, nb: int, itemsize: int = 4
+def _rows_group(
+    lyr: int, n1: int, k1: int, f: int, b: int, t: int, w: int, nb: int,
+    group_bytes: int | None, itemsize: int = 4,
 ) -> int:
-    """Output blocks per column group of :func:`_correlate_hybrid`: the most whose largest
-    temporaries (the spectra at the ``K1`` row offsets, the per-frequency products and the
-    inverse, for ``b`` patches) fit in :data:`_GROUP_BYTES`; at least 1, at most ``nb``
-    (always ``nb`` off the CPU)."""
-    if not _on_cpu():
+    """Output blocks per column group of ``"dft_rows"``: the most whose largest temporaries
+    (the spectra at the ``K1`` row offsets, the per-frequency products and the inverse, for
+    ``b`` patches) fit in ``group_bytes``; at least 1, at most ``nb`` (``nb`` when
+    ``group_bytes`` is ``None``: no column groups)."""
+    if group_bytes is None:
         return nb
     per_block = itemsize * lyr * n1 * (2 * w * f * k1 + 2 * w * b + t * b)
-    return max(1, min(nb, _GROUP_BYTES // per_block))
+    return max(1, min(nb, group_bytes // per_block))
 
 
-def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Array:
+def _dft_rows_impl(
+    maps: jax.Array, kernels: jax.Array, in_place: bool, plan: CorrelationPlan
+) -> jax.Array:
     """Block DFTs along the second spatial axis, direct sums along the first; all products.
 
     The ``N2`` outputs along axis 2 are cut into ``nb`` blocks of ``T``; block ``t`` needs the
@@ -302,7 +286,7 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
     a matrix product (a DFT of the ``K2`` non-zero columns of a patch, of the epitome's segments
     once per call), so the route runs at the machine's matrix-multiply rate with
     ``~(8 K1 F + 4 T) W nb`` flops per output row against ``2 K1 K2 F N2`` for the direct one.
-    With ``in_place``, blocks are processed in column groups of :func:`_hybrid_group` blocks (a
+    With ``in_place``, blocks are processed in column groups of :func:`_rows_group` blocks (a
     scan writing each group's columns in place; the last group is shifted left to end at
     ``N2``), which keeps the temporaries small enough to be reused between calls instead of
     page-faulted afresh; derivatives use all blocks at once (see :func:`_bilinear`).
@@ -353,9 +337,12 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
         return res.transpose(1, 2, 4, 3, 0).reshape(bc, lyr, n1, g * t)
 
     per_example = 4 * lyr * nb * n1 * (4 * w + 2 * t)
-    chunk, n_chunks = _batch_chunk(b, per_example)
+    chunk, n_chunks = _batch_chunk(b, per_example, plan.chunk_bytes)
     out_dtype = jnp.result_type(dtype, kernels.dtype)
-    g = _hybrid_group(lyr, n1, k1, f, chunk, t, w, nb, out_dtype.itemsize) if in_place else nb
+    g = nb
+    if in_place:
+        g = _rows_group(lyr, n1, k1, f, chunk, t, w, nb, plan.column_group_bytes,
+                        out_dtype.itemsize)
     if g == nb:  # one group: every block at once
         cols = (np.arange(nb)[:, None] * t + np.arange(p_len)[None, :]).ravel() % n2
         seg = jnp.take(jnp.take(maps, rows, axis=1), cols, axis=2)
@@ -386,31 +373,30 @@ def _hybrid_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Arr
     return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place, (maps,))
 
 
-_correlate_hybrid = _bilinear(_hybrid_impl)
+@functools.cache
+def _dft_rows_route(plan: CorrelationPlan):
+    """``"dft_rows"`` under ``plan`` as a ``(maps, kernels)`` function (see :func:`_bilinear`)."""
+    return _bilinear(functools.partial(_dft_rows_impl, plan=plan))
 
 
-def _hybrid_swapped(maps: jax.Array, kernels: jax.Array) -> jax.Array:
-    """:func:`_correlate_hybrid` with the direct products along the axis of the shorter side."""
+def correlate_dft_rows(maps: jax.Array, kernels: jax.Array, plan: CorrelationPlan) -> jax.Array:
+    """``"dft_rows"``, with the direct sums along the axis of the patches' shorter side."""
+    route = _dft_rows_route(plan)
     if kernels.shape[1] <= kernels.shape[2]:
-        return _correlate_hybrid(maps, kernels)
-    out = _correlate_hybrid(jnp.swapaxes(maps, 1, 2), jnp.swapaxes(kernels, 1, 2))
+        return route(maps, kernels)
+    out = route(jnp.swapaxes(maps, 1, 2), jnp.swapaxes(kernels, 1, 2))
     return jnp.swapaxes(out, 2, 3)
 
 
 def _dft_sizes(n: int, k: int, t: int) -> tuple[int, int, int]:
-    """``(blocks, P, W)`` of the 2-D block route along one axis with output blocks of ``t``."""
+    """``(blocks, P, W)`` of ``"dft_2d"`` along one axis with output blocks of ``t``."""
     p_len = t + k - 1
     return -(-n // t), p_len, p_len // 2 + 1
 
 
-# Cost of one float through memory in flops of matrix products, fitted on CPU (2-core x86,
-# benchmarks/posterior.py shapes): the 2-D block route is bound by its passes over memory.
-_FLOAT_COST = 384
-
-
 def _dft2_work(n1, n2, k1, k2, f, t1, t2, lyr=1) -> tuple[int, int, int]:
     """Per-patch ``(transform flops, per-frequency product flops, floats)`` of
-    :func:`_correlate_dft` with ``lyr`` layers: the patch DFT and the two inverse products;
+    :func:`_dft_2d_impl` with ``lyr`` layers: the patch DFT and the two inverse products;
     the ``[2 blk, 2F] x [2F, B]`` products; the floats of the patch spectrum, the products,
     the half-inverted products and the output."""
     nb1, p1, _ = _dft_sizes(n1, k1, t1)
@@ -427,12 +413,15 @@ def _dft2_work(n1, n2, k1, k2, f, t1, t2, lyr=1) -> tuple[int, int, int]:
     return transforms, products, floats
 
 
-def _dft2_cost(n1: int, n2: int, k1: int, k2: int, f: int, t1: int, t2: int) -> float:
-    """Modelled per-patch cost of :func:`_correlate_dft` (one layer) in flops: its arithmetic,
+def _dft2_cost(
+    n1: int, n2: int, k1: int, k2: int, f: int, t1: int, t2: int, float_cost: float
+) -> float:
+    """Modelled per-patch cost of :func:`_dft_2d_impl` (one layer) in flops: its arithmetic,
     the per-frequency products counted twice (tiny products run at about half the rate of the
-    others; fitted), plus :data:`_FLOAT_COST` per float moved (:func:`_dft2_work`)."""
+    others; fitted), plus ``float_cost`` per float moved (:func:`_dft2_work`; the route is
+    bound by its passes over memory)."""
     transforms, products, floats = _dft2_work(n1, n2, k1, k2, f, t1, t2)
-    return float(transforms + 2 * products + _FLOAT_COST * floats)
+    return float(transforms + 2 * products + float_cost * floats)
 
 
 def _block_candidates(n: int) -> list[int]:
@@ -441,18 +430,22 @@ def _block_candidates(n: int) -> list[int]:
 
 
 @functools.cache
-def _dft2_blocks(n1: int, n2: int, k1: int, k2: int, f: int) -> tuple[int, int]:
-    """Output blocks ``(T1, T2)`` of :func:`_correlate_dft` with the least modelled cost."""
+def _dft2_blocks(
+    n1: int, n2: int, k1: int, k2: int, f: int, float_cost: float
+) -> tuple[int, int]:
+    """Output blocks ``(T1, T2)`` of :func:`_dft_2d_impl` with the least modelled cost."""
     best, best_cost = (n1, n2), math.inf
     for t1 in _block_candidates(n1):
         for t2 in _block_candidates(n2):
-            cost = _dft2_cost(n1, n2, k1, k2, f, t1, t2)
+            cost = _dft2_cost(n1, n2, k1, k2, f, t1, t2, float_cost)
             if cost < best_cost:
                 best, best_cost = (t1, t2), cost
     return best
 
 
-def _dft_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Array:
+def _dft_2d_impl(
+    maps: jax.Array, kernels: jax.Array, in_place: bool, plan: CorrelationPlan
+) -> jax.Array:
     """Block DFTs along both spatial axes, every transform and product a matrix product.
 
     The outputs are cut into ``nb1 x nb2`` blocks of ``T1 x T2``; block ``(a, c)`` needs the
@@ -461,15 +454,15 @@ def _dft_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Array:
     call; real DFT along axis 2, ``W2 = P2//2 + 1`` frequencies) and the patches' ``X`` (a DFT
     of the ``K1 x K2`` non-zero entries), each frequency needs ``sum_f A conj(X)``: one small
     real product ``[2 L nb1 nb2, 2F] x [2F, B]`` per frequency. Two matrix products invert the
-    transforms (axis 1, complex, outputs ``< T1``; axis 2, real, outputs ``< T2``). Unlike the
-    hybrid route the size of each per-frequency product no longer grows with ``K1`` (no direct
+    transforms (axis 1, complex, outputs ``< T1``; axis 2, real, outputs ``< T2``). Unlike
+    ``"dft_rows"`` the size of each per-frequency product no longer grows with ``K1`` (no direct
     sum over row offsets), which wins for large patches; :func:`_dft2_blocks` picks the blocks.
-    Patches go in batch chunks (of :data:`_DFT_CPU_CHUNK` on the CPU), written in place for
+    Patches go in batch chunks (at most ``plan.dft_2d_batch``), written in place for
     values and stacked for derivatives (``in_place``, see :func:`_bilinear`).
     """
     lyr, n1, n2, f = maps.shape
     b, k1, k2, _ = kernels.shape
-    t1, t2 = _dft2_blocks(n1, n2, k1, k2, f)
+    t1, t2 = _dft2_blocks(n1, n2, k1, k2, f, plan.float_cost)
     nb1, p1, _ = _dft_sizes(n1, k1, t1)
     nb2, p2, w2 = _dft_sizes(n2, k2, t2)
     nblk = lyr * nb1 * nb2
@@ -522,25 +515,38 @@ def _dft_impl(maps: jax.Array, kernels: jax.Array, in_place: bool) -> jax.Array:
 
     spectrum = 2 * p1 * w2  # floats of one complex P1 x W2 spectrum
     per_example = 4 * (spectrum * (f + nblk) + 2 * w2 * t1 * nblk + 2 * t1 * t2 * nblk)
-    chunk, n_chunks = _batch_chunk(b, per_example)
-    if _on_cpu() and chunk > _DFT_CPU_CHUNK:
-        n_chunks = -(-b // _DFT_CPU_CHUNK)
+    chunk, n_chunks = _batch_chunk(b, per_example, plan.chunk_bytes)
+    if plan.dft_2d_batch is not None and chunk > plan.dft_2d_batch:
+        n_chunks = -(-b // plan.dft_2d_batch)
         chunk = -(-b // n_chunks)
     return _map_batch(chunk_fn, kernels, chunk, n_chunks, in_place, (maps,))
 
 
-_correlate_dft = _bilinear(_dft_impl)
+@functools.cache
+def _dft_2d_route(plan: CorrelationPlan):
+    """``"dft_2d"`` under ``plan`` as a ``(maps, kernels)`` function (see :func:`_bilinear`)."""
+    return _bilinear(functools.partial(_dft_2d_impl, plan=plan))
 
 
-def route_flops(route: str, maps_shape, kernels_shape) -> float:
-    """Flops of one correlation route (the benchmarks' roofline; ``"auto"`` compares the direct
-    and hybrid counts, and :func:`_dft2_cost` for the 2-D block route). Map-side transforms are
-    counted once; index/copy work is not counted."""
+def correlate_dft_2d(maps: jax.Array, kernels: jax.Array, plan: CorrelationPlan) -> jax.Array:
+    """``"dft_2d"``: block DFTs along both axes (:func:`_dft_2d_impl`)."""
+    return _dft_2d_route(plan)(maps, kernels)
+
+
+
+
+def route_flops(
+    route: str, maps_shape, kernels_shape, *, plan: CorrelationPlan | None = None
+) -> float:
+    """Flops of one correlation route for ``maps [L, N1, N2, F]`` and ``kernels [B, K1, K2, F]``
+    (the benchmarks' roofline and ``"auto"``'s comparison of ``"direct"`` with ``"dft_rows"``;
+    ``plan``, by default that of the default backend, fixes ``"dft_2d"``'s blocks). Map-side
+    transforms are counted once; index/copy work is not counted."""
     lyr, n1, n2, f = maps_shape
     b, k1, k2, _ = kernels_shape
     if route == "direct":
         return 2.0 * b * lyr * n1 * n2 * k1 * k2 * f
-    if route == "hybrid":
+    if route == "dft_rows":
         if k1 > k2:
             n1, n2, k1, k2 = n2, n1, k2, k1
         t = _dft_block(n2, k1, k2, f)
@@ -553,136 +559,26 @@ def route_flops(route: str, maps_shape, kernels_shape) -> float:
         patch_dft = 8.0 * b * k1 * k2 * f * w
         maps_dft = 4.0 * lyr * (n1 + k1 - 1) * nb * p_len * f * w
         return products + inverse + patch_dft + maps_dft
-    if route == "dft":  # arithmetic only (the roofline); "auto" uses _dft2_cost
-        t1, t2 = _dft2_blocks(n1, n2, k1, k2, f)
+    if route == "dft_2d":  # arithmetic only (the roofline); "auto" uses dft_2d_cost
+        plan = plan_for() if plan is None else plan
+        t1, t2 = _dft2_blocks(n1, n2, k1, k2, f, plan.float_cost)
         nb1, p1, _ = _dft_sizes(n1, k1, t1)
         nb2, p2, w2 = _dft_sizes(n2, k2, t2)
         transforms, products, _ = _dft2_work(n1, n2, k1, k2, f, t1, t2, lyr)
         maps_dft = 4.0 * lyr * nb1 * nb2 * f * p1 * w2 * (p2 + 2 * p1)
         return float(b * (transforms + products) + maps_dft)
     if route == "fft":
-        m1, _ = _fft_plan(n1, k1)
-        m2, _ = _fft_plan(n2, k2)
+        m1, _ = _fft_length(n1, k1)
+        m2, _ = _fft_length(n2, k2)
         logm = math.log2(m1 * m2)
         return (b * f + lyr * f + b * lyr) * m1 * m2 * logm * 2.5 + 4.0 * b * lyr * f * m1 * m2
-    raise ValueError(f"route: expected 'direct', 'hybrid', 'dft' or 'fft', got {route!r}")
+    raise ValueError(f"route: expected one of {ROUTES}, got {route!r}")
 
 
-# The hybrid route runs at ~1/4 (maps under 256^2) or ~1/5 (larger maps) of the rate the 2-D
-# block route's cost model assumes for products (its per-frequency products are strided, its
-# row-offset gather is memory-bound). Refitted after both routes got their CPU chunking, on
-# the grid of `python -m benchmarks.correlate_crossover` (N = 128 / 299 / 499, B = 32 / 64 / 256,
-# K = 3-21): at N = 128 the hybrid route wins to K ~ 11 (B=64 K=11 5.6 vs 7.7 ms) and the 2-D
-# route from K ~ 15 at B = 256 (46 vs 35 ms); at N >= 299 the 2-D route wins from K = 11 (B=32
-# 28 vs 18 ms, B=256 180 vs 134 ms; N=499 B=256 552 vs 405 ms). "auto" picks the fastest
-# route in 30 of 39 shapes, 4 % slower than the fastest on average, 51 % at worst (N=299 B=32
-# K=7, where the hybrid route takes 21 ms and the 2-D one 14 ms).
-_HYBRID_COST = 4.0
-_HYBRID_COST_LARGE = 5.0  # maps of at least 256^2 positions
-
-
-def _auto_method(maps_shape, kernels_shape) -> str:
-    """The route ``"auto"`` takes: ``"direct"`` while it does fewer than 1.5x the hybrid route's
-    flops (tiny patches; XLA's convolution runs below its matrix-multiply rate), else
-    ``"dft"`` where its modelled cost (:func:`_dft2_cost`) is below ``_HYBRID_COST`` (maps
-    under 256^2) or ``_HYBRID_COST_LARGE`` times the hybrid flops (larger patches), else
-    ``"hybrid"``. Calibrated on a 2-core x86 CPU with
-    ``benchmarks/posterior.py``."""
-    direct = route_flops("direct", maps_shape, kernels_shape)
-    hybrid = route_flops("hybrid", maps_shape, kernels_shape)
-    if direct <= 1.5 * hybrid:
-        return "direct"
+def dft_2d_cost(maps_shape, kernels_shape, plan: CorrelationPlan) -> float:
+    """Modelled cost of ``"dft_2d"`` in flops (arithmetic plus ``plan.float_cost`` per float
+    moved, at its best blocks): what ``"auto"`` weighs against ``"dft_rows"``'s flops."""
     lyr, n1, n2, f = maps_shape
     b, k1, k2, _ = kernels_shape
-    dft = b * lyr * _dft2_cost(n1, n2, k1, k2, f, *_dft2_blocks(n1, n2, k1, k2, f))
-    ratio = _HYBRID_COST_LARGE if n1 * n2 >= 256 * 256 else _HYBRID_COST
-    return "dft" if dft < ratio * hybrid else "hybrid"
-
-
-def circular_correlate(maps: jax.Array, kernels: jax.Array, *, method: str = "auto") -> jax.Array:
-    """Circular correlation of every kernel with every map layer.
-
-    Args:
-      maps: ``[L, N1, N2, F]`` epitome-side maps.
-      kernels: ``[B, K1, K2, F]`` patch-side kernels, ``K1 <= N1``, ``K2 <= N2``.
-      method: ``"auto"``, ``"direct"``, ``"hybrid"``, ``"dft"`` or ``"fft"``.
-
-    Returns:
-      ``[B, L, N1, N2]`` with
-      ``out[b, l, s] = sum_{u, f} maps[l, (s + u) % N, f] kernels[b, u, f]``.
-    """
-    if maps.ndim != 4 or kernels.ndim != 4 or maps.shape[-1] != kernels.shape[-1]:
-        raise ValueError(
-            f"circular_correlate: expected maps [L, N1, N2, F] and kernels [B, K1, K2, F], "
-            f"got {maps.shape} and {kernels.shape}"
-        )
-    if kernels.shape[1] > maps.shape[1] or kernels.shape[2] > maps.shape[2]:
-        raise ValueError(
-            f"patch size {kernels.shape[1:3]} is larger than the epitome {maps.shape[1:3]}"
-        )
-    if method == "auto":
-        method = _auto_method(maps.shape, kernels.shape)
-    if method == "direct":
-        return _correlate_direct(maps, kernels)
-    if method == "hybrid":
-        return _hybrid_swapped(maps, kernels)
-    if method == "dft":
-        return _correlate_dft(maps, kernels)
-    if method == "fft":
-        return _correlate_fft(maps, kernels)
-    raise ValueError(f"method: expected 'auto', 'direct', 'hybrid', 'dft' or 'fft', got {method!r}")
-
-
-def circular_correlate_adjoint(
-    weights: jax.Array, kernels: jax.Array, *, map_size: tuple[int, int], method: str = "auto"
-) -> jax.Array:
-    """Adjoint of :func:`circular_correlate` in ``maps``: spreads position weights over windows.
-
-    ``out[l, m, f] = sum_b sum_u weights[b, l, (m - u) % N] * kernels[b, u, f]``.
-
-    Args:
-      weights: ``[B, L, N1, N2]`` (e.g. posteriors).
-      kernels: ``[B, K1, K2, F]`` (e.g. label blocks placed in their windows).
-      map_size: ``(N1, N2)``.
-      method: as for :func:`circular_correlate`.
-
-    Returns:
-      ``[L, N1, N2, F]``.
-    """
-    b, lyr = weights.shape[:2]
-    zeros = jnp.zeros((lyr, *map_size, kernels.shape[-1]), weights.dtype)
-    _, vjp = jax.vjp(lambda m: circular_correlate(m, kernels, method=method), zeros)
-    return vjp(weights)[0]
-
-
-def _box_1d(x: jax.Array, k: int, axis: int, reverse: bool) -> jax.Array:
-    n = x.shape[axis]
-    start = -(k - 1) if reverse else 0
-    idx = (jnp.arange(n + k - 1) + start) % n
-    padded = jnp.take(x, idx, axis=axis)
-    window = [1] * x.ndim
-    window[axis] = k
-    return lax.reduce_window(
-        padded, np.zeros((), x.dtype), lax.add, tuple(window), (1,) * x.ndim, "VALID"
-    )
-
-
-def box_sum(x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (-2, -1)) -> jax.Array:
-    """Circular box sum over windows by their top-left corner.
-
-    ``out[s1, s2] = sum_{i < K1, j < K2} x[(s1 + i) % N1, (s2 + j) % N2]`` along ``axes``.
-    Separable (``O(N^2 (K1 + K2))``) and summed directly, so float32 stays accurate.
-    """
-    a1, a2 = (ax % x.ndim for ax in axes)
-    return _box_1d(_box_1d(x, size[0], a1, False), size[1], a2, False)
-
-
-def box_spread(
-    x: jax.Array, size: tuple[int, int], *, axes: tuple[int, int] = (-2, -1)
-) -> jax.Array:
-    """Adjoint of :func:`box_sum`: every position's value spread over its window.
-
-    ``out[m, n] = sum_{i < K1, j < K2} x[(m - i) % N1, (n - j) % N2]`` (Eq. 11's spreading).
-    """
-    a1, a2 = (ax % x.ndim for ax in axes)
-    return _box_1d(_box_1d(x, size[0], a1, True), size[1], a2, True)
+    blocks = _dft2_blocks(n1, n2, k1, k2, f, plan.float_cost)
+    return b * lyr * _dft2_cost(n1, n2, k1, k2, f, *blocks, plan.float_cost)
