@@ -292,3 +292,17 @@ def test_writer_single_band(tmp_path, rng):
     w.write(data)
     w.close()
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "one.tif"), data[..., 0])
+
+
+def test_single_strip_window_is_bounded_by_max_segment_bytes(tmp_path):
+    """A 1x1 window of a compressed one-strip file decodes the whole strip: refused above the
+    limit, with the file named, before any decoding; fine under it."""
+    path = tmp_path / "one_strip.tif"
+    data = np.arange(300 * 200, dtype=np.uint16).reshape(300, 200)
+    tifffile.imwrite(path, data, compression="zlib", rowsperstrip=300)
+    with RasterReader(path, max_segment_bytes=1000) as r:
+        assert r.segment_bytes == 300 * 200 * 2
+        with pytest.raises(ValueError, match=r"one_strip.tif: every window decodes whole strips"):
+            r(5, 5, 1, 1)
+    with RasterReader(path) as r:
+        assert r(5, 5, 1, 1)[0, 0] == data[5, 5]

@@ -253,8 +253,10 @@ class RasterReader:
     Only the strips/tiles that intersect the window are read and decoded (any compression
     tifffile + imagecodecs decode, predictors included); uncompressed contiguous pages are
     memory-mapped. A compressed file stored as one strip can only be decoded whole: prefer
-    tiled or multi-strip inputs for big rasters. Samples are returned last whatever the planar
-    configuration. Use as a context manager or call :meth:`close`.
+    tiled or multi-strip inputs for big rasters: a window whose strips/tiles would decode to
+    more than ``max_segment_bytes`` (2 GiB) is refused with a clear error before any decoding.
+    Samples are returned last whatever the planar configuration. Use as a context manager or
+    call :meth:`close`.
 
     Attributes:
       height, width: raster size; ``shape`` is ``(H, W)`` or ``(H, W, C)``.
@@ -262,8 +264,9 @@ class RasterReader:
       geo: the page's :class:`GeoInfo`.
     """
 
-    def __init__(self, path: PathLike, *, page: int = 0):
+    def __init__(self, path: PathLike, *, page: int = 0, max_segment_bytes: int = 2**31):
         self.path = Path(path)
+        self.max_segment_bytes = int(max_segment_bytes)
         self._tif = tifffile.TiffFile(self.path)
         try:
             self._page = self._tif.pages[page]
@@ -329,6 +332,12 @@ class RasterReader:
 
     def _decode_window(self, row, col, height, width) -> np.ndarray:
         p = self._page
+        if self.segment_bytes > self.max_segment_bytes:
+            raise ValueError(
+                f"{self.path}: every window decodes whole {'tiles' if p.is_tiled else 'strips'} "
+                f"of {self.segment_bytes / 2**20:.0f} MiB, above max_segment_bytes="
+                f"{self.max_segment_bytes} (re-tile the file, e.g. gdal_translate -co TILED=YES)"
+            )
         s_sep = p.shaped[0]
         out = np.zeros((height, width, self._samples), self.dtype)
         if p.is_tiled:
@@ -354,7 +363,11 @@ class RasterReader:
             decodeargs = {"jpegtables": p.jpegtables,
                           "jpegheader": getattr(p, "jpegheader", None)}
         for data, index in fh.read_segments(offsets, counts, indices, lock=fh.lock, sort=True):
-            seg, (s, _, y0, x0, _), _ = p.decode(data, index, **decodeargs)
+            try:
+                seg, (s, _, y0, x0, _), _ = p.decode(data, index, **decodeargs)
+            except MemoryError:
+                raise MemoryError(f"{self.path}: out of memory decoding a "
+                                  f"{self.segment_bytes / 2**20:.0f} MiB segment") from None
             if seg is None:  # empty segment: stays zero
                 continue
             seg = seg[0]  # [h, w, contig]
