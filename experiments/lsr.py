@@ -39,7 +39,7 @@ from tqdm import tqdm
 import epilsr
 from epilsr import metrics, viz
 from epilsr.pipelines import raster_lsr
-from experiments import lsr_geotiff
+from experiments import lsr_check, lsr_geotiff
 from experiments.common import atomic_write, format_table, iter_tiles, one_line_errors
 
 log = logging.getLogger("epilsr.lsr")
@@ -139,11 +139,23 @@ def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str)
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
+    hosts = lsr_check.join(cfg.get("distributed"))  # before any other JAX call
     data = cfg.data
     if data.kind == "geotiff":  # your own rasters: one folder per image, baselines when asked
         ours = OmegaConf.to_container(cfg.lsr, resolve=True)
         results = lsr_geotiff.run(cfg, out, lsr_kwargs=ours,
-                                  notebook_kwargs=_notebook_kwargs(cfg, cell_size=False))
+                                  notebook_kwargs=_notebook_kwargs(cfg, cell_size=False),
+                                  process=hosts[:2])
+        lsr_check.save_part(out, hosts, results)
+        if hosts.count > 1:  # process 0 checks and merges (or: python -m experiments.lsr_check)
+            if not hosts.coordinated:
+                log.info("process %d of %d done; check the set with python -m "
+                         "experiments.lsr_check %s", hosts.index, hosts.count, out)
+                return results
+            lsr_check.barrier()
+            if hosts.index != 0:
+                return results
+            return lsr_check.finish(out)
         atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
         log.info("wrote %s", out / "metrics.json")
         return results
