@@ -97,6 +97,23 @@ def pooled_summary(pooled: dict[str, np.ndarray], label_names, window: int) -> l
     return entries
 
 
+def merge(plan: dict, parts: list[dict]) -> dict:
+    """The ``metrics.json`` of several processes' :func:`run` results (``parts``): images in
+    plan order, pooled confusion matrices summed; prints the pooled table."""
+    tiles = {k: v for part in parts for k, v in part["tiles"].items()}
+    results = {**parts[0], "tiles": {i["name"]: tiles[i["name"]] for i in plan["items"]
+                                      if i["name"] in tiles}}
+    pooled: dict[str, np.ndarray] = {}
+    for part in parts:
+        for method, cm in part["confusion"].items():
+            pooled[method] = pooled.get(method, 0) + np.asarray(cm, np.int64)
+    results["confusion"] = {m: cm.tolist() for m, cm in pooled.items()}
+    results.pop("pooled", None)
+    if pooled:
+        results["pooled"] = pooled_summary(pooled, results["labels"], results["window"])
+    return results
+
+
 def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
         process: tuple[int, int] = (0, 1)) -> dict:
     """The ``data=geotiff`` run: returns the ``metrics.json`` content (with ``confusion``, the

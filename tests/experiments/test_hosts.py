@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from epilsr.data.synthetic import make_scene
+from epilsr.io.geotiff import GeoInfo, write_raster
 from epilsr.pipelines import partition
 
 rasterio = pytest.importorskip("rasterio")
@@ -205,3 +207,44 @@ def test_killed_process_rerun_completes_the_set(scene, tmp_path):
     got, want = _outputs(tmp_path), _outputs(ref)
     assert all(got[k] == want[k] for k in want), [k for k in want if got[k] != want[k]]
     assert _pooled(tmp_path) == _pooled(ref)
+
+
+def _tile_folder(folder: Path) -> Path:
+    """A flat Chesapeake-style folder of three tiles (96^2, 64^2, 64^2)."""
+    folder.mkdir()
+    geo = GeoInfo(pixel_scale=(1.0, 1.0, 0.0), tiepoints=(0, 0, 0, 612000.0, 4200000.0, 0),
+                  geokeys=(1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32617))
+    for seed, (name, size) in enumerate((("tile_a", 96), ("tile_b", 64), ("tile_c", 64))):
+        scene = make_scene(seed, size=size, block=32)
+        stem = folder / name
+        write_raster(f"{stem}_naip-new.tif", np.round(scene.image * 255).astype(np.uint8),
+                     geo=geo)
+        write_raster(f"{stem}_nlcd.tif", np.where(scene.classes % 2 == 0, 41, 81).astype(
+            np.uint8), geo=geo)
+        write_raster(f"{stem}_lc.tif", (scene.labels + 1).astype(np.uint8), geo=geo)
+    return folder
+
+
+@pytest.mark.slow
+def test_tiles_two_processes_equal_one(tmp_path):
+    """The tiles path (+exp=chesapeake_wv / LILA): outputs byte-identical, merged tables equal."""
+    args = ["+exp=chesapeake_wv", f"data.root={_tile_folder(tmp_path / 'data')}",
+            "lsr.patch_size=3", "baselines.notebook=false", "raster.tile_sizes=[64]",
+            "raster.overlap=16", "output.png=false"]
+    one = tmp_path / "one"
+    _wait(_start(one, args))
+    assert _check(one).returncode == 0  # a one-process run checks too
+    two = tmp_path / "two"
+    dist = [f"distributed.coordinator=127.0.0.1:{_port()}", "distributed.num_processes=2"]
+    procs = [_start(two, args, *dist, f"distributed.process_id={i}") for i in range(2)]
+    stdout = [_wait(p) for p in procs]
+    assert "pooled over all tiles" in stdout[0] and "pooled" not in stdout[1]
+    assert [sorted(m["items"]) for m in partition.read_manifests(two).values()] == [
+        ["tile_a"], ["tile_b", "tile_c"]]
+    files = sorted(p.relative_to(one) for p in one.glob("tile_*/*.tif"))
+    assert len(files) == 6
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
+    assert list(got["tiles"]) == list(want["tiles"]) == ["tile_a", "tile_b", "tile_c"]
+    assert got["pooled"] == want["pooled"]
+    assert got["eq7_pixel_weighted"] == pytest.approx(want["eq7_pixel_weighted"], rel=1e-12)
