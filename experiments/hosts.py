@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 from jax.experimental import multihost_utils
 from omegaconf import DictConfig
 
@@ -33,9 +34,16 @@ class Hosts(NamedTuple):
 
 def join(dist: DictConfig | None) -> Hosts:
     """Reads the ``distributed.*`` keys; ``jax.distributed.initialize`` only when a coordinator
-    is given and ``num_processes > 1`` (call before any other JAX call)."""
+    is given and ``num_processes > 1``, or with ``coordinator: auto`` (JAX's cluster detection:
+    SLURM, Open MPI, ...; the process count and index come from the cluster). Call it before
+    any other JAX call."""
     if dist is None:
         return Hosts(0, 1, False)
+    if dist.coordinator == "auto":
+        if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+        return Hosts(jax.process_index(), jax.process_count(), jax.process_count() > 1)
     count, index = int(dist.num_processes), int(dist.process_id)
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"distributed.process_id: expected a value in [0, {count}) with "
