@@ -54,9 +54,17 @@ def join(dist: DictConfig | None) -> Hosts:
     return Hosts(index, count, True)
 
 
-def barrier(name: str = "epilsr.lsr") -> None:
-    """Waits for every process of a ``jax.distributed`` run."""
-    multihost_utils.sync_global_devices(name)
+def barrier(out: Path, name: str = "epilsr.lsr") -> None:
+    """Waits for every process of a ``jax.distributed`` run (raises, naming the next steps,
+    when one never arrives; JAX's coordination service may then abort this process)."""
+    try:
+        multihost_utils.sync_global_devices(name)
+    except jax.errors.JaxRuntimeError as err:
+        raise RuntimeError(
+            f"barrier: not every process arrived ({str(err).splitlines()[0][:200]}); this "
+            "process's outputs are complete: rerun the missing process(es) with "
+            f"distributed.coordinator=null, then python -m experiments.lsr_check {out}"
+        ) from err
 
 
 def save_part(out: Path, hosts: Hosts, results: dict) -> Path:

@@ -257,7 +257,7 @@ def _shared(out: Path, hosts: multi.Hosts, part: dict) -> bool:
     if hosts.count == 1:
         return False
     if hosts.coordinated:
-        multi.barrier()
+        multi.barrier(out)
     else:
         log.info("process %d of %d done; check the set with python -m experiments.lsr_check %s",
                  hosts.index, hosts.count, out)
