@@ -17,7 +17,9 @@ NLCD classes). Prints per-tile accuracy and a Table-1 style pooled table (method
 mIoU, per-class IoU) and writes, per tile and method, GeoTIFFs (labels uint8, entropy, optional
 float16 probabilities) with the input's georeferencing, PNG previews and ``metrics.json`` into
 Hydra's output directory. With ``data=geotiff`` see :mod:`experiments.lsr_geotiff` (one folder
-per input image; baselines only when asked).
+per input image; baselines only when asked). With ``distributed.num_processes > 1`` the tiles /
+images are divided among processes (:mod:`experiments.hosts`, ``docs/scale.md``); the set is
+checked and the metrics merged by process 0 or ``python -m experiments.lsr_check <run dir>``.
 """
 
 from __future__ import annotations

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from epilsr.data.synthetic import make_scene
 from epilsr.io.geotiff import GeoInfo, write_raster
 from epilsr.pipelines import partition
+from experiments.hosts import Hosts, join
 
 rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import Affine  # noqa: E402
@@ -91,6 +93,16 @@ def test_check_reports_missing_changed_unfinished_and_stale(tmp_path):
     assert "rerun process(es)" in report.text()
     os.remove(tmp_path / "a" / "labels.tif")
     assert "missing" in {p.name: p.why for p in partition.check(tmp_path).problems}["a"]
+
+
+def test_join_without_a_coordinator_starts_nothing():
+    def dist(coordinator=None, n=1, p=0):
+        return OmegaConf.create({"coordinator": coordinator, "num_processes": n, "process_id": p})
+
+    assert join(None) == Hosts(0, 1, False) and join(dist()) == Hosts(0, 1, False)
+    assert join(dist(None, 4, 3)) == Hosts(3, 4, False)  # independent: no jax.distributed
+    with pytest.raises(ValueError, match="process_id"):
+        join(dist(None, 2, 2))
 
 
 # ----------------------------------------------------------------------------- driver runs
