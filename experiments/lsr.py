@@ -17,7 +17,9 @@ NLCD classes). Prints per-tile accuracy and a Table-1 style pooled table (method
 mIoU, per-class IoU) and writes, per tile and method, GeoTIFFs (labels uint8, entropy, optional
 float16 probabilities) with the input's georeferencing, PNG previews and ``metrics.json`` into
 Hydra's output directory. With ``data=geotiff`` see :mod:`experiments.lsr_geotiff` (one folder
-per input image; baselines only when asked).
+per input image; baselines only when asked). With ``distributed.num_processes > 1`` the tiles /
+images are divided among processes (:mod:`experiments.hosts`, ``docs/scale.md``); the set is
+checked and the metrics merged by process 0 or ``python -m experiments.lsr_check <run dir>``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from tqdm import tqdm
 
 import epilsr
 from epilsr import metrics, viz
-from epilsr.pipelines import raster_lsr
+from epilsr.io.strips import array_digest
+from epilsr.pipelines import partition, raster_lsr
+from experiments import hosts as multi
 from experiments import lsr_geotiff
 from experiments.common import atomic_write, format_table, iter_tiles, one_line_errors
 
@@ -139,11 +143,15 @@ def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str)
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
+    hosts = multi.join(cfg.get("distributed"))  # before any other JAX call
     data = cfg.data
     if data.kind == "geotiff":  # your own rasters: one folder per image, baselines when asked
         ours = OmegaConf.to_container(cfg.lsr, resolve=True)
         results = lsr_geotiff.run(cfg, out, lsr_kwargs=ours,
-                                  notebook_kwargs=_notebook_kwargs(cfg, cell_size=False))
+                                  notebook_kwargs=_notebook_kwargs(cfg, cell_size=False),
+                                  process=hosts[:2])
+        if _shared(out, hosts, results):
+            return finish(out) if hosts.index == 0 and hosts.coordinated else results
         atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
         log.info("wrote %s", out / "metrics.json")
         return results
@@ -157,16 +165,27 @@ def main(cfg: DictConfig) -> dict:
     key = jax.random.key(cfg.seed)
     conf: dict[tuple[str, int], np.ndarray] = {}
     rows, per_tile, names, objective_rows, objective_pixels = [], {}, None, [], []
+    mine = None  # tiles of this process (None: all)
+    if hosts.count > 1:  # a first pass lists the tiles (each is loaded once more)
+        listing = [(t.name, t.image.shape[0] * t.image.shape[1],
+                    array_digest(t.image, t.classes, t.table)) for t in iter_tiles(data)]
+        mine = _plan(out, hosts, listing)
+    listing = []
     tiles = iter_tiles(data)
     first = next(tiles, None)  # bad roots / missing files fail here, before the progress bar
     if first is None:
         raise ValueError(f"data.root: no tiles found under {data.root}")
     for i, tile in enumerate(tqdm(itertools.chain([first], tiles), desc="tiles", unit="tile")):
+        if mine is not None and i not in mine:
+            continue
+        digest = array_digest(tile.image, tile.classes, tile.table)
+        if hosts.count == 1:
+            listing.append((tile.name, tile.image.shape[0] * tile.image.shape[1], digest))
         names = list(tile.label_names)
         n_labels = tile.table.shape[1]
         tile_key = jax.random.fold_in(key, i)
         side = max(tile.image.shape[:2])
-        record, row, done = {}, [tile.name], {}
+        record, row, done, written = {}, [tile.name], {}, []
         for name, _, kwargs in methods:
             for w in [0] if kwargs is None else windows:
                 start = time.perf_counter()
@@ -179,6 +198,10 @@ def main(cfg: DictConfig) -> dict:
                     kw = _notebook_kwargs(cfg) if kwargs == "notebook" else kwargs
                     pred = _run_window_lsr(cfg, tile, tile_key, kw, w, out / tile.name,
                                            f"{name}_W{eff}_")
+                    folder = out / tile.name
+                    written.append(partition.output_entry(
+                        folder / f"{name}_W{eff}_labels.tif", out,
+                        folder / f".{name}_W{eff}_lsr_state" / "progress.json"))
                 done[(name, eff)] = pred
                 seconds = time.perf_counter() - start
                 tag = f"{name}" if not w else f"{name} W={w}"
@@ -206,7 +229,75 @@ def main(cfg: DictConfig) -> dict:
                 objective_pixels.append(int(np.sum(tile.labels != 255)))  # scored pixels
         rows.append(row)
         per_tile[tile.name] = record
+        partition.record_done(out, hosts.index, tile.name, written, digest)
+    if hosts.count == 1:
+        _plan(out, hosts, listing)
+    part = {"kind": "tiles", "rows": rows, "tiles": per_tile, "names": names,
+            "conf": {f"{k[0]}|{k[1]}": v.tolist() for k, v in conf.items()},
+            "objective": [objective_rows, objective_pixels],
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+    if _shared(out, hosts, part):
+        return finish(out) if hosts.index == 0 and hosts.coordinated else part
+    results = _report(cfg, rows, per_tile, conf, objective_rows, objective_pixels, names)
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+    log.info("wrote %s", out / "metrics.json")
+    return results
 
+
+def _plan(out: Path, hosts: multi.Hosts, listing: list[tuple[str, int, str]]) -> set[int]:
+    """Writes the plan of ``listing`` (name, pixels, fingerprint per tile); this process's
+    tile indices."""
+    names, pixels, fps = zip(*listing, strict=True) if listing else ((), (), ())
+    partition.write_plan(out, partition.make_plan(names, pixels, fps, hosts.count))
+    return set(partition.owned(pixels, hosts.index, hosts.count))
+
+
+def _shared(out: Path, hosts: multi.Hosts, part: dict) -> bool:
+    """Saves this process's metrics part; with several processes waits for the others
+    (coordinated run) and returns True: process 0 then checks and merges (:func:`finish`)."""
+    multi.save_part(out, hosts, part)
+    if hosts.count == 1:
+        return False
+    if hosts.coordinated:
+        multi.barrier(out)
+    else:
+        log.info("process %d of %d done; check the set with python -m experiments.lsr_check %s",
+                 hosts.index, hosts.count, out)
+    return True
+
+
+def finish(out: Path) -> dict:
+    """Completeness check of a run folder (raises with the report), then the processes'
+    metrics merged into ``<out>/metrics.json`` (``python -m experiments.lsr_check <out>``)."""
+    multi.check(out)
+    plan, parts = multi.load_parts(out)
+    if parts[0].get("kind") != "tiles":
+        results = lsr_geotiff.merge(plan, parts)
+    else:
+        order = {item["name"]: k for k, item in enumerate(plan["items"])}
+        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order[r[0]])
+        per_tile = {k: v for p in parts for k, v in p["tiles"].items()}
+        per_tile = {r[0]: per_tile[r[0]] for r in rows}
+        conf: dict[tuple[str, int], np.ndarray] = {}
+        for p in parts:
+            for k, cm in p["conf"].items():
+                name, w = k.split("|")
+                conf[(name, int(w))] = conf.get((name, int(w)), 0) + np.asarray(cm, np.int64)
+        objective = sorted((pair for p in parts for pair in zip(*p["objective"], strict=True)),
+                           key=lambda rp: order[rp[0][0]])
+        names = next(p["names"] for p in parts if p["names"] is not None)
+        results = _report(OmegaConf.create(parts[0]["config"]), rows, per_tile, conf,
+                          [list(r) for r, _ in objective], [px for _, px in objective], names)
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+    log.info("wrote %s", out / "metrics.json")
+    return results
+
+
+def _report(cfg: DictConfig, rows: list, per_tile: dict, conf: dict, objective_rows: list,
+            objective_pixels: list, names: list[str]) -> dict:
+    """Prints the per-tile, pooled (Table 1) and Eq. 7 tables; the ``metrics.json`` content."""
+    methods = _methods(cfg)
+    windows = sorted({int(w) for w in cfg.raster.tile_sizes})
     header = ["tile"] + [t for t in next(iter(per_tile.values())) if t != "eq7"]
     print(format_table(header, [r + [""] * (len(header) - len(r)) for r in rows]))
     results = {"tiles": per_tile, "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -236,8 +327,6 @@ def main(cfg: DictConfig) -> dict:
               " 'truth below LSR' = the data prefer our map to the truth")
         print(format_table(["tile", "paint", f"LSR W={windows[0]}", "truth", "truth below LSR"],
                            objective_rows))
-    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
-    log.info("wrote %s", out / "metrics.json")
     return results
 
 

@@ -29,9 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from epilsr import metrics
 from epilsr.data import user
 from epilsr.io.align import AlignedReader
+from epilsr.io.atomic import fingerprint
 from epilsr.io.geotiff import RasterReader, RasterWriter
+from epilsr.io.strips import reader_fingerprint
 from epilsr.metrics import NODATA_LABEL
-from epilsr.pipelines import raster_lsr
+from epilsr.pipelines import partition, raster_lsr
 from experiments.common import format_table
 
 log = logging.getLogger("epilsr.lsr")
@@ -80,8 +82,44 @@ def _score(labels_path: Path, truth: AlignedReader, n: int,
     return cm, scored, total
 
 
-def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) -> dict:
-    """The ``data=geotiff`` run: returns the ``metrics.json`` content."""
+def pooled_summary(pooled: dict[str, np.ndarray], label_names, window: int) -> list[dict]:
+    """Prints the pooled table of ``{method: confusion [n, n]}``; returns its JSON rows."""
+    summary, entries = [], []
+    for method, cm in pooled.items():
+        per_class, miou = metrics.iou_from_confusion(cm)
+        acc = metrics.accuracy_from_confusion(cm)
+        summary.append([method, acc, float(miou)] + [float(v) for v in per_class])
+        entries.append({"method": method, "window": None if method == "paint" else window,
+                        "accuracy": acc, "miou": float(miou),
+                        "iou": [None if np.isnan(v) else float(v) for v in per_class]})
+    print("\npooled over all images (pixels with a prediction and a truth label)")
+    print(format_table(["method", "acc", "mIoU"] + [f"IoU {x}" for x in label_names], summary))
+    return entries
+
+
+def merge(plan: dict, parts: list[dict]) -> dict:
+    """The ``metrics.json`` of several processes' :func:`run` results (``parts``): images in
+    plan order, pooled confusion matrices summed; prints the pooled table."""
+    tiles = {k: v for part in parts for k, v in part["tiles"].items()}
+    results = {**parts[0], "tiles": {i["name"]: tiles[i["name"]] for i in plan["items"]
+                                      if i["name"] in tiles}}
+    pooled: dict[str, np.ndarray] = {}
+    for part in parts:
+        for method, cm in part["confusion"].items():
+            pooled[method] = pooled.get(method, 0) + np.asarray(cm, np.int64)
+    results["confusion"] = {m: cm.tolist() for m, cm in pooled.items()}
+    results.pop("pooled", None)
+    if pooled:
+        results["pooled"] = pooled_summary(pooled, results["labels"], results["window"])
+    return results
+
+
+def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
+        process: tuple[int, int] = (0, 1)) -> dict:
+    """The ``data=geotiff`` run: returns the ``metrics.json`` content (with ``confusion``, the
+    pooled confusion matrices, for merging). ``process = (index, count)``: run only the images
+    :func:`epilsr.pipelines.partition.owned` gives this process; each finished image is recorded
+    in its manifest (``<out>/hosts/``)."""
     data = cfg.data
     images = user.find_images(_required(data, "image", "the imagery GeoTIFF (or a glob)"))
     coarse = _required(data, "coarse", "the coarse land-cover GeoTIFF")
@@ -105,17 +143,25 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
                               coarse_nodata=data.get("coarse_nodata")) for p in images]
     names = [s.name if [t.name for t in scenes].count(s.name) == 1 else f"{s.name}_{i}"
              for i, s in enumerate(scenes)]
+    fps = [fingerprint(image=reader_fingerprint(s.image), classes=reader_fingerprint(s.classes),
+                       valid=reader_fingerprint(s.valid)) for s in scenes]
+    pixels = [s.height * s.width for s in scenes]
+    partition.write_plan(out, partition.make_plan(names, pixels, fps, process[1]))
+    mine = set(partition.owned(pixels, *process))
     results: dict = {"tiles": {}, "table": table.source, "labels": list(table.label_names),
                      "truth_codes": truth_how}
     pooled: dict[str, np.ndarray] = {}
-    rows = []
+    rows, record = [], {}
     try:
         for i, (scene, name) in enumerate(zip(scenes, names, strict=True)):
+            if i not in mine:
+                continue
             folder = out / name
             log.info("%s: %dx%d, coarse cell %d px, imagery scale 1/%g; outputs in %s",
                      name, scene.height, scene.width, scene.cell_size, round(1 / scene.scale),
                      folder)
             runs: dict[str, Path] = {}
+            done: list[dict] = []
             record: dict = {"cell_size": scene.cell_size, "scale": scene.scale}
             methods = [("lsr", "", {**lsr_kwargs, "cell_size": scene.cell_size})]
             if notebook:
@@ -134,12 +180,15 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
                     label_names=table.label_names, label_colors=table.label_colors,
                     progress=True)
                 runs[method] = run.labels
+                done.append(partition.output_entry(run.labels, out,
+                                                   folder / f".{prefix}lsr_state/progress.json"))
                 record[method] = {"seconds": time.perf_counter() - start,
                                   "windows": run.windows, "skipped": run.skipped,
                                   "labels": str(run.labels)}
             if paint:
                 start = time.perf_counter()
                 runs["paint"] = _paint(scene, table, folder / "paint_labels.tif")
+                done.append(partition.output_entry(runs["paint"], out))
                 record["paint"] = {"seconds": time.perf_counter() - start,
                                    "labels": str(runs["paint"])}
             row = [name]
@@ -157,25 +206,17 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) 
                 row += [f"{record[m]['seconds']:.1f}s" for m in runs]
             rows.append(row)
             results["tiles"][name] = record  # "tiles" as in the benchmark runs' metrics.json
+            partition.record_done(out, process[0], name, done, fps[i])
     finally:
         for s in scenes:
             s.close()
     header = ["image"] + [m if m == "paint" else f"{m} W={window}"
                           for m in ("lsr", "notebook", "paint") if m in record]
-    print(format_table(header, rows))
+    if rows:
+        print(format_table(header, rows))
     if pooled:
-        summary, results["pooled"] = [], []
-        for method, cm in pooled.items():
-            per_class, miou = metrics.iou_from_confusion(cm)
-            acc = metrics.accuracy_from_confusion(cm)
-            summary.append([method, acc, float(miou)] + [float(v) for v in per_class])
-            results["pooled"].append({"method": method,
-                                      "window": None if method == "paint" else window,
-                                      "accuracy": acc, "miou": float(miou),
-                                      "iou": [None if np.isnan(v) else float(v)
-                                              for v in per_class]})
-        print("\npooled over all images (pixels with a prediction and a truth label)")
-        print(format_table(["method", "acc", "mIoU"] + [f"IoU {x}" for x in table.label_names],
-                           summary))
+        results["pooled"] = pooled_summary(pooled, table.label_names, window)
+    results["confusion"] = {m: cm.tolist() for m, cm in pooled.items()}
+    results["window"] = window
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     return results
