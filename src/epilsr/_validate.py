@@ -66,3 +66,12 @@ def check_distribution_table(name: str, table, used_rows=None) -> np.ndarray | N
                 "expected a distribution over labels for every class that occurs"
             )
     return arr
+
+
+def check_class_prior(name: str, prior, table) -> None:
+    """A concrete ``[Cc]`` prior: non-negative, finite, positive sum; its rows defined."""
+    if is_concrete(prior):
+        p = np.asarray(prior)
+        if np.any(p < 0) or not np.isfinite(p).all() or p.sum() <= 0:
+            raise ValueError(f"{name}: expected non-negative weights with a positive sum")
+        check_distribution_table("label_given_class", table, np.flatnonzero(p > 0))
