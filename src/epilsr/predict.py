@@ -8,14 +8,16 @@ prediction is the mean of ``y`` over the patches that cover it.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from epilsr._validate import check_finite, check_rank
+from epilsr._validate import check_rank
 from epilsr.correlate import circular_correlate
-from epilsr.epitome import Epitome, as_float_image
-from epilsr.likelihood import log_posterior
+from epilsr.epitome import Epitome, as_float_image, check_image
+from epilsr.likelihood import check_posterior_args, log_posterior
 
 __all__ = [
     "predict",
@@ -226,16 +228,31 @@ def predict(
     Returns:
       ``[H, W, n]`` per-pixel label distributions.
     """
-    image = as_float_image(image)
-    check_finite("image", image)
+    image = check_image(image)
     h, w, _ = image.shape
     k = patch_size
     if label_size is None and (int(k) != k or not 1 <= k <= min(h, w)):
         raise ValueError(f"patch_size: expected 1 <= K <= {min(h, w)} (image {h}x{w}), got {k}")
-    label_probs, kl, o = check_predict_inputs(
+    label_probs, _, _ = check_predict_inputs(
         epitome, label_probs, image_shape=image.shape, patch_size=k, label_size=label_size,
         stride=stride,
     )
+    mask = check_posterior_args(epitome, temperature, mask)
+    return _predict(epitome, label_probs, image, temperature, mask, patch_size=k, stride=stride,
+                    label_size=label_size, chunk=chunk, method=method)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("patch_size", "stride", "label_size", "chunk", "method")
+)
+def _predict(epitome, label_probs, image, temperature, mask, *, patch_size, stride, label_size,
+             chunk, method):
+    """The compiled body of :func:`predict` (inputs checked)."""
+    image = as_float_image(image)
+    h, w, _ = image.shape
+    k = patch_size
+    kl = k if label_size is None else label_size
+    o = (k - kl) // 2
     if o:
         image = jnp.pad(image, ((o, o), (o, o), (0, 0)), mode="reflect")
     # block corners on the (unpadded) grid == window corners in padded coordinates

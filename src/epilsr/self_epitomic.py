@@ -12,13 +12,12 @@ from jax.typing import ArrayLike
 from epilsr._validate import (
     check_class_prior,
     check_distribution_table,
-    check_finite,
     check_index_range,
     check_rank,
     is_concrete,
 )
 from epilsr.correlate import box_spread, box_sum, circular_correlate, circular_correlate_adjoint
-from epilsr.epitome import as_float_image
+from epilsr.epitome import as_float_image, check_image
 from epilsr.lsr import _adapt_compositions, _normalise
 
 __all__ = [
@@ -234,12 +233,8 @@ def _check_sampling(image, classes, n_rows, patch_size, downsample, var, class_s
     """Shared argument checks of the self-epitomic functions (values only when concrete, on the
     host); returns the image and classes as arrays (not yet converted: that is compiled), the
     classes present (``None`` if traced) and the number of sampled patches."""
-    image = _as_array(image)
-    check_rank("image", image, 3, "[H, W, C]")
-    if not (image.dtype in (np.uint8, np.uint16) or jnp.issubdtype(image.dtype, jnp.floating)):
-        raise ValueError(f"image: expected uint8, uint16 or float imagery, got dtype {image.dtype}")
-    check_finite("image", image)
-    classes = _as_array(classes)
+    image = check_image(image)
+    classes = classes if isinstance(classes, np.ndarray | jax.Array) else np.asarray(classes)
     check_rank("classes", classes, 2, "[H, W]")
     if classes.shape != image.shape[:2]:
         raise ValueError(
@@ -270,11 +265,6 @@ def _check_sampling(image, classes, n_rows, patch_size, downsample, var, class_s
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk: expected a positive number of patches, got {chunk}")
     return image, classes, present, n_patches
-
-
-def _as_array(x):
-    """NumPy and JAX arrays (and tracers) as they are; anything else through ``np.asarray``."""
-    return x if isinstance(x, np.ndarray | jax.Array) else np.asarray(x)
 
 
 def _counts_plan(image_shape, present, n_rows, n_patches, *, patch_size, var, downsample,
