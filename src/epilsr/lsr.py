@@ -42,13 +42,20 @@ def _normalise(x: jax.Array, axis: int) -> jax.Array:
     return jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 1.0 / x.shape[axis])
 
 
+def _as_float32(x):
+    """NumPy stays on the host (checked there, moved once by the jitted call); others as JAX."""
+    if isinstance(x, np.ndarray | np.generic | list | tuple | float | int):
+        return np.asarray(x, np.float32)
+    return jnp.asarray(x, jnp.float32)
+
+
 def _check_em_inputs(class_counts, label_given_class, class_prior):
     """Shape and (on concrete inputs) value checks of the EM's inputs; returns them as float32
     arrays ``(counts [..., Cc], table [Cc, n], prior [Cc] or None)``, unnormalised."""
-    counts = jnp.asarray(class_counts, jnp.float32)
+    counts = _as_float32(class_counts)
     if counts.ndim < 2:
         raise ValueError(f"class_counts: expected [..., Cc] with position axes, got {counts.shape}")
-    table = jnp.asarray(label_given_class, jnp.float32)
+    table = _as_float32(label_given_class)
     check_rank("label_given_class", table, 2, "[Cc, n]")
     n_classes = counts.shape[-1]
     if table.shape[0] != n_classes:
@@ -56,14 +63,18 @@ def _check_em_inputs(class_counts, label_given_class, class_prior):
             f"label_given_class: expected {n_classes} rows (one per class of class_counts), "
             f"got shape {table.shape}"
         )
-    check_finite("class_counts", counts)
+    used = None
     if is_concrete(counts):
+        # Two passes: NaN propagates into the minimum and maxima, +-inf shows in one of them.
         arr = np.asarray(counts).reshape(-1, n_classes)
-        if np.any(arr < 0):
+        col_max, lo = arr.max(axis=0, initial=0.0), arr.min(initial=0.0)
+        if not (np.isfinite(lo) and np.isfinite(col_max).all()):
+            check_finite("class_counts", arr)
+        if lo < 0:
             raise ValueError("class_counts: expected non-negative counts, found negative entries")
-    if class_prior is None:
         # Classes with mass: non-negative counts sum to > 0 exactly where one entry is > 0.
-        used = np.flatnonzero(np.any(arr > 0, axis=0)) if is_concrete(counts) else None
+        used = np.flatnonzero(col_max > 0)
+    if class_prior is None:
         check_distribution_table("label_given_class", table, used)
         return counts, table, None
     prior = jnp.asarray(class_prior, jnp.float32)
