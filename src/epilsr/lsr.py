@@ -65,15 +65,16 @@ def _check_em_inputs(class_counts, label_given_class, class_prior):
         )
     used = None
     if is_concrete(counts):
-        # Two passes: NaN propagates into the minimum and maxima, +-inf shows in one of them.
+        # Flat min and max (fast contiguous passes): NaN propagates into both, +-inf shows in one.
         arr = np.asarray(counts).reshape(-1, n_classes)
-        col_max, lo = arr.max(axis=0, initial=0.0), arr.min(initial=0.0)
-        if not (np.isfinite(lo) and np.isfinite(col_max).all()):
+        lo, hi = (arr.min(), arr.max()) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             check_finite("class_counts", arr)
         if lo < 0:
             raise ValueError("class_counts: expected non-negative counts, found negative entries")
-        # Classes with mass: non-negative counts sum to > 0 exactly where one entry is > 0.
-        used = np.flatnonzero(col_max > 0)
+        # Classes with mass (a sum of non-negative floats is > 0 iff one entry is; a product
+        # with ones is a fast column sum).
+        used = np.flatnonzero(np.ones(arr.shape[0], arr.dtype) @ arr > 0)
     if class_prior is None:
         check_distribution_table("label_given_class", table, used)
         return counts, table, None
