@@ -22,14 +22,14 @@ Work, written down per kind (``S`` positions, ``F = K^2 C`` features, ``Cc`` cla
   route's flops with ``n`` label channels), ``P S`` exponentials, bytes: the posteriors
   ``[P, S]`` written and read once.
 
-The bound is ``flops / matmul rate + exps / exp rate`` with the rates measured here (a 2048^2
-float32 matrix product at HIGHEST precision, 512 ``jnp.exp`` passes over 2^16 floats in cache); the bytes are
-reported with the copy rate (``x + 1`` over 2^24 floats, read + write) for scale. ``achieved``
-is the median of ``--rounds`` timed calls of the library function (direct call, after a
-warm-up). Then the sub-steps, each jitted alone on the same shapes, say where the time goes:
-the counts (Eq. 11) vs the EM vs the upsampling for self-epitomic LSR, the posterior vs the
-label correlation vs the scatter for prediction. Prints tables, writes
-``benchmarks/results/window_bound.json``.
+The bound is ``flops / matmul rate + exps / exp rate`` with the rates measured here (a
+2048^2 float32 matrix product at HIGHEST precision; 512 ``jnp.exp`` passes over 2^16 floats in
+cache, compute-bound); the bytes are reported with the copy rate (``x + 1`` over 2^24 floats,
+read + write) for scale. ``achieved`` is the median of ``--rounds`` timed calls of the library
+function (direct call, after a warm-up). Then the sub-steps, each jitted alone on the same
+shapes, say where the time goes: the counts (Eq. 11) vs the EM for self-epitomic LSR, the
+posterior vs the label correlation for prediction (the rest: what the total leaves; noisy
+under load). Prints tables, writes ``benchmarks/results/window_bound.json``.
 """
 
 from __future__ import annotations
