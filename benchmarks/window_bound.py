@@ -18,7 +18,8 @@ Work, written down per kind (``S`` positions, ``F = K^2 C`` features, ``Cc`` cla
   unfolded windows ``[S, F]`` streamed once per chunk plus the ``[P, S]`` posteriors written
   and read once;
 * prediction: the likelihood correlation (flops of the route ``"auto"`` takes,
-  :func:`epilsr.correlate.route_flops`) and the label correlation (its adjoint: the same
+  :func:`epilsr.correlate.route_flops`) and the label sums of the route the library takes:
+  the centre block as one product ``2 P S Kl^2 n`` (or the adjoint correlation, the ``K x K``
   route's flops with ``n`` label channels), ``P S`` exponentials, bytes: the posteriors
   ``[P, S]`` written and read once.
 
@@ -125,20 +126,23 @@ def predict_window(rounds: int) -> dict:
     starts = predict_module.grid_starts(SIZE, PRED_KL, PRED_KL)
     p = len(starts) ** 2
     s = PRED_N * PRED_N
-    chunk = min(256, p)
+    n_chunks = -(-p // 256)
+    chunk = -(-p // n_chunks)  # predict's balanced chunks of at most 256 windows
     c = img.shape[-1]
     maps_shape = (1, PRED_N, PRED_N, 2 * c)
     route = _auto_method(maps_shape, (chunk, PRED_K, PRED_K, 2 * c))
-    n_chunks = -(-p // chunk)
     like = n_chunks * route_flops(route, maps_shape, (chunk, PRED_K, PRED_K, 2 * c))
     label_route = _auto_method((1, PRED_N, PRED_N, LABELS), (chunk, PRED_K, PRED_K, LABELS))
     adj = n_chunks * route_flops(label_route, (1, PRED_N, PRED_N, LABELS),
                                  (chunk, PRED_K, PRED_K, LABELS))
-    centre = 2.0 * p * s * PRED_KL**2 * LABELS  # the centre block alone, as one product
+    centre = 2.0 * n_chunks * chunk * s * PRED_KL**2 * LABELS  # the centre block as one product
+    use_centre = predict_module._use_centre_windows((1, PRED_N, PRED_N, LABELS), PRED_K, PRED_KL)
+    labels = centre if use_centre else adj
     work = {
-        "P": p, "S": s, "route": route, "label_route": label_route,
-        "flops_likelihood": like, "flops_labels": adj, "flops_labels_centre_only": centre,
-        "flops": like + adj, "exps": float(p * s), "bytes": 4.0 * 2 * p * s,
+        "P": p, "S": s, "chunk": chunk, "route": route,
+        "labels": "centre product" if use_centre else f"adjoint ({label_route})",
+        "flops_likelihood": like, "flops_labels_adjoint": adj, "flops_labels_centre": centre,
+        "flops": like + labels, "exps": float(p * s), "bytes": 4.0 * 2 * p * s,
     }
     kw = dict(patch_size=PRED_K, label_size=PRED_KL, stride=PRED_KL, temperature=temp)
     full = lambda: jax.block_until_ready(epilsr.predict(epi, label_probs, img, **kw))  # noqa: E731
@@ -149,8 +153,13 @@ def predict_window(rounds: int) -> dict:
                                                        (PRED_K, PRED_K, c)))(st)
     post_fn = jax.jit(lambda e, x: jnp.exp(log_posterior(e, x, temperature=temp)))
     post = post_fn(epi, patches)
-    lab_fn = jax.jit(lambda q, w: predict_module.patch_label_predictions(
-        q, w, patch_size=(PRED_K, PRED_K)))
+    if use_centre:
+        windows = predict_module._centre_label_windows(jnp.asarray(label_probs), PRED_K, PRED_KL)
+        lab_fn = jax.jit(lambda q, w: predict_module._centre_label_predictions(windows, w,
+                                                                                PRED_KL))
+    else:
+        lab_fn = jax.jit(lambda q, w: predict_module.patch_label_predictions(
+            q, w, patch_size=(PRED_K, PRED_K)))
     steps = {
         "total": full,
         f"posterior x{n_chunks} chunks": lambda: jax.block_until_ready(post_fn(epi, patches)),

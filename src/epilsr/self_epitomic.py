@@ -296,19 +296,31 @@ _COUNT_STATICS = (
 )
 
 
+def _compact_counts(key, image, classes, lookup, rows, var, temperature, *, n_rows, **static):
+    """Eq. 11 counts of checked inputs on the compact classes: ``[h, w, P]`` with the classes
+    renumbered by ``lookup`` (``P = rows.size``), or ``[h, w, n_rows]`` without compaction."""
+    image = as_float_image(image)
+    compact = classes.astype(jnp.int32) if lookup is None else lookup[classes]
+    n_classes = n_rows if rows is None else rows.shape[0]
+    return _self_counts(key, image, compact, var, temperature, n_classes=n_classes, **static)
+
+
+def _scatter_rows(counts: jax.Array, rows: jax.Array | None, n_rows: int) -> jax.Array:
+    """Compact counts ``[..., P]`` back to the table's ``rows`` (absent classes: zero)."""
+    if rows is None:
+        return counts
+    full = jnp.zeros((*counts.shape[:-1], n_rows), counts.dtype)
+    return full.at[..., rows].add(counts)
+
+
 @functools.partial(jax.jit, static_argnames=_COUNT_STATICS)
 def _full_counts(key, image, classes, lookup, rows, var, temperature, *, n_rows, **static):
     """Eq. 11 counts ``[h, w, n_rows]`` of checked inputs, compiled: the image converted, the
     classes renumbered to the compact ones (``lookup``), the counts scattered back to the
     table's ``rows`` (absent classes: zero counts)."""
-    image = as_float_image(image)
-    compact = classes.astype(jnp.int32) if lookup is None else lookup[classes]
-    n_classes = n_rows if rows is None else rows.shape[0]
-    counts = _self_counts(key, image, compact, var, temperature, n_classes=n_classes, **static)
-    if rows is not None:
-        full = jnp.zeros((*counts.shape[:-1], n_rows), counts.dtype)
-        counts = full.at[..., rows].add(counts)
-    return counts
+    counts = _compact_counts(key, image, classes, lookup, rows, var, temperature, n_rows=n_rows,
+                             **static)
+    return _scatter_rows(counts, rows, n_rows)
 
 
 def self_epitomic_counts(
@@ -469,13 +481,24 @@ def _self_lsr(key, image, classes, table, lookup, rows, var, temperature, min_sh
               adapt_strength, cell_area, concentration, class_prior, rounds, iters, *,
               uniform_prior, **static):
     """The compiled body of :func:`self_epitomic_lsr` (inputs checked): Eq. 11 counts, the
-    table's preprocessing, the adapted EM (one loop) and the upsampling."""
-    counts = _full_counts(key, image, classes, lookup, rows, var, temperature, **static)
+    table's preprocessing, the adapted EM (one loop) and the upsampling.
+
+    With the tile's observed class proportions as ``p(c)`` (``class_prior`` None) the EM runs
+    on the compact classes only: an absent class has no mass, hence no weight in Eqs. 8-9 and
+    its row of ``p(s|c)`` only adds exact zeros, so the labels are the same at ``P / Cc`` of
+    the passes over ``[h, w, Cc]`` (NLCD: 8 of 22)."""
+    n_rows = static["n_rows"]
+    counts = _compact_counts(key, image, classes, lookup, rows, var, temperature, **static)
     if uniform_prior:
         class_prior = (jnp.sum(table, axis=1) > 0).astype(jnp.float32)  # every defined row
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)
-    pixels = jnp.bincount(classes.ravel(), length=table.shape[0]).astype(jnp.float32)
+    pixels = jnp.bincount(classes.ravel(), length=n_rows).astype(jnp.float32)
+    concentration = jnp.broadcast_to(jnp.asarray(concentration, jnp.float32), (n_rows,))
+    if rows is not None and class_prior is None:  # compact EM (padded slots: no mass)
+        table, pixels, concentration = table[rows], pixels[rows], concentration[rows]
+    else:
+        counts = _scatter_rows(counts, rows, n_rows)
     probs, _ = _adapt_compositions(
         counts, table, class_prior, adapt_strength * pixels / cell_area, concentration, rounds,
         iters,
