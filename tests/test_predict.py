@@ -10,6 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epilsr import Epitome, predict
+from epilsr.predict import (
+    _centre_label_predictions,
+    _centre_label_windows,
+    patch_label_predictions,
+)
 from tests.reference import predict_bf, random_epitome_arrays
 
 pred_jit = jax.jit(predict, static_argnames=("patch_size", "stride", "chunk", "route"))
@@ -121,3 +126,27 @@ def test_predict_outputs_distributions(h, w, k, stride, log_t, seed):
     assert got.shape == (h, w, 3)
     assert np.all(np.isfinite(got)) and np.all(got >= -1e-7)
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k, kl, layers, n1, n2",
+                         [(7, 3, 1, 9, 8), (5, 1, 2, 6, 7), (9, 5, 1, 9, 10)])
+def test_centre_block_product_matches_brute_force(rng, k, kl, layers, n1, n2):
+    """The centre-block matrix product (prediction with ``label_size < K``) equals the float64
+    sum ``y[b, i, j] = sum_s p(s|x_b) label_probs[s + o + (i, j)]`` (wrapping), and the centre
+    of the ``K x K`` adjoint route."""
+    n, b, o = 3, 4, (k - kl) // 2
+    label_probs = rng.dirichlet(np.ones(n), size=(layers, n1, n2)).astype(np.float32)
+    post = rng.dirichlet(np.ones(layers * n1 * n2), size=b).reshape(b, layers, n1, n2)
+    post = post.astype(np.float32)
+    got = np.asarray(_centre_label_predictions(
+        _centre_label_windows(jnp.asarray(label_probs), k, kl), jnp.asarray(post), kl))
+    want = np.zeros((b, kl, kl, n))
+    for i in range(kl):
+        for j in range(kl):
+            shifted = np.roll(label_probs, (-(o + i), -(o + j)), axis=(1, 2)).astype(np.float64)
+            want[:, i, j] = np.einsum("blxy,lxyn->bn", post.astype(np.float64), shifted)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    adjoint = patch_label_predictions(jnp.asarray(label_probs), jnp.asarray(post),
+                                      patch_size=(k, k), method="direct")
+    np.testing.assert_allclose(got, np.asarray(adjoint)[:, o : o + kl, o : o + kl], rtol=1e-5,
+                               atol=1e-6)

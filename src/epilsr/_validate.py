@@ -79,3 +79,12 @@ def check_same_grid(name: str, shape, height: int, width: int, image: str = "ima
             f"{name}: expected a {height}x{width} raster matching the {image}, got "
             f"{got[0]}x{got[1]} (rasters are never cropped or padded to fit)"
         )
+
+
+def check_class_prior(name: str, prior, table) -> None:
+    """A concrete ``[Cc]`` prior: non-negative, finite, positive sum; its rows defined."""
+    if is_concrete(prior):
+        p = np.asarray(prior)
+        if np.any(p < 0) or not np.isfinite(p).all() or p.sum() <= 0:
+            raise ValueError(f"{name}: expected non-negative weights with a positive sum")
+        check_distribution_table("label_given_class", table, np.flatnonzero(p > 0))

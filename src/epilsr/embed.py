@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 from epilsr._validate import check_index_range, check_rank
 from epilsr.correlate import box_spread, circular_correlate_adjoint, resolve_route
 from epilsr.epitome import Epitome
-from epilsr.likelihood import log_posterior
+from epilsr.likelihood import check_patches, check_posterior_args, log_posterior
 from epilsr.parallel import _auto_mesh
 
 __all__ = [
@@ -74,6 +74,16 @@ def embed_labels(
         raise ValueError(
             f"labels: label block {labels.shape[1:3]} is larger than the patch {(k1, k2)}"
         )
+    patches = check_patches(epitome, patches)
+    mask = check_posterior_args(epitome, temperature, mask)
+    return _embed_labels(epitome, patches, labels, temperature, mask, route=route)
+
+
+@functools.partial(jax.jit, static_argnames="route")
+def _embed_labels(epitome, patches, labels, temperature, mask, *, route):
+    """The compiled body of :func:`embed_labels` (inputs checked)."""
+    k1, k2 = patches.shape[1:3]
+    kl1, kl2 = labels.shape[1:3]
     post = jnp.exp(
         log_posterior(epitome, patches, temperature=temperature, mask=mask, route=route)
     )
@@ -141,6 +151,15 @@ def embed_classes(
             f"classes: expected one class per patch ({patches.shape[0]}), got shape {classes.shape}"
         )
     check_index_range("classes", classes, n_classes, "class")
+    patches = check_patches(epitome, patches)
+    mask = check_posterior_args(epitome, temperature, mask)
+    return _embed_classes(epitome, patches, classes, temperature, mask, n_classes=n_classes,
+                          route=route)
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes", "route"))
+def _embed_classes(epitome, patches, classes, temperature, mask, *, n_classes, route):
+    """The compiled body of :func:`embed_classes` (inputs checked)."""
     post = jnp.exp(
         log_posterior(epitome, patches, temperature=temperature, mask=mask, route=route)
     )

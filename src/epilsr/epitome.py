@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_finite, check_rank
@@ -136,6 +137,21 @@ def as_float_image(image: ArrayLike, name: str = "image") -> jax.Array:
             f"{name}: expected uint8, uint16 or float imagery, got dtype {image.dtype}"
         )
     return image.astype(jnp.float32)
+
+
+def check_image(image: ArrayLike, name: str = "image") -> jax.Array | np.ndarray:
+    """Checks an ``[H, W, C]`` image without converting it (that is compiled, by
+    :func:`as_float_image` inside the caller's jitted body): rank, dtype (uint8, uint16 or
+    float) and, on concrete float values, finiteness (on the host). Returns it as an array."""
+    if not isinstance(image, np.ndarray | jax.Array):
+        image = np.asarray(image)
+    check_rank(name, image, 3, "[H, W, C]")
+    if image.dtype not in (np.uint8, np.uint16) and not jnp.issubdtype(image.dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: expected uint8, uint16 or float imagery, got dtype {image.dtype}"
+        )
+    check_finite(name, image)
+    return image
 
 
 def epitome_from_image(image: ArrayLike, *, var: float = 0.01) -> Epitome:

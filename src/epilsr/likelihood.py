@@ -102,6 +102,24 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature: expected a positive number, got {temperature}")
 
 
+def check_posterior_args(epitome: Epitome, temperature, mask) -> jax.Array | None:
+    """Checks of :func:`log_posterior`'s ``temperature`` and ``mask`` (values when concrete),
+    so compiled callers can run them before tracing. Returns the mask as an array (or None)."""
+    _check_temperature(temperature)
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.shape != epitome.prior_logits.shape:
+        raise ValueError(
+            f"mask: expected shape {epitome.prior_logits.shape} ([L, N1, N2]), got {mask.shape}"
+        )
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"mask: expected a bool array, got dtype {mask.dtype}")
+    if is_concrete(mask) and not np.any(np.asarray(mask)):
+        raise ValueError("mask: every position is masked out; expected at least one True")
+    return mask
+
+
 def log_posterior(
     epitome: Epitome,
     patches: ArrayLike,
@@ -126,18 +144,9 @@ def log_posterior(
       ``[B, L, N1, N2]`` log-probabilities normalised over all positions (masked ones ``-inf``).
     """
     route = resolve_route(route, method)
-    _check_temperature(temperature)
+    mask = check_posterior_args(epitome, temperature, mask)
     logits = log_likelihood(epitome, patches, route=route, plan=plan) / temperature
     logits = logits + log_prior(epitome)
     if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.shape != epitome.prior_logits.shape:
-            raise ValueError(
-                f"mask: expected shape {epitome.prior_logits.shape} ([L, N1, N2]), got {mask.shape}"
-            )
-        if mask.dtype != jnp.bool_:
-            raise ValueError(f"mask: expected a bool array, got dtype {mask.dtype}")
-        if is_concrete(mask) and not np.any(np.asarray(mask)):
-            raise ValueError("mask: every position is masked out; expected at least one True")
         logits = jnp.where(mask, logits, -jnp.inf)
     return jax.nn.log_softmax(logits, axis=(1, 2, 3))

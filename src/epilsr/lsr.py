@@ -18,6 +18,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from epilsr._validate import (
+    check_class_prior,
     check_distribution_table,
     check_finite,
     check_index_range,
@@ -41,11 +42,20 @@ def _normalise(x: jax.Array, axis: int) -> jax.Array:
     return jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 1.0 / x.shape[axis])
 
 
-def _em_inputs(class_counts, label_given_class, class_prior):
-    counts = jnp.asarray(class_counts, jnp.float32)
+def _as_float32(x):
+    """NumPy stays on the host (checked there, moved once by the jitted call); others as JAX."""
+    if isinstance(x, np.ndarray | np.generic | list | tuple | float | int):
+        return np.asarray(x, np.float32)
+    return jnp.asarray(x, jnp.float32)
+
+
+def _check_em_inputs(class_counts, label_given_class, class_prior):
+    """Shape and (on concrete inputs) value checks of the EM's inputs; returns them as float32
+    arrays ``(counts [..., Cc], table [Cc, n], prior [Cc] or None)``, unnormalised."""
+    counts = _as_float32(class_counts)
     if counts.ndim < 2:
         raise ValueError(f"class_counts: expected [..., Cc] with position axes, got {counts.shape}")
-    table = jnp.asarray(label_given_class, jnp.float32)
+    table = _as_float32(label_given_class)
     check_rank("label_given_class", table, 2, "[Cc, n]")
     n_classes = counts.shape[-1]
     if table.shape[0] != n_classes:
@@ -53,28 +63,95 @@ def _em_inputs(class_counts, label_given_class, class_prior):
             f"label_given_class: expected {n_classes} rows (one per class of class_counts), "
             f"got shape {table.shape}"
         )
-    check_finite("class_counts", counts)
-    if is_concrete(counts) and np.any(np.asarray(counts) < 0):
-        raise ValueError("class_counts: expected non-negative counts, found negative entries")
-    flat = counts.reshape(-1, n_classes)  # [S, Cc]
-    mass = jnp.sum(flat, axis=0)  # [Cc]
+    used = None
+    if is_concrete(counts):
+        # Flat min and max (fast contiguous passes): NaN propagates into both, +-inf shows in one.
+        arr = np.asarray(counts).reshape(-1, n_classes)
+        lo, hi = (arr.min(), arr.max()) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            check_finite("class_counts", arr)
+        if lo < 0:
+            raise ValueError("class_counts: expected non-negative counts, found negative entries")
+        # Classes with mass (a sum of non-negative floats is > 0 iff one entry is; a product
+        # with ones is a fast column sum).
+        used = np.flatnonzero(np.ones(arr.shape[0], arr.dtype) @ arr > 0)
     if class_prior is None:
-        used = np.flatnonzero(np.asarray(mass) > 0) if is_concrete(mass) else None
         check_distribution_table("label_given_class", table, used)
+        return counts, table, None
+    prior = jnp.asarray(class_prior, jnp.float32)
+    if prior.shape != (n_classes,):
+        raise ValueError(f"class_prior: expected shape ({n_classes},), got {prior.shape}")
+    check_class_prior("class_prior", prior, table)
+    return counts, table, prior
+
+
+def _em_prep(counts, table, prior):
+    """Checked inputs -> ``(position shape, p(s|c) [S, Cc], p(l|c) [Cc, n], p(c) [Cc])``."""
+    n_classes = counts.shape[-1]
+    flat = counts.reshape(-1, n_classes)  # [S, Cc]
+    if prior is None:
+        mass = jnp.sum(flat, axis=0)  # [Cc]
         prior = mass / jnp.sum(mass)
     else:
-        prior = jnp.asarray(class_prior, jnp.float32)
-        if prior.shape != (n_classes,):
-            raise ValueError(f"class_prior: expected shape ({n_classes},), got {prior.shape}")
-        if is_concrete(prior):
-            p = np.asarray(prior)
-            if np.any(p < 0) or not np.isfinite(p).all() or p.sum() <= 0:
-                raise ValueError("class_prior: expected non-negative weights with a positive sum")
-            check_distribution_table("label_given_class", table, np.flatnonzero(p > 0))
         prior = prior / jnp.sum(prior)
     # p(s|c); a class never observed gets uniform p(s|c) (it only matters if given weight).
     p_s_given_c = _normalise(flat, axis=0)
     return counts.shape[:-1], p_s_given_c, _normalise(table, axis=1), prior
+
+
+def _em(p_sc: jax.Array, table: jax.Array, prior: jax.Array, iters) -> jax.Array:
+    """Eqs. 8-9 from a uniform start: ``[S, Cc], [Cc, n], [Cc] -> [S, n]`` (one compiled loop;
+    ``iters`` may be traced)."""
+    n = table.shape[1]
+    weight = prior[:, None] * table  # [Cc, n]
+    seen = jnp.sum(p_sc, axis=1, keepdims=True) > 0  # [S, 1]
+
+    def step(_, q):
+        z = jnp.matmul(p_sc.T, q, precision="highest")  # [Cc, n]
+        ratio = jnp.where(weight > 0, weight / jnp.maximum(z, _TINY), 0.0)
+        q_new = q * jnp.matmul(p_sc, ratio, precision="highest")  # [S, n]
+        return jnp.where(seen, _normalise(q_new, axis=1), q)
+
+    q0 = jnp.full((p_sc.shape[0], n), 1.0 / n, jnp.float32)
+    return jax.lax.fori_loop(0, iters, step, q0)
+
+
+def _adapt(p_sc, table, prior, evidence, alpha, rounds, iters):
+    """:func:`adapt_compositions` on prepared inputs (``table`` normalised): ``rounds`` EMs
+    each followed by the MAP composition update, then the final EM, as one compiled loop.
+    Returns ``(q [S, n], pi [Cc, n])``."""
+
+    def one_round(_, pi):
+        q = _em(p_sc, _normalise(pi, axis=1), prior, iters)
+        r = jnp.matmul(p_sc.T, q, precision="highest")  # [Cc, n]
+        return _normalise(evidence[:, None] * r * (table > 0) + alpha[:, None] * table, axis=1)
+
+    pi = jax.lax.fori_loop(0, rounds, one_round, table)
+    return _em(p_sc, _normalise(pi, axis=1), prior, iters), pi
+
+
+@jax.jit
+def _objective(counts, table, prior, label_probs):
+    _, p_sc, table, prior = _em_prep(counts, table, prior)
+    q = jnp.asarray(label_probs, jnp.float32).reshape(p_sc.shape[0], -1)
+    z = jnp.matmul(p_sc.T, q, precision="highest")
+    weight = prior[:, None] * table
+    return jnp.sum(jnp.where(weight > 0, weight * jnp.log(jnp.maximum(z, _TINY)), 0.0))
+
+
+@jax.jit
+def _super_resolve(counts, table, prior, iters):
+    shape, p_sc, table, prior = _em_prep(counts, table, prior)
+    return _em(p_sc, table, prior, iters).reshape(*shape, table.shape[1])
+
+
+@jax.jit
+def _adapt_compositions(counts, table, prior, evidence, concentration, rounds, iters):
+    shape, p_sc, table, prior = _em_prep(counts, table, prior)
+    evidence = jnp.asarray(evidence, jnp.float32)
+    alpha = jnp.broadcast_to(jnp.asarray(concentration, jnp.float32), evidence.shape)
+    q, pi = _adapt(p_sc, table, prior, evidence, alpha, rounds, iters)
+    return q.reshape(*shape, table.shape[1]), pi
 
 
 def lsr_objective(
@@ -92,11 +169,8 @@ def lsr_objective(
       label_probs: ``[..., n]`` ``p(l|s)`` on the same positions.
       class_prior: optional ``[Cc]``; ``None`` = observed proportions.
     """
-    _, p_sc, table, prior = _em_inputs(class_counts, label_given_class, class_prior)
-    q = jnp.asarray(label_probs, jnp.float32).reshape(p_sc.shape[0], -1)
-    z = jnp.matmul(p_sc.T, q, precision="highest")
-    weight = prior[:, None] * table
-    return jnp.sum(jnp.where(weight > 0, weight * jnp.log(jnp.maximum(z, _TINY)), 0.0))
+    counts, table, prior = _check_em_inputs(class_counts, label_given_class, class_prior)
+    return _objective(counts, table, prior, label_probs)
 
 
 def super_resolve(
@@ -115,25 +189,13 @@ def super_resolve(
         published tables are fine. Rows of classes that occur must not be all zero.
       class_prior: ``[Cc]`` ``p(c)``; ``None`` = observed proportions ``sum counts[..., c]``
         (Eq. 7), so classes that never occur carry no weight.
-      iters: number of EM iterations (static).
+      iters: number of EM iterations (a loop bound; may be traced).
 
     Returns:
       ``[L, N1, N2, n]`` label distributions (uniform where no class mass landed).
     """
-    shape, p_sc, table, prior = _em_inputs(class_counts, label_given_class, class_prior)
-    n = table.shape[1]
-    weight = prior[:, None] * table  # [Cc, n]
-    seen = jnp.sum(p_sc, axis=1, keepdims=True) > 0  # [S, 1]
-
-    def step(_, q):
-        z = jnp.matmul(p_sc.T, q, precision="highest")  # [Cc, n]
-        ratio = jnp.where(weight > 0, weight / jnp.maximum(z, _TINY), 0.0)
-        q_new = q * jnp.matmul(p_sc, ratio, precision="highest")  # [S, n]
-        return jnp.where(seen, _normalise(q_new, axis=1), q)
-
-    q0 = jnp.full((p_sc.shape[0], n), 1.0 / n, jnp.float32)
-    q = jax.lax.fori_loop(0, iters, step, q0)
-    return q.reshape(*shape, n)
+    counts, table, prior = _check_em_inputs(class_counts, label_given_class, class_prior)
+    return _super_resolve(counts, table, prior, iters)
 
 
 def dirichlet_concentration(mean: ArrayLike, sd: ArrayLike) -> np.ndarray:
@@ -192,22 +254,15 @@ def adapt_compositions(
       label_given_class: ``[Cc, n]`` prior mean compositions.
       evidence: ``[Cc]`` weight of the data's composition (e.g. ``0.1 x`` number of coarse cells).
       concentration: scalar or ``[Cc]`` ``alpha_c`` (see :func:`dirichlet_concentration`).
-      rounds: composition updates (static).
+      rounds: composition updates (a loop bound; may be traced).
       iters: EM iterations per round.
       class_prior: as for :func:`super_resolve`.
 
     Returns:
       ``(label_probs [..., n], compositions [Cc, n])``.
     """
-    shape, p_sc, table, _ = _em_inputs(class_counts, label_given_class, class_prior)
-    evidence = jnp.asarray(evidence, jnp.float32)
-    alpha = jnp.broadcast_to(jnp.asarray(concentration, jnp.float32), evidence.shape)
-    pi = table
-    for _ in range(rounds):
-        q = super_resolve(class_counts, pi, class_prior=class_prior, iters=iters)
-        r = jnp.matmul(p_sc.T, q.reshape(p_sc.shape[0], -1), precision="highest")  # [Cc, n]
-        pi = _normalise(evidence[:, None] * r * (table > 0) + alpha[:, None] * table, axis=1)
-    return super_resolve(class_counts, pi, class_prior=class_prior, iters=iters), pi
+    counts, table, prior = _check_em_inputs(class_counts, label_given_class, class_prior)
+    return _adapt_compositions(counts, table, prior, evidence, concentration, rounds, iters)
 
 
 def paint_classes(classes: ArrayLike, label_given_class: ArrayLike) -> jax.Array:

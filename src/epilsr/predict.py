@@ -8,14 +8,17 @@ prediction is the mean of ``y`` over the patches that cover it.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from epilsr._validate import check_finite, check_rank
-from epilsr.correlate import circular_correlate, resolve_route
-from epilsr.epitome import Epitome, as_float_image
-from epilsr.likelihood import log_posterior
+from epilsr._validate import check_rank
+from epilsr.correlate import circular_correlate, resolve_route, wrap_pad
+from epilsr.epitome import Epitome, as_float_image, check_image
+from epilsr.likelihood import check_posterior_args, log_posterior
 from epilsr.windows import grid_starts
 
 __all__ = [
@@ -53,6 +56,46 @@ def patch_label_predictions(
     zeros = jnp.zeros((b, *patch_size, label_probs.shape[-1]), posteriors.dtype)
     _, vjp = jax.vjp(lambda k: circular_correlate(label_probs, k, route=route), zeros)
     return vjp(posteriors)[0]
+
+
+_CENTRE_BUDGET = 1 << 26  # bytes of unfolded centre-block label windows (else the adjoint route)
+
+
+def _centre_label_windows(label_probs: jax.Array, patch_size: int, label_size: int) -> jax.Array:
+    """``[L, N1, N2, n] -> [L*N1*N2, Kl*Kl*n]``: row ``s`` holds ``label_probs[s + o + (i, j)]``
+    (wrapping, ``o = (K - Kl) // 2``) for the ``Kl x Kl`` centre offsets ``(i, j)``, features
+    ``(i, j, l)`` like ``block.reshape(-1)``."""
+    o = (patch_size - label_size) // 2
+    lyr, n1, n2, n = label_probs.shape
+    padded = wrap_pad(label_probs, axes=(1, 2), lengths=(n1 + label_size - 1,
+                                                         n2 + label_size - 1), starts=(o, o))
+    shifted = [padded[:, i : i + n1, j : j + n2]
+               for i in range(label_size) for j in range(label_size)]
+    return jnp.stack(shifted, axis=3).reshape(lyr * n1 * n2, label_size * label_size * n)
+
+
+def _centre_label_predictions(windows: jax.Array, posteriors: jax.Array, label_size: int
+                             ) -> jax.Array:
+    """Eq. 2 for the centre ``Kl x Kl`` block only, one matrix product:
+    ``y[b, i, j, :] = sum_s p(s|x_b) label_probs[s + o + (i, j)]``, i.e.
+    ``patch_label_predictions(...)[:, o:o+Kl, o:o+Kl]`` at ``Kl^2 / K^2`` of its work.
+
+    Args:
+      windows: ``[S, Kl*Kl*n]`` from :func:`_centre_label_windows`.
+      posteriors: ``[B, L, N1, N2]`` ``p(s | x_b)``.
+
+    Returns:
+      ``[B, Kl, Kl, n]``.
+    """
+    b = posteriors.shape[0]
+    y = jnp.matmul(posteriors.reshape(b, -1), windows, precision="highest")
+    return y.reshape(b, label_size, label_size, -1)
+
+
+def _use_centre_windows(label_probs_shape, k: int, kl: int) -> bool:
+    """The centre-block product when a window predicts a strict centre block whose unfolded
+    label windows fit ``_CENTRE_BUDGET`` (always fewer flops than the ``K x K`` adjoint)."""
+    return kl < k and 4 * math.prod(label_probs_shape) * kl * kl <= _CENTRE_BUDGET
 
 
 def patch_grid(size: int, k: int, stride: int) -> jax.Array:
@@ -162,6 +205,8 @@ def window_sums(
     starts = starts.reshape(p // chunk, chunk, 2)
     weights = weights.reshape(p // chunk, chunk).astype(jnp.float32)
     offs = jnp.arange(kl)
+    centre = _use_centre_windows(label_probs.shape, k, kl)
+    windows = _centre_label_windows(label_probs, k, kl) if centre else None
 
     def body(carry, xs):
         acc, count = carry
@@ -170,8 +215,12 @@ def window_sums(
         post = jnp.exp(
             log_posterior(epitome, patches, temperature=temperature, mask=mask, route=route)
         )
-        y = patch_label_predictions(label_probs, post, patch_size=(k, k), route=route)
-        y = y[:, o : o + kl, o : o + kl] * wt[:, None, None, None]
+        if centre:
+            y = _centre_label_predictions(windows, post, kl)
+        else:
+            y = patch_label_predictions(label_probs, post, patch_size=(k, k), route=route)
+            y = y[:, o : o + kl, o : o + kl]
+        y = y * wt[:, None, None, None]
         r = st[:, 0, None, None] + o + offs[None, :, None]  # [B, Kl, 1]
         q = st[:, 1, None, None] + o + offs[None, None, :]  # [B, 1, Kl]
         acc = acc.at[r, q].add(y)
@@ -227,16 +276,31 @@ def predict(
       ``[H, W, n]`` per-pixel label distributions.
     """
     route = resolve_route(route, method)
-    image = as_float_image(image)
-    check_finite("image", image)
+    image = check_image(image)
     h, w, _ = image.shape
     k = patch_size
     if label_size is None and (int(k) != k or not 1 <= k <= min(h, w)):
         raise ValueError(f"patch_size: expected 1 <= K <= {min(h, w)} (image {h}x{w}), got {k}")
-    label_probs, kl, o = check_predict_inputs(
+    label_probs, _, _ = check_predict_inputs(
         epitome, label_probs, image_shape=image.shape, patch_size=k, label_size=label_size,
         stride=stride,
     )
+    mask = check_posterior_args(epitome, temperature, mask)
+    return _predict(epitome, label_probs, image, temperature, mask, patch_size=k, stride=stride,
+                    label_size=label_size, chunk=chunk, route=route)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("patch_size", "stride", "label_size", "chunk", "route")
+)
+def _predict(epitome, label_probs, image, temperature, mask, *, patch_size, stride, label_size,
+             chunk, route):
+    """The compiled body of :func:`predict` (inputs checked)."""
+    image = as_float_image(image)
+    h, w, _ = image.shape
+    k = patch_size
+    kl = k if label_size is None else label_size
+    o = (k - kl) // 2
     if o:
         image = jnp.pad(image, ((o, o), (o, o), (0, 0)), mode="reflect")
     # block corners on the (unpadded) grid == window corners in padded coordinates
@@ -244,7 +308,7 @@ def predict(
     rr, cc = jnp.meshgrid(rows, cols, indexing="ij")
     starts = jnp.stack([rr.ravel(), cc.ravel()], axis=1)  # [P, 2]
     p = starts.shape[0]
-    chunk = min(chunk, p)
+    chunk = -(-p // -(-p // min(chunk, p)))  # as many batches as ``chunk`` needs, less padding
     pad = -(-p // chunk) * chunk - p
     weights = jnp.pad(jnp.ones((p,), jnp.float32), (0, pad))
     starts = jnp.pad(starts, ((0, pad), (0, 0)))

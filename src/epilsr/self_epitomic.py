@@ -10,8 +10,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from epilsr._validate import (
+    check_class_prior,
     check_distribution_table,
-    check_finite,
     check_index_range,
     check_rank,
     is_concrete,
@@ -24,8 +24,8 @@ from epilsr.correlate import (
     circular_correlate_adjoint,
     plan_for,
 )
-from epilsr.epitome import as_float_image
-from epilsr.lsr import _normalise, adapt_compositions
+from epilsr.epitome import as_float_image, check_image
+from epilsr.lsr import _adapt_compositions, _normalise
 
 __all__ = [
     "self_epitomic_counts",
@@ -181,25 +181,24 @@ def _unfold_bytes(shape: tuple[int, ...], k: int, wrap: bool) -> int:
     return 4 * m1 * m2 * k * k * c
 
 
-def _compact_classes(
-    classes: jax.Array, present: np.ndarray | None, n_classes: int
-) -> tuple[jax.Array, np.ndarray | None]:
-    """Renumber ``classes`` to the ``present`` ones (sorted; ``None`` for traced classes), so
-    the per-chunk class products have a row per present class (a tile has a few of the 22 NLCD
-    classes). Returns the renumbered ``[H, W]`` int32 map and ``[P]`` the table rows they stand
-    for, padded with repeats of the last present row to a bucket size (4, 8, 16, ...) so tiles
-    share compilations; padded slots get no pixels. Without ``present``: unchanged and ``None``."""
+def _compaction(present: np.ndarray | None, n_classes: int):
+    """Lookup ``[n_classes]`` int32 (class -> compact index) and ``[P]`` the table rows the
+    compact classes stand for (the ``present`` ones, sorted), so the per-chunk class products
+    have a row per present class (a tile has a few of the 22 NLCD classes). ``P`` is padded with
+    repeats of the last present row to a bucket size (4, 8, 16, ...) so tiles share
+    compilations; padded slots get no pixels. ``(None, None)`` without ``present`` (traced
+    classes) or when the bucket would not be smaller than ``n_classes``."""
     if present is None:
-        return classes.astype(jnp.int32), None
+        return None, None
     bucket = 4
     while bucket < present.size:
         bucket *= 2
     if bucket >= n_classes:
-        return classes.astype(jnp.int32), None
+        return None, None
     lookup = np.zeros(n_classes, np.int32)
     lookup[present] = np.arange(present.size)
     padded = np.concatenate([present, np.full(bucket - present.size, present[-1])])
-    return jnp.asarray(lookup)[classes], padded
+    return lookup, padded.astype(np.int32)
 
 
 def _default_chunk(positions: int, unfold: bool, plan: CorrelationPlan) -> int:
@@ -240,18 +239,20 @@ def _upsample(probs: jax.Array, factor: int, shape: tuple[int, int]) -> jax.Arra
 
 def _check_sampling(image, classes, n_rows, patch_size, downsample, var, class_spread,
                     sample_fraction, chunk):
-    """Shared argument checks of the self-epitomic functions; returns the float image, the
-    classes, the classes present (``None`` if traced) and the number of sampled patches."""
-    image = as_float_image(image)
-    check_finite("image", image)
-    classes = jnp.asarray(classes)
+    """Shared argument checks of the self-epitomic functions (values only when concrete, on the
+    host); returns the image and classes as arrays (not yet converted: that is compiled), the
+    classes present (``None`` if traced) and the number of sampled patches."""
+    image = check_image(image)
+    classes = classes if isinstance(classes, np.ndarray | jax.Array) else np.asarray(classes)
     check_rank("classes", classes, 2, "[H, W]")
     if classes.shape != image.shape[:2]:
         raise ValueError(
             f"classes: expected shape {image.shape[:2]} to match image, got {classes.shape}"
         )
     check_index_range("classes", classes, n_rows, "class")
-    present = np.unique(np.asarray(classes)) if is_concrete(classes) else None
+    present = None
+    if is_concrete(classes):  # after the range check: a histogram, cheaper than np.unique
+        present = np.flatnonzero(np.bincount(np.asarray(classes).ravel(), minlength=n_rows))
     if downsample < 1:
         raise ValueError(f"downsample: expected an integer >= 1, got {downsample}")
     n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
@@ -275,41 +276,61 @@ def _check_sampling(image, classes, n_rows, patch_size, downsample, var, class_s
     return image, classes, present, n_patches
 
 
-def _counts(key, image, classes, present, n_rows, n_patches, *, patch_size, var, downsample,
-            temperature, wrap, class_spread, chunk, plan):
-    """Eq. 11 counts ``[h, w, n_rows]`` of checked inputs (see :func:`self_epitomic_counts`)."""
-    n1, n2 = -(-image.shape[0] // downsample), -(-image.shape[1] // downsample)
+def _counts_plan(image_shape, present, n_rows, n_patches, *, patch_size, var, downsample,
+                 temperature, wrap, class_spread, chunk, plan):
+    """Host-side choices of the counts' computation: ``(arrays, static)`` where ``arrays`` are
+    the traced arguments of :func:`_full_counts` after ``key, image, classes`` and ``static``
+    its static keyword arguments (route, chunk, compaction size)."""
+    n1, n2 = -(-image_shape[0] // downsample), -(-image_shape[1] // downsample)
     temperature = float(patch_size**2) if temperature is None else temperature
-    plan = plan_for(image) if plan is None else plan
     unfold = (
         class_spread == "window"
-        and _unfold_bytes((n1, n2, image.shape[-1]), patch_size, wrap) <= plan.unfold_bytes
+        and _unfold_bytes((n1, n2, image_shape[-1]), patch_size, wrap) <= plan.unfold_bytes
     )
     if chunk is None:
         chunk = _default_chunk(n1 * n2, unfold, plan)
     total = (n1 - patch_size + 1) * (n2 - patch_size + 1) if n_patches is None else n_patches
     chunk = _balanced_chunk(total, chunk)
-    compact, rows = _compact_classes(classes, present, n_rows)
-    counts = _self_counts(
-        key,
-        image,
-        compact,
-        jnp.float32(var),
-        jnp.float32(temperature),
-        n_classes=rows.size if rows is not None else n_rows,
-        patch_size=patch_size,
-        downsample=downsample,
-        n_patches=n_patches,
-        chunk=chunk,
-        wrap=wrap,
-        class_spread=class_spread,
-        unfold=unfold,
-        plan=plan,
+    lookup, rows = _compaction(present, n_rows)
+    arrays = (lookup, rows, jnp.float32(var), jnp.float32(temperature))
+    static = dict(
+        n_rows=n_rows, patch_size=patch_size, downsample=downsample, n_patches=n_patches,
+        chunk=chunk, wrap=wrap, class_spread=class_spread, unfold=unfold, plan=plan,
     )
-    if rows is not None:  # back to the rows of the table (absent classes: zero counts)
-        full = jnp.zeros((*counts.shape[:-1], n_rows), counts.dtype)
-        counts = full.at[..., rows].add(counts)
-    return counts
+    return arrays, static
+
+
+_COUNT_STATICS = (
+    "n_rows", "patch_size", "downsample", "n_patches", "chunk", "wrap", "class_spread", "unfold",
+    "plan",
+)
+
+
+def _compact_counts(key, image, classes, lookup, rows, var, temperature, *, n_rows, **static):
+    """Eq. 11 counts of checked inputs on the compact classes: ``[h, w, P]`` with the classes
+    renumbered by ``lookup`` (``P = rows.size``), or ``[h, w, n_rows]`` without compaction."""
+    image = as_float_image(image)
+    compact = classes.astype(jnp.int32) if lookup is None else lookup[classes]
+    n_classes = n_rows if rows is None else rows.shape[0]
+    return _self_counts(key, image, compact, var, temperature, n_classes=n_classes, **static)
+
+
+def _scatter_rows(counts: jax.Array, rows: jax.Array | None, n_rows: int) -> jax.Array:
+    """Compact counts ``[..., P]`` back to the table's ``rows`` (absent classes: zero)."""
+    if rows is None:
+        return counts
+    full = jnp.zeros((*counts.shape[:-1], n_rows), counts.dtype)
+    return full.at[..., rows].add(counts)
+
+
+@functools.partial(jax.jit, static_argnames=_COUNT_STATICS)
+def _full_counts(key, image, classes, lookup, rows, var, temperature, *, n_rows, **static):
+    """Eq. 11 counts ``[h, w, n_rows]`` of checked inputs, compiled: the image converted, the
+    classes renumbered to the compact ones (``lookup``), the counts scattered back to the
+    table's ``rows`` (absent classes: zero counts)."""
+    counts = _compact_counts(key, image, classes, lookup, rows, var, temperature, n_rows=n_rows,
+                             **static)
+    return _scatter_rows(counts, rows, n_rows)
 
 
 def self_epitomic_counts(
@@ -343,11 +364,12 @@ def self_epitomic_counts(
         image, classes, n_classes, patch_size, downsample, var, class_spread, sample_fraction,
         chunk,
     )
-    return _counts(
-        key, image, classes, present, n_classes, n_patches, patch_size=patch_size, var=var,
+    arrays, static = _counts_plan(
+        image.shape, present, n_classes, n_patches, patch_size=patch_size, var=var,
         downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
-        chunk=chunk, plan=plan,
+        chunk=chunk, plan=plan_for(image) if plan is None else plan,
     )
+    return _full_counts(key, image, classes, *arrays, **static)
 
 
 def self_epitomic_lsr(
@@ -431,31 +453,68 @@ def self_epitomic_lsr(
         check_distribution_table("label_given_class", table, present)
     if not 0 <= min_share < 1:
         raise ValueError(f"min_share: expected a share in [0, 1), got {min_share}")
+    if is_concrete(table):  # the table the EM gets: normalised, small shares dropped
+        used = np.asarray(table)
+        used = used / np.maximum(used.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        used = np.where(used >= min_share, used, 0.0)
+    else:
+        used = table
+    if present is not None:
+        check_distribution_table("label_given_class", used, present)
     if adapt_rounds < 0 or adapt_strength < 0:
         raise ValueError(
             f"adapt_rounds/adapt_strength: expected >= 0, got {adapt_rounds}/{adapt_strength}"
         )
-    if isinstance(class_prior, str):
+    uniform_prior = isinstance(class_prior, str)
+    if uniform_prior:
         if class_prior != "uniform":
             raise ValueError(
                 f"class_prior: expected None, 'uniform' or a [Cc] array, got {class_prior!r}"
             )
-        class_prior = (jnp.sum(table, axis=1) > 0).astype(jnp.float32)  # every defined row
-    counts = _counts(
-        key, image, classes, present, table.shape[0], n_patches, patch_size=patch_size, var=var,
+        class_prior = None
+    elif class_prior is not None:
+        class_prior = jnp.asarray(class_prior, jnp.float32)
+        if class_prior.shape != (table.shape[0],):
+            raise ValueError(
+                f"class_prior: expected shape ({table.shape[0]},), got {class_prior.shape}"
+            )
+        check_class_prior("class_prior", class_prior, used)
+    arrays, static = _counts_plan(
+        image.shape, present, table.shape[0], n_patches, patch_size=patch_size, var=var,
         downsample=downsample, temperature=temperature, wrap=wrap, class_spread=class_spread,
-        chunk=chunk, plan=plan,
+        chunk=chunk, plan=plan_for(image) if plan is None else plan,
     )
+    em = (jnp.float32(min_share), jnp.float32(adapt_strength), jnp.float32(cell_size**2),
+          concentration, class_prior, adapt_rounds, iters)
+    return _self_lsr(key, image, classes, table, *arrays, *em, uniform_prior=uniform_prior,
+                     **static)
+
+
+@functools.partial(jax.jit, static_argnames=("uniform_prior", *_COUNT_STATICS))
+def _self_lsr(key, image, classes, table, lookup, rows, var, temperature, min_share,
+              adapt_strength, cell_area, concentration, class_prior, rounds, iters, *,
+              uniform_prior, **static):
+    """The compiled body of :func:`self_epitomic_lsr` (inputs checked): Eq. 11 counts, the
+    table's preprocessing, the adapted EM (one loop) and the upsampling.
+
+    With the tile's observed class proportions as ``p(c)`` (``class_prior`` None) the EM runs
+    on the compact classes only: an absent class has no mass, hence no weight in Eqs. 8-9 and
+    its row of ``p(s|c)`` only adds exact zeros, so the labels are the same at ``P / Cc`` of
+    the passes over ``[h, w, Cc]`` (NLCD: 8 of 22)."""
+    n_rows = static["n_rows"]
+    counts = _compact_counts(key, image, classes, lookup, rows, var, temperature, **static)
+    if uniform_prior:
+        class_prior = (jnp.sum(table, axis=1) > 0).astype(jnp.float32)  # every defined row
     table = _normalise(table, axis=1)
     table = jnp.where(table >= min_share, table, 0.0)
-    pixels = jnp.bincount(classes.ravel(), length=table.shape[0]).astype(jnp.float32)
-    probs, _ = adapt_compositions(
-        counts,
-        table,
-        evidence=adapt_strength * pixels / cell_size**2,
-        concentration=concentration,
-        rounds=adapt_rounds,
-        iters=iters,
-        class_prior=class_prior,
+    pixels = jnp.bincount(classes.ravel(), length=n_rows).astype(jnp.float32)
+    concentration = jnp.broadcast_to(jnp.asarray(concentration, jnp.float32), (n_rows,))
+    if rows is not None and class_prior is None:  # compact EM (padded slots: no mass)
+        table, pixels, concentration = table[rows], pixels[rows], concentration[rows]
+    else:
+        counts = _scatter_rows(counts, rows, n_rows)
+    probs, _ = _adapt_compositions(
+        counts, table, class_prior, adapt_strength * pixels / cell_area, concentration, rounds,
+        iters,
     )
-    return _upsample(probs, downsample, image.shape[:2])
+    return _upsample(probs, static["downsample"], image.shape[:2])
