@@ -6,6 +6,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
@@ -357,8 +358,8 @@ def test_non_finite_imagery_raises_under_the_jit(tmp_path, scene, bad):
 
 def test_non_finite_probabilities_commit_nothing(tmp_path, monkeypatch, scene):
     def broken(key, image, classes, table):
-        p = np.asarray(_pointwise(key, image, classes, table))
-        return np.where(classes[..., None] == 2, np.nan, p)  # a NaN wherever class 2 occurs
+        p = _pointwise(key, image, classes, table)
+        return jnp.where(classes[..., None] == 2, jnp.nan, p)  # a NaN wherever class 2 occurs
 
     monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: broken)
     with pytest.raises(ValueError, match=r"lsr_raster: window \(0, 0, 128, 128\) gave \d+ "
