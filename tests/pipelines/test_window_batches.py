@@ -92,3 +92,24 @@ def test_lsr_raster_sharded_equals_one_device_and_unbatched(tmp_path, scene):
     for a, b, c in zip(four, one, single, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+def test_predict_raster_sharded_equals_one_device_and_unbatched(rng):
+    """Dense Eq. 2 tiles: 4 devices, one device in batches, one tile per call: equal bits;
+    and equal to predict on the whole raster up to float32 summation order."""
+    from epilsr import Epitome, predict
+    from epilsr.pipelines.raster_predict import predict_raster
+
+    mean = rng.normal(size=(1, 9, 9, 3)).astype(np.float32)
+    epi = Epitome(mean, np.full_like(mean, -3.0), np.zeros((1, 9, 9), np.float32))
+    lp = rng.dirichlet(np.full(3, 0.5), size=(1, 9, 9)).astype(np.float32)
+    image = rng.normal(size=(23, 30, 3)).astype(np.float32)
+    kw = dict(patch_size=3, temperature=9.0, stride=2, tile=5)
+    one = data_mesh(jax.local_devices()[:1])
+    runs = [predict_raster(epi, lp, image, **kw).probs,
+            predict_raster(epi, lp, image, mesh=one, **kw).probs,
+            predict_raster(epi, lp, image, mesh=one, window_batch=1, **kw).probs]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+    want = np.asarray(predict(epi, lp, image, patch_size=3, temperature=9.0, stride=2))
+    np.testing.assert_allclose(runs[0], want, atol=2e-5)

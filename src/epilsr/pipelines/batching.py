@@ -131,7 +131,8 @@ class WindowBatches:
         return min(size, self._size[key])
 
     def __call__(self, shared: Sequence, windows: Sequence[Sequence[np.ndarray]]) -> list:
-        """Results (NumPy) of ``fn(*shared, *w)`` for each ``w`` of ``windows`` (equal shapes)."""
+        """Results of ``fn(*shared, *w)`` for each ``w`` of ``windows`` (equal shapes), as
+        NumPy (pytrees of NumPy arrays when ``fn`` returns several)."""
         if not windows:
             return []
         first = [np.asarray(a) for a in windows[0]]
@@ -141,9 +142,10 @@ class WindowBatches:
             part = list(windows[a : a + size])
             part += [part[-1]] * (size - len(part))  # pad: repeat the last window
             stacked = [np.stack([np.asarray(w[j]) for w in part]) for j in range(len(first))]
-            res = np.asarray(self._compile(shared, first, size)(*shared, *stacked))
+            res = jax.tree.map(np.asarray, self._compile(shared, first, size)(*shared, *stacked))
             self.calls += 1
-            out.extend(res[: min(size, len(windows) - a)])
+            out.extend(jax.tree.map(lambda x, j=j: x[j], res)
+                       for j in range(min(size, len(windows) - a)))
         return out
 
 
