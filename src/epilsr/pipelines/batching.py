@@ -18,6 +18,7 @@ on an accelerator, results equal up to float32 rounding only.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,11 @@ from epilsr.parallel import data_mesh
 __all__ = ["WindowBatches", "default_budget"]
 
 _CPU_BUDGET = 2**30  # bytes per device when the device does not report its memory
+_CACHE_SIZE = 32
+#: Compiled calls shared by every WindowBatches of the same per-window function object (the
+#: function is part of the key, so its id is never reused while cached): a pipeline called on
+#: many rasters compiles once.
+_COMPILED: OrderedDict = OrderedDict()
 
 
 def default_budget(device: jax.Device) -> int:
@@ -80,7 +86,6 @@ class WindowBatches:
         self.max_batch = max(1, int(max_batch))
         self.lanes = max(1, int(lanes))
         self._per_window = fn
-        self._compiled: dict[tuple, Any] = {}
         self._size: dict[tuple, int] = {}
         self.calls = 0
 
@@ -102,13 +107,18 @@ class WindowBatches:
                        out_shardings=NamedSharding(self.mesh, split))
 
     def _compile(self, shared: Sequence, window: Sequence[np.ndarray], size: int):
-        sig = (size, len(shared), tuple((w.shape, w.dtype.str) for w in window),
+        sig = (self._per_window, tuple(d.id for d in self.mesh.devices.flat), self.lanes, size,
+               len(shared), tuple((w.shape, w.dtype.str) for w in window),
                tuple(_spec(a) for a in shared))
-        if sig not in self._compiled:
+        if sig in _COMPILED:
+            _COMPILED.move_to_end(sig)
+        else:
             jitted = self._jit(len(shared), len(window))
             stacked = [jax.ShapeDtypeStruct((size, *w.shape), w.dtype) for w in window]
-            self._compiled[sig] = jitted.lower(*shared, *stacked).compile()
-        return self._compiled[sig]
+            _COMPILED[sig] = jitted.lower(*shared, *stacked).compile()
+            while len(_COMPILED) > _CACHE_SIZE:
+                _COMPILED.popitem(last=False)
+        return _COMPILED[sig]
 
     def _batch_size(self, shared: Sequence, window: Sequence[np.ndarray], n: int) -> int:
         """Windows per call for ``n`` windows of this shape (``D * 2^k``, fitting the budget)."""

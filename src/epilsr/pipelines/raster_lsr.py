@@ -149,6 +149,7 @@ class _Classes(NamedTuple):
         return np.where(valid, cls, n_classes).astype(np.int32), tab, valid
 
 
+@functools.lru_cache(maxsize=8)
 def _window_fn(fn: Callable) -> Callable:
     """``(key, i, image, classes, table) -> fn(fold_in(key, i), image, classes, table)``."""
     return lambda key, i, img, cls, tab: fn(jax.random.fold_in(key, i), img, cls, tab)

@@ -95,6 +95,14 @@ def _owned(grid: np.ndarray, starts: list[int], i: int) -> np.ndarray:
     return grid[(grid >= lo) & (grid < hi)] - lo
 
 
+@functools.lru_cache(maxsize=16)
+def _tile_fn(fn: Callable, temperature: Any, mask: Any) -> Callable:
+    """``(epitome, label_probs, block, starts, weights) -> (sums, counts)`` of one tile (one
+    object per setting, so compiled batches are shared across rasters)."""
+    return lambda epi, lp, block, st, wt: fn(epi, lp, block, st, wt, temperature=temperature,
+                                             mask=mask)
+
+
 class _Predictor(NamedTuple):
     plan: StripPlan
     add_strip: Callable  # run_strips' add_strip
@@ -139,9 +147,10 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
     img_h, img_w = th + k - 1, tw + k - 1  # tile image window (padded coordinates)
     out_h, out_w = th + kl - 1, tw + kl - 1  # raster rows / cols touched by one tile
 
-    def per_tile(epi, lp, block, st, wt):
-        return fn(epi, lp, block, st, wt, temperature=temperature, mask=mask)
-
+    try:
+        per_tile = _tile_fn(fn, temperature, mask)
+    except TypeError:  # an array temperature or mask: this call's own function
+        per_tile = _tile_fn.__wrapped__(fn, temperature, mask)
     batches = WindowBatches(per_tile, mesh=mesh, window_batch=window_batch,
                             memory_budget=memory_budget, max_batch=len(col_starts))
 
