@@ -16,6 +16,13 @@ weights ``wsum [B, W]`` into a buffer of ``B`` raster rows starting at row ``R_s
   (``.npz``), then ``progress.json`` (next strip, counters, writer states, a fingerprint of
   the settings and one per input) is written atomically (:mod:`epilsr.io.atomic`), so it always
   describes a consistent checkpoint. Files of older checkpoints are deleted after it.
+* **Threads.** An optional ``read_strip(s)`` (window reads, class alignment) runs in a reader
+  thread up to two strips ahead of ``add_strip``; the finished rows (copied) are normalised,
+  encoded and written, and the checkpoint taken, in a writer thread behind it
+  (:mod:`epilsr.io.threads`, bounded queues), in strip order, so each checkpoint follows its
+  strip's writes. The accumulation order is unchanged: outputs are byte-identical to a
+  single-threaded run. An exception in a thread is re-raised by the caller with its message;
+  on any error the strips already handed to the writer are finished, both threads joined.
 * **Resume.** A rerun with the same settings truncates each ``.partial`` to its recorded
   length, restores the carry and continues with the next strip. Window randomness must
   depend on the window index only (``fold_in(key, i)``) and the accumulation order is the
