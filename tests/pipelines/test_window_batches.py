@@ -59,8 +59,9 @@ def test_auto_batch_respects_the_memory_budget():
         return x * 2.0
 
     wins = [(np.full((64, 64), i, np.float32),) for i in range(10)]
-    big = WindowBatches(fn, max_batch=16)  # 1 GiB: the whole cap
+    big = WindowBatches(fn, max_batch=16, window_batch=None, memory_budget=2**30)
     small = WindowBatches(fn, max_batch=16, memory_budget=100_000)  # 2 windows/dev
+    big.fixed = small.fixed = None  # CPU picks one window per device: test the budget rule
     for b in (big, small):
         got = b((), wins)
         np.testing.assert_array_equal(np.stack(got), np.stack([w[0] * 2 for w in wins]))
@@ -78,14 +79,15 @@ def _run(scene, out, **kw):
 
 
 def test_lsr_raster_sharded_equals_one_device_and_unbatched(tmp_path, scene):
-    """4 devices x batches of 4, 1 device x auto, 1 device x 1 window: identical outputs
+    """4 devices x batches of 8, 1 device x 4, 1 device x 1 window: identical outputs
     (the no-data class gives windows of two table shapes: two programs)."""
     image, classes, table = scene
     classes = classes.copy()
     classes[:40, :50] = 99  # no data: some windows get the extra neutral class
     scene = (image, classes, table)
-    four, run = _run(scene, tmp_path / "four", window_batch=4)
-    one, _ = _run(scene, tmp_path / "one", mesh=data_mesh(jax.local_devices()[:1]))
+    four, run = _run(scene, tmp_path / "four", window_batch=8)  # 2 per device: a loop
+    one, _ = _run(scene, tmp_path / "one", mesh=data_mesh(jax.local_devices()[:1]),
+                  window_batch=4)
     single, _ = _run(scene, tmp_path / "single", mesh=data_mesh(jax.local_devices()[:1]),
                      window_batch=1)
     assert run.computed == run.windows
@@ -106,8 +108,8 @@ def test_predict_raster_sharded_equals_one_device_and_unbatched(rng):
     image = rng.normal(size=(23, 30, 3)).astype(np.float32)
     kw = dict(patch_size=3, temperature=9.0, stride=2, tile=5)
     one = data_mesh(jax.local_devices()[:1])
-    runs = [predict_raster(epi, lp, image, **kw).probs,
-            predict_raster(epi, lp, image, mesh=one, **kw).probs,
+    runs = [predict_raster(epi, lp, image, window_batch=8, **kw).probs,
+            predict_raster(epi, lp, image, mesh=one, window_batch=3, **kw).probs,
             predict_raster(epi, lp, image, mesh=one, window_batch=1, **kw).probs]
     np.testing.assert_array_equal(runs[0], runs[1])
     np.testing.assert_array_equal(runs[0], runs[2])
