@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         windows = tile_grid(height, width, tile=args.tile, overlap=args.overlap)
         per_strip = sum(1 for w in windows if w.row == 0)
         batches = WindowBatches(raster_lsr._window_fn(raster_lsr._lsr_fn(kw)),
-                                max_batch=per_strip)
+                                max_batch=per_strip, window_batch=args.window_batch)
         classes = raster_lsr._Classes(cls, None, raster_lsr._check_table(table),
                                       np.zeros(0), False)
         plan, read_strip, _ = raster_lsr._lsr_strips(key, batches, img, classes, windows,
@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
         run = raster_lsr.lsr_raster(key, img, cls, table, out_dir=work / f"out_{args.setting}",
                                     tile=args.tile, overlap=args.overlap, lsr_kwargs=kw,
                                     write_entropy=True, progress=False, resume=False,
-                                    preview=None)
+                                    preview=None, window_batch=args.window_batch)
         pipeline_s = time.perf_counter() - t0
         rss_pipeline = _peak_rss_mb()
 
@@ -102,7 +102,8 @@ def worker(args: argparse.Namespace) -> None:
     compute_s = per_window * run.computed
     print(json.dumps({
         "size": height, "setting": args.setting, "lsr_kwargs": kw, "windows": run.windows,
-        "windows_per_call": max(batches._size.values()), "devices": batches.devices,
+        "windows_per_call": batches.fixed or max(batches._size.values()),
+        "devices": batches.devices,
         "compile_s": compile_s,
         "pipeline_s": pipeline_s, "compute_only_s": compute_s,
         "pipeline_mpx_min": mpx / (pipeline_s / 60), "compute_mpx_min": mpx / (compute_s / 60),
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--compute-strips", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window-batch", type=int, default=None,
+                   help="windows per call (default: the library's choice; 1 per device on CPU)")
     p.add_argument("--out", default="benchmarks/results/raster_pipeline.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -139,7 +142,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                 cmd = [sys.executable, "-m", "benchmarks.raster_pipeline", "--worker",
                        "--work", str(work), "--setting", setting, "--tile", str(args.tile),
                        "--overlap", str(args.overlap), "--seed", str(args.seed),
-                       "--compute-strips", str(args.compute_strips)]
+                       "--compute-strips", str(args.compute_strips)] + (
+                           [] if args.window_batch is None else
+                           ["--window-batch", str(args.window_batch)])
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 results.append(r)
