@@ -115,3 +115,5 @@ def test_predict_raster_sharded_equals_one_device_and_unbatched(rng):
     np.testing.assert_array_equal(runs[0], runs[2])
     want = np.asarray(predict(epi, lp, image, patch_size=3, temperature=9.0, stride=2))
     np.testing.assert_allclose(runs[0], want, atol=2e-5)
+    lanes = predict_raster(epi, lp, image, window_batch=8, window_lanes=2, **kw).probs
+    np.testing.assert_allclose(lanes, runs[0], atol=1e-5)  # vmapped: float32 rounding only

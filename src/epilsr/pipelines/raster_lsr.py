@@ -248,6 +248,7 @@ def lsr_raster(
     window_batch: int | None = None,
     memory_budget: int | None = None,
     mesh: Mesh | None = None,
+    window_lanes: int = 1,
 ) -> RasterRun:
     """Self-epitomic LSR (Sec. 5.1) over a raster of any size, tile by tile (see module doc).
 
@@ -288,6 +289,8 @@ def lsr_raster(
         (:class:`~epilsr.pipelines.batching.WindowBatches`), ``window_batch`` per call (None =
         as many as fit ``memory_budget`` bytes per device, at most a strip), the window axis
         sharded over ``mesh`` (default: the local devices). The outputs do not depend on these.
+      window_lanes: windows vmapped together per step on a device (accelerators); 1 keeps the
+        outputs bit-identical to unbatched calls, more changes them by float32 rounding only.
 
     Windows are read and aligned in a reader thread ahead of the compute; normalising,
     compression and writing run in a writer thread behind it (:func:`run_strips`).
@@ -311,7 +314,7 @@ def lsr_raster(
     per_strip = max(sum(1 for w in windows if w.row == windows[0].row), 1)
     batches = WindowBatches(_window_fn(_lsr_fn(lsr_kwargs)), mesh=mesh,
                             window_batch=window_batch, memory_budget=memory_budget,
-                            max_batch=per_strip)
+                            max_batch=per_strip, lanes=window_lanes)
     plan, read_strip, add_strip = _lsr_strips(key, batches, image_reader, classes, windows,
                                               overlap, height, width)
     out_dir = Path(out_dir)

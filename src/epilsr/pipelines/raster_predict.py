@@ -113,7 +113,7 @@ class _Predictor(NamedTuple):
 
 def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, stride,
                label_size, tile, height, width, mask, chunk, method, window_batch=None,
-               memory_budget=None, mesh=None) -> _Predictor:
+               memory_budget=None, mesh=None, window_lanes=1) -> _Predictor:
     """Validated inputs, the tile grid and the strip function (Eq. 2, exact)."""
     if not callable(image_reader):
         image_reader = array_reader(image_reader)
@@ -152,7 +152,8 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
     except TypeError:  # an array temperature or mask: this call's own function
         per_tile = _tile_fn.__wrapped__(fn, temperature, mask)
     batches = WindowBatches(per_tile, mesh=mesh, window_batch=window_batch,
-                            memory_budget=memory_budget, max_batch=len(col_starts))
+                            memory_budget=memory_budget, max_batch=len(col_starts),
+                            lanes=window_lanes)
 
     def read_strip(si):
         """The strip's tiles: image blocks (float32) and padded window corners."""
@@ -208,6 +209,7 @@ def predict_raster(
     window_batch: int | None = None,
     memory_budget: int | None = None,
     mesh: Mesh | None = None,
+    window_lanes: int = 1,
 ) -> RasterPrediction:
     """Dense Eq. 2 over a raster of any size, tile by tile (exact; see module doc).
 
@@ -231,6 +233,8 @@ def predict_raster(
       window_batch, memory_budget, mesh: the tiles of a strip run in batched calls
         (:class:`~epilsr.pipelines.batching.WindowBatches`), the tile axis sharded over
         ``mesh`` (default: the local devices); the result does not depend on them.
+      window_lanes: tiles vmapped together per step on a device (1 = bit-identical to
+        unbatched calls; more: equal up to float32 rounding).
 
     Tiles are read in a reader thread ahead of the compute (:func:`iter_strips`).
 
@@ -241,7 +245,7 @@ def predict_raster(
                       temperature=temperature, stride=stride, label_size=label_size,
                       tile=tile, height=height, width=width, mask=mask, chunk=chunk,
                       method=method, window_batch=window_batch, memory_budget=memory_budget,
-                      mesh=mesh)
+                      mesh=mesh, window_lanes=window_lanes)
     plan, full, n_windows = pred.plan, None, 0
     if on_rows is None:
         full = np.zeros((plan.height, plan.width, plan.n_labels), np.float32)
@@ -293,6 +297,7 @@ def predict_raster_files(
     window_batch: int | None = None,
     memory_budget: int | None = None,
     mesh: Mesh | None = None,
+    window_lanes: int = 1,
 ) -> RasterFiles:
     """:func:`predict_raster` into GeoTIFFs, checkpointed after every strip and resumable.
 
@@ -315,7 +320,7 @@ def predict_raster_files(
                       temperature=temperature, stride=stride, label_size=label_size,
                       tile=tile, height=height, width=width, mask=mask, chunk=chunk,
                       method=method, window_batch=window_batch, memory_budget=memory_budget,
-                      mesh=mesh)
+                      mesh=mesh, window_lanes=window_lanes)
     out_dir = Path(out_dir)
     outputs = label_outputs(out_dir, prefix, pred.plan.n_labels, probs=probs, entropy=entropy)
     settings = dict(
