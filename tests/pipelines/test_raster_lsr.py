@@ -6,6 +6,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
@@ -357,8 +358,8 @@ def test_non_finite_imagery_raises_under_the_jit(tmp_path, scene, bad):
 
 def test_non_finite_probabilities_commit_nothing(tmp_path, monkeypatch, scene):
     def broken(key, image, classes, table):
-        p = np.asarray(_pointwise(key, image, classes, table))
-        return np.where(classes[..., None] == 2, np.nan, p)  # a NaN wherever class 2 occurs
+        p = _pointwise(key, image, classes, table)
+        return jnp.where(classes[..., None] == 2, jnp.nan, p)  # a NaN wherever class 2 occurs
 
     monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: broken)
     with pytest.raises(ValueError, match=r"lsr_raster: window \(0, 0, 128, 128\) gave \d+ "
@@ -384,3 +385,14 @@ def test_changed_input_is_refused_on_resume(tmp_path, monkeypatch, scene):
     ref = _run(scene, tmp_path / "ref", image_reader=array_reader(image), preview=None)
     for a, b in zip(_outputs(run), _outputs(ref), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_class_raster_of_another_size_is_refused(tmp_path, rng):
+    """A class raster larger than the imagery is refused, never cropped to its top-left."""
+    image = rng.integers(0, 255, (64, 64, 4), dtype=np.uint8)
+    classes = np.zeros((80, 64), np.int32)
+    table = np.full((1, 2), 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"classes_reader: expected a 64x64 raster"):
+        lsr_raster(jax.random.key(0), array_reader(image), array_reader(classes), table,
+                   out_dir=tmp_path, tile=64, overlap=0)
+    assert not list(tmp_path.glob("*.tif"))

@@ -16,6 +16,13 @@ weights ``wsum [B, W]`` into a buffer of ``B`` raster rows starting at row ``R_s
   (``.npz``), then ``progress.json`` (next strip, counters, writer states, a fingerprint of
   the settings and one per input) is written atomically (:mod:`epilsr.io.atomic`), so it always
   describes a consistent checkpoint. Files of older checkpoints are deleted after it.
+* **Threads.** An optional ``read_strip(s)`` (window reads, class alignment) runs in a reader
+  thread up to two strips ahead of ``add_strip``; the finished rows (copied) are normalised,
+  encoded and written, and the checkpoint taken, in a writer thread behind it
+  (:mod:`epilsr.io.threads`, bounded queues), in strip order, so each checkpoint follows its
+  strip's writes. The accumulation order is unchanged: outputs are byte-identical to a
+  single-threaded run. An exception in a thread is re-raised by the caller with its message;
+  on any error the strips already handed to the writer are finished, both threads joined.
 * **Resume.** A rerun with the same settings truncates each ``.partial`` to its recorded
   length, restores the carry and continues with the next strip. Window randomness must
   depend on the window index only (``fold_in(key, i)``) and the accumulation order is the
@@ -43,6 +50,7 @@ from jax.typing import ArrayLike
 
 from epilsr.io.atomic import fingerprint, save_npz_atomic, write_json_atomic
 from epilsr.io.geotiff import GeoInfo, RasterWriter
+from epilsr.io.threads import ReadAhead, WriteBehind
 from epilsr.metrics import NODATA_LABEL, entropy
 
 __all__ = [
@@ -64,9 +72,14 @@ __all__ = [
 _STATE_VERSION = 2
 _FLUSH_ROWS = 64  # rows normalised and written at a time
 
+_DEPTH = 2  # strips read ahead / waiting to be written
+
 Reader = Callable[[int, int, int, int], ArrayLike]
-#: ``add_strip(s, acc [B, W, n], wsum [B, W], tick) -> counters``; ``tick()`` per unit of work.
-AddStrip = Callable[[int, np.ndarray, np.ndarray, Callable[[], Any]], Mapping[str, int]]
+#: ``add_strip(s, acc [B, W, n], wsum [B, W], tick[, inputs]) -> counters``; ``tick()`` per
+#: unit of work; ``inputs = read_strip(s)`` when a ``read_strip`` is given.
+AddStrip = Callable[..., Mapping[str, int]]
+#: ``read_strip(s) -> inputs`` of strip ``s``, run in the reader thread ahead of ``add_strip``.
+ReadStrip = Callable[[int], Any]
 
 
 # ------------------------------------------------------------------------------ readers
@@ -213,20 +226,30 @@ class _Buffer:
     def finished(self, row0: int, rows: int, valid: Reader | None,
                  chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """``(row, probs [r, W, n], nodata [r, W])`` over the first ``rows`` rows."""
-        width = self.wsum.shape[1]
-        for a in range(0, rows, chunk):
-            b = min(a + chunk, rows)
-            nodata = self.wsum[a:b] <= 0
-            probs = self.acc[a:b] / np.where(nodata, 1.0, self.wsum[a:b])[..., None]
-            if valid is not None:
-                nodata = nodata | ~np.asarray(valid(row0 + a, 0, b - a, width), bool)
-            yield row0 + a, probs, nodata
+        return _normalised(self.acc[:rows], self.wsum[:rows], row0, valid, chunk)
+
+    def take(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the first ``rows`` rows ``(acc, wsum)``."""
+        return self.acc[:rows].copy(), self.wsum[:rows].copy()
 
     def shift(self, rows: int) -> None:
         """Drop the first ``rows`` rows (flushed); the rest moves up, zeros come in."""
         keep = self.acc.shape[0] - rows
         self.acc[:keep], self.wsum[:keep] = self.acc[rows:], self.wsum[rows:]
         self.acc[keep:], self.wsum[keep:] = 0.0, 0.0
+
+
+def _normalised(acc: np.ndarray, wsum: np.ndarray, row0: int, valid: Reader | None,
+                chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(row, probs = acc / wsum [r, W, n], nodata [r, W])`` in chunks of ``chunk`` rows."""
+    width = wsum.shape[1]
+    for a in range(0, acc.shape[0], chunk):
+        b = min(a + chunk, acc.shape[0])
+        nodata = wsum[a:b] <= 0
+        probs = acc[a:b] / np.where(nodata, 1.0, wsum[a:b])[..., None]
+        if valid is not None:
+            nodata = nodata | ~np.asarray(valid(row0 + a, 0, b - a, width), bool)
+        yield row0 + a, probs, nodata
 
 
 _RESERVED = {"version", "fingerprint", "inputs", "next_strip", "counters", "complete", "writers",
@@ -258,19 +281,33 @@ class _NoBar:
         pass
 
 
+def _adder(add_strip: AddStrip, reader: ReadAhead | None) -> AddStrip:
+    """``add_strip`` fed by the reader thread's ``read_strip(s)`` when there is one."""
+    if reader is None:
+        return add_strip
+    return lambda s, acc, wsum, tick: add_strip(s, acc, wsum, tick, reader.get(s))
+
+
 def iter_strips(plan: StripPlan, add_strip: AddStrip, *, progress: bool = False,
                 total: int = 0, desc: str = "", unit: str = "tile",
-                valid: Reader | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, dict]]:
+                valid: Reader | None = None,
+                read_strip: ReadStrip | None = None) -> Iterator[tuple[int, np.ndarray,
+                                                                   np.ndarray, dict]]:
     """Without files: ``(row0, probs [r, W, n], nodata [r, W], counters)`` per strip, in
-    raster order (``probs`` is a fresh array)."""
+    raster order (``probs`` is a fresh array). ``read_strip`` runs in a thread ahead."""
     buf, bar = _Buffer(plan), _bar(progress, total, 0, desc, unit)
+    n = len(plan.row_starts)
+    reader = None if read_strip is None else ReadAhead(read_strip, 0, n, depth=_DEPTH)
+    add = _adder(add_strip, reader)
     try:
         for s, row0 in enumerate(plan.row_starts):
-            counts = dict(add_strip(s, buf.acc, buf.wsum, bar.update))
+            counts = dict(add(s, buf.acc, buf.wsum, bar.update))
             rows = plan.finished_rows(s)
             yield (*next(buf.finished(row0, rows, valid, rows)), counts)
             buf.shift(rows)
     finally:
+        if reader is not None:
+            reader.close()
         bar.close()
 
 
@@ -337,7 +374,7 @@ def _abort(writers: Mapping[str, RasterWriter]) -> None:
 
 
 def _checkpoint(state: _State, step: int, writers: Mapping[str, RasterWriter],
-                buf: _Buffer, carry_rows: int, counts: Mapping[str, int]) -> None:
+                carry: tuple[np.ndarray, np.ndarray] | None, counts: Mapping[str, int]) -> None:
     """Writers durable, carry saved, then ``progress.json`` renamed over the old one."""
     folder = state.path.parent
     states = {}
@@ -345,12 +382,27 @@ def _checkpoint(state: _State, step: int, writers: Mapping[str, RasterWriter],
         st = w.checkpoint(folder / f"{name}.pending.{step}.npy")
         st["pending"] = Path(st["pending"]).name if st["pending"] else None
         states[name] = st
-    carry = None
-    if carry_rows:
-        carry = f"carry.{step}.npz"
-        save_npz_atomic(folder / carry, acc=buf.acc[:carry_rows], wsum=buf.wsum[:carry_rows])
-    _write_state(state, step, counts, complete=False, writers=states, carry=carry)
-    _clean(folder, {carry} | {st["pending"] for st in states.values()})
+    name = None
+    if carry is not None:
+        name = f"carry.{step}.npz"
+        save_npz_atomic(folder / name, acc=carry[0], wsum=carry[1])
+    _write_state(state, step, counts, complete=False, writers=states, carry=name)
+    _clean(folder, {name} | {st["pending"] for st in states.values()})
+
+
+def _strip_job(state: _State, step: int, writers: Mapping[str, RasterWriter],
+               rows: tuple[np.ndarray, np.ndarray], row0: int, valid: Reader | None,
+               carry: tuple[np.ndarray, np.ndarray] | None,
+               counts: Mapping[str, int]) -> Callable[[], None]:
+    """The writer thread's work for one strip: normalise and write its finished ``rows``
+    (copies of ``acc``, ``wsum``), then checkpoint (after those writes)."""
+
+    def job() -> None:
+        for _, probs, nodata in _normalised(*rows, row0, valid, _FLUSH_ROWS):
+            write_outputs(writers, probs, nodata)
+        _checkpoint(state, step, writers, carry, counts)
+
+    return job
 
 
 def _write_state(state: _State, step: int, counts: Mapping[str, int], **extra) -> None:
@@ -390,6 +442,7 @@ def run_strips(
     unit: str = "tile",
     desc: str | None = None,
     finish: Callable[[], Any] | None = None,
+    read_strip: ReadStrip | None = None,
 ) -> StripRun:
     """Run (or resume) every strip of ``plan`` into ``outputs`` (see module doc).
 
@@ -408,6 +461,14 @@ def run_strips(
         ``who``); ``add_strip`` ticks once per unit, counter ``progress_key`` holds the units
         done.
       finish: called once all outputs are closed, before the run is marked complete.
+      read_strip: ``read_strip(s) -> inputs`` (window reads, alignment), run in a reader thread
+        up to two strips ahead; ``add_strip`` then gets ``inputs`` as a fifth argument.
+
+    Normalising, writing and checkpointing run in a writer thread behind ``add_strip`` (a
+    strip's checkpoint follows its writes, in order), so reads and writes overlap the
+    compute. An exception in either thread is re-raised here; on any error the strips already
+    handed to the writer are written and checkpointed, the threads are joined and the writers
+    released.
     """
     current = {name: reader_fingerprint(r) for name, r in inputs.items()}
     state = _State(Path(state_dir) / "progress.json", fingerprint(
@@ -435,23 +496,30 @@ def run_strips(
         buf = _Buffer(plan, carry)
     resumed = dict(counts)
     bar = _bar(progress, total, counts.get(progress_key, 0), desc or who, unit)
+    reader = None if read_strip is None else ReadAhead(read_strip, first, n, depth=_DEPTH)
+    add, behind = _adder(add_strip, reader), WriteBehind(depth=_DEPTH)
     try:
         for s in range(first, n):
-            counts = _add_counts(counts, add_strip(s, buf.acc, buf.wsum, bar.update))
+            counts = _add_counts(counts, add(s, buf.acc, buf.wsum, bar.update))
             if writers is None:  # opened once a strip is done: a bad input leaves no file
                 writers = _open_writers(outputs, plan, geo, compression)
             rows = plan.finished_rows(s)
-            for _, probs, nodata in buf.finished(plan.row_starts[s], rows, valid, _FLUSH_ROWS):
-                write_outputs(writers, probs, nodata)
+            done = buf.take(rows)
             buf.shift(rows)
-            carry_rows = plan.buffer_rows - rows if s + 1 < n else 0
-            _checkpoint(state, s + 1, writers, buf, carry_rows, counts)
+            keep = plan.buffer_rows - rows if s + 1 < n else 0
+            carry = buf.take(keep) if keep else None
+            behind.submit(_strip_job(state, s + 1, writers, done, plan.row_starts[s], valid,
+                                     carry, dict(counts)))
+        behind.finish()
         for w in (writers or {}).values():
             w.close()
     except BaseException:
+        behind.finish(reraise=False)
         _abort(writers or {})
         raise
     finally:
+        if reader is not None:
+            reader.close()
         bar.close()
     if finish is not None:
         finish()

@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
+from epilsr.correlate import resolve_route
 from epilsr.epitome import Epitome, as_float_image
 from epilsr.io.geotiff import RasterWriter
 from epilsr.io.strips import (
@@ -52,6 +53,7 @@ from epilsr.io.strips import (
     run_strips,
     write_outputs,
 )
+from epilsr.pipelines.batching import WindowBatches
 from epilsr.predict import check_predict_inputs, window_sums
 from epilsr.windows import grid_starts, tile_grid
 
@@ -94,15 +96,25 @@ def _owned(grid: np.ndarray, starts: list[int], i: int) -> np.ndarray:
     return grid[(grid >= lo) & (grid < hi)] - lo
 
 
+@functools.lru_cache(maxsize=16)
+def _tile_fn(fn: Callable, temperature: Any, mask: Any) -> Callable:
+    """``(epitome, label_probs, block, starts, weights) -> (sums, counts)`` of one tile (one
+    object per setting, so compiled batches are shared across rasters)."""
+    return lambda epi, lp, block, st, wt: fn(epi, lp, block, st, wt, temperature=temperature,
+                                             mask=mask)
+
+
 class _Predictor(NamedTuple):
     plan: StripPlan
     add_strip: Callable  # run_strips' add_strip
+    read_strip: Callable  # run_strips' read_strip (reader thread)
     n_tiles: int
     image_reader: Reader
 
 
 def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, stride,
-               label_size, tile, height, width, mask, chunk, method) -> _Predictor:
+               label_size, tile, height, width, mask, chunk, route, window_batch=None,
+               memory_budget=None, mesh=None, window_lanes=1) -> _Predictor:
     """Validated inputs, the tile grid and the strip function (Eq. 2, exact)."""
     if not callable(image_reader):
         image_reader = array_reader(image_reader)
@@ -132,13 +144,22 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
     n_chunks = -(-p_max // max(1, int(chunk)))
     chunk = -(-p_max // n_chunks)  # equal chunks: at most n_chunks - 1 padded windows
     fn = _jitted_sums((("patch_size", k), ("label_size", label_size), ("chunk", chunk),
-                       ("method", method)))
+                       ("route", route)))
     img_h, img_w = th + k - 1, tw + k - 1  # tile image window (padded coordinates)
     out_h, out_w = th + kl - 1, tw + kl - 1  # raster rows / cols touched by one tile
 
-    def add_strip(si, acc, cnt, tick):
+    try:
+        per_tile = _tile_fn(fn, temperature, mask)
+    except TypeError:  # an array temperature or mask: this call's own function
+        per_tile = _tile_fn.__wrapped__(fn, temperature, mask)
+    batches = WindowBatches(per_tile, mesh=mesh, window_batch=window_batch,
+                            memory_budget=memory_budget, max_batch=len(col_starts),
+                            lanes=window_lanes)
+
+    def read_strip(si):
+        """The strip's tiles: image blocks (float32) and padded window corners."""
         r0, rs = strip_rows[si], _owned(rows_g, strip_rows, si)
-        n_windows = 0
+        tiles = []
         for cj, c0 in enumerate(col_starts):
             rr, cc = np.meshgrid(rs, _owned(cols_g, col_starts, cj), indexing="ij")
             st = np.zeros((n_chunks * chunk, 2), np.int32)
@@ -152,18 +173,21 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
             if block.shape[-1] != epitome.channels:
                 raise ValueError(f"image: expected {epitome.channels} channels to match "
                                  f"the epitome, got {block.shape[-1]}")
-            a, c = fn(epitome, label_probs, as_float_image(block), jnp.asarray(st),
-                      jnp.asarray(wt), temperature=temperature, mask=mask)
-            a = check_window("predict_raster", (r0, c0, th, tw),
-                             np.asarray(a)[o : o + out_h, o : o + out_w])
+            tiles.append((c0, m, np.asarray(as_float_image(block)), st, wt))
+        return tiles
+
+    def add_strip(si, acc, cnt, tick, tiles):
+        r0 = strip_rows[si]
+        sums = batches((epitome, label_probs), [t[2:] for t in tiles])
+        for (c0, *_), (a, c) in zip(tiles, sums, strict=True):  # in tile order
+            a = check_window("predict_raster", (r0, c0, th, tw), a[o : o + out_h, o : o + out_w])
             acc[:, c0 : c0 + out_w] += a
-            cnt[:, c0 : c0 + out_w] += np.asarray(c)[o : o + out_h, o : o + out_w]
-            n_windows += m
+            cnt[:, c0 : c0 + out_w] += c[o : o + out_h, o : o + out_w]
             tick()
-        return {"tiles": len(col_starts), "windows": n_windows}
+        return {"tiles": len(col_starts), "windows": sum(t[1] for t in tiles)}
 
     plan = StripPlan(height, width, label_probs.shape[-1], tuple(strip_rows), out_h)
-    return _Predictor(plan, add_strip, len(wins), image_reader)
+    return _Predictor(plan, add_strip, read_strip, len(wins), image_reader)
 
 
 def predict_raster(
@@ -181,8 +205,13 @@ def predict_raster(
     on_rows: Callable[[int, np.ndarray], None] | None = None,
     mask: ArrayLike | None = None,
     chunk: int = 64,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
     progress: bool = False,
+    window_batch: int | None = None,
+    memory_budget: int | None = None,
+    mesh: Mesh | None = None,
+    window_lanes: int = 1,
 ) -> RasterPrediction:
     """Dense Eq. 2 over a raster of any size, tile by tile (exact; see module doc).
 
@@ -197,12 +226,20 @@ def predict_raster(
       epitome: :class:`Epitome`; label_probs: ``[L, N1, N2, n]``.
       image_reader: ``(row, col, h, w) -> [h, w, C]`` (e.g. a
         :class:`~epilsr.io.geotiff.RasterReader`) or an ``[H, W, C]`` array; finite values.
-      patch_size, temperature, stride, label_size, mask, chunk, method: as in
+      patch_size, temperature, stride, label_size, mask, chunk, route (``method``: its
+        deprecated alias): as in
         :func:`epilsr.predict` (``chunk`` bounds memory to ``chunk * L * N1 * N2`` floats).
       tile: side of a tile of window corners (one jit compilation for all tiles).
       height, width: raster size (default ``image_reader.shape``).
       on_rows: row sink; None = return the ``[H, W, n]`` array.
       progress: tqdm bar over tiles.
+      window_batch, memory_budget, mesh: the tiles of a strip run in batched calls
+        (:class:`~epilsr.pipelines.batching.WindowBatches`), the tile axis sharded over
+        ``mesh`` (default: the local devices); the result does not depend on them.
+      window_lanes: tiles vmapped together per step on a device (1 = bit-identical to
+        unbatched calls; more: equal up to float32 rounding).
+
+    Tiles are read in a reader thread ahead of the compute (:func:`iter_strips`).
 
     Returns:
       :class:`RasterPrediction`.
@@ -210,12 +247,15 @@ def predict_raster(
     pred = _predictor(epitome, label_probs, image_reader, patch_size=patch_size,
                       temperature=temperature, stride=stride, label_size=label_size,
                       tile=tile, height=height, width=width, mask=mask, chunk=chunk,
-                      method=method)
+                      route=resolve_route(route, method), window_batch=window_batch,
+                      memory_budget=memory_budget,
+                      mesh=mesh, window_lanes=window_lanes)
     plan, full, n_windows = pred.plan, None, 0
     if on_rows is None:
         full = np.zeros((plan.height, plan.width, plan.n_labels), np.float32)
     for row0, probs, _, counts in iter_strips(plan, pred.add_strip, progress=progress,
-                                              total=pred.n_tiles, desc="predict_raster"):
+                                              total=pred.n_tiles, desc="predict_raster",
+                                              read_strip=pred.read_strip):
         if full is not None:
             full[row0 : row0 + len(probs)] = probs
         else:
@@ -255,9 +295,14 @@ def predict_raster_files(
     valid: Callable[[int, int, int, int], ArrayLike] | None = None,
     mask: ArrayLike | None = None,
     chunk: int = 64,
-    method: str = "auto",
+    route: str = "auto",
+    method: str | None = None,
     resume: bool = True,
     progress: bool = False,
+    window_batch: int | None = None,
+    memory_budget: int | None = None,
+    mesh: Mesh | None = None,
+    window_lanes: int = 1,
 ) -> RasterFiles:
     """:func:`predict_raster` into GeoTIFFs, checkpointed after every strip and resumable.
 
@@ -279,13 +324,16 @@ def predict_raster_files(
     pred = _predictor(epitome, label_probs, image_reader, patch_size=patch_size,
                       temperature=temperature, stride=stride, label_size=label_size,
                       tile=tile, height=height, width=width, mask=mask, chunk=chunk,
-                      method=method)
+                      route=resolve_route(route, method), window_batch=window_batch,
+                      memory_budget=memory_budget,
+                      mesh=mesh, window_lanes=window_lanes)
     out_dir = Path(out_dir)
     outputs = label_outputs(out_dir, prefix, pred.plan.n_labels, probs=probs, entropy=entropy)
     settings = dict(
         height=pred.plan.height, width=pred.plan.width, patch_size=int(patch_size),
         temperature=float(temperature), stride=int(stride), label_size=label_size,
-        tile=int(tile), chunk=int(chunk), method=method, valid=valid is not None,
+        tile=int(tile), chunk=int(chunk), route=resolve_route(route, method),
+        valid=valid is not None,
         model=array_digest(epitome.mean, epitome.log_var, epitome.prior_logits, label_probs,
                            np.zeros(0) if mask is None else mask),
     )
@@ -293,7 +341,7 @@ def predict_raster_files(
                      state_dir=out_dir / f".{prefix}predict_state", settings=settings,
                      inputs={"image_reader": pred.image_reader, "valid": valid}, geo=geo,
                      valid=valid, resume=resume, progress=progress, total=pred.n_tiles,
-                     progress_key="tiles", desc="predict_raster")
+                     progress_key="tiles", desc="predict_raster", read_strip=pred.read_strip)
     return RasterFiles(outputs["labels"].path, outputs["probs"].path if probs else None,
                        outputs["entropy"].path if entropy else None, pred.n_tiles,
                        run.counts.get("windows", 0) - run.resumed.get("windows", 0),

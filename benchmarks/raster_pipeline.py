@@ -1,0 +1,175 @@
+"""Raster LSR pipeline vs its windows alone: is ``lsr_raster`` as fast as its window compute?
+
+    python -m benchmarks.raster_pipeline [--sizes 1024,2048] [--settings paper,default]
+
+For each size, a synthetic scene (``make_scene(seed, size, block=32)``) is written as GeoTIFFs
+(imagery uint8 LZW, classes) by :func:`benchmarks.raster_8192.make_inputs`. For each setting
+(``paper``: ``downsample=2``, 7 x 7, ``sample_fraction=0.05``; ``default``: the library default,
+``downsample=1``) a *separate process* (so its peak RSS is the pipeline's own):
+
+1. compiles the batched window call (the same :class:`~epilsr.pipelines.batching.WindowBatches`
+   object the pipeline will use; compiled calls are shared) on the first strip's windows;
+2. runs :func:`~epilsr.pipelines.raster_lsr.lsr_raster` end to end from the GeoTIFFs (reader
+   thread, batched windows, writer thread: labels + entropy, deflate; no preview) -> Mpx/min;
+3. times the window compute alone on every strip (``--compute-strips``) read into memory
+   beforehand (the same batched calls, no I/O, no blending, no writing) -> Mpx/min at that
+   per-window rate (window cost depends on the content: a subset would be biased);
+4. times the first two strips as unbatched per-window jitted calls (the path before batching)
+   and again batched;
+5. reports ``pipeline / compute`` (1.0 = the pipeline costs nothing beyond its windows), the
+   batched vs unbatched window rate and the peak RSS (``VmHWM``), which must not grow with the
+   raster size.
+
+Both rates come from the same process, so their ratio holds on a busy machine; absolute rates
+depend on the load (the 2 CPU cores are shared). Writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.raster_8192 import _peak_rss_mb, make_inputs
+
+SETTINGS = {
+    "paper": dict(patch_size=7, downsample=2, sample_fraction=0.05),
+    "default": dict(),
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Child process: compile, pipeline, compute-only; print one JSON line."""
+    import jax
+
+    from epilsr.io.geotiff import RasterReader
+    from epilsr.pipelines import raster_lsr
+    from epilsr.pipelines.batching import WindowBatches
+    from epilsr.windows import tile_grid
+
+    work, kw = Path(args.work), SETTINGS[args.setting]
+    table = np.load(work / "table.npy")
+    key = jax.random.key(args.seed)
+    with RasterReader(work / "naip.tif") as img, RasterReader(work / "classes.tif") as cls:
+        height, width = img.shape[:2]
+        windows = tile_grid(height, width, tile=args.tile, overlap=args.overlap)
+        per_strip = sum(1 for w in windows if w.row == 0)
+        batches = WindowBatches(raster_lsr._window_fn(raster_lsr._lsr_fn(kw)),
+                                max_batch=per_strip, window_batch=args.window_batch)
+        classes = raster_lsr._Classes(cls, None, raster_lsr._check_table(table),
+                                      np.zeros(0), False)
+        plan, read_strip, _ = raster_lsr._lsr_strips(key, batches, img, classes, windows,
+                                                     args.overlap, height, width)
+
+        def compute(inputs):
+            group = [(np.int32(i), x, got[0], got[1]) for i, _, got, x in inputs]
+            return batches((key,), group)
+
+        t0 = time.perf_counter()
+        compute(read_strip(0))  # compile (shared with the pipeline's calls)
+        compile_s = time.perf_counter() - t0
+        rss_before = _peak_rss_mb()
+
+        t0 = time.perf_counter()
+        run = raster_lsr.lsr_raster(key, img, cls, table, out_dir=work / f"out_{args.setting}",
+                                    tile=args.tile, overlap=args.overlap, lsr_kwargs=kw,
+                                    write_entropy=True, progress=False, resume=False,
+                                    preview=None, window_batch=args.window_batch)
+        pipeline_s = time.perf_counter() - t0
+        rss_pipeline = _peak_rss_mb()
+
+        n = len(plan.row_starts) if args.compute_strips <= 0 else min(args.compute_strips,
+                                                                       len(plan.row_starts))
+        strips = [read_strip(s) for s in range(n)]
+        t0 = time.perf_counter()
+        for inputs in strips:
+            compute(inputs)
+        done = sum(len(s) for s in strips)
+        per_window = (time.perf_counter() - t0) / done
+        single = raster_lsr._lsr_fn(kw)  # the unbatched per-window call, for comparison
+        i, _, got, x = strips[0][0]
+        jax.block_until_ready(single(jax.random.fold_in(key, i), x, got[0], got[1]))
+        t0 = time.perf_counter()
+        few = strips[:2]
+        for inputs in few:
+            for i, _, got, x in inputs:
+                jax.block_until_ready(single(jax.random.fold_in(key, i), x, got[0], got[1]))
+        per_window_single = (time.perf_counter() - t0) / sum(len(s) for s in few)
+        t0 = time.perf_counter()
+        for inputs in few:
+            compute(inputs)
+        per_window_few = (time.perf_counter() - t0) / sum(len(s) for s in few)
+    mpx = height * width / 1e6
+    compute_s = per_window * run.computed
+    print(json.dumps({
+        "size": height, "setting": args.setting, "lsr_kwargs": kw, "windows": run.windows,
+        "windows_per_call": batches.fixed or max(batches._size.values()),
+        "devices": batches.devices,
+        "compile_s": compile_s,
+        "pipeline_s": pipeline_s, "compute_only_s": compute_s,
+        "pipeline_mpx_min": mpx / (pipeline_s / 60), "compute_mpx_min": mpx / (compute_s / 60),
+        "pipeline_over_compute": compute_s / pipeline_s,
+        "seconds_per_window": per_window, "seconds_per_window_unbatched": per_window_single,
+        "batched_over_unbatched": per_window_single / per_window_few,
+        "peak_rss_mb_before": rss_before,
+        "peak_rss_mb": rss_pipeline, "backend": jax.default_backend(),
+    }))
+
+
+def main(argv: list[str] | None = None) -> list[dict] | None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1024,2048")
+    p.add_argument("--settings", default="paper,default")
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--compute-strips", type=int, default=0, help="0 = every strip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window-batch", type=int, default=None,
+                   help="windows per call (default: the library's choice; 1 per device on CPU)")
+    p.add_argument("--out", default="benchmarks/results/raster_pipeline.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--setting", default="paper", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return None
+    results = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        work = Path(tempfile.mkdtemp(prefix="raster_pipeline_"))
+        try:
+            make_inputs(work, size=size, seed=args.seed)
+            for setting in args.settings.split(","):
+                cmd = [sys.executable, "-m", "benchmarks.raster_pipeline", "--worker",
+                       "--work", str(work), "--setting", setting, "--tile", str(args.tile),
+                       "--overlap", str(args.overlap), "--seed", str(args.seed),
+                       "--compute-strips", str(args.compute_strips)] + (
+                           [] if args.window_batch is None else
+                           ["--window-batch", str(args.window_batch)])
+                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                results.append(r)
+                print(f"{size:>5}^2 {setting:<8} {r['windows']:>4} windows  pipeline "
+                      f"{r['pipeline_mpx_min']:6.1f} Mpx/min  windows only "
+                      f"{r['compute_mpx_min']:6.1f} Mpx/min  ratio "
+                      f"{r['pipeline_over_compute']:.3f}  batched/unbatched windows "
+                      f"{r['batched_over_unbatched']:.2f}x  peak RSS {r['peak_rss_mb']:.0f} MiB "
+                      f"(after compile {r['peak_rss_mb_before']:.0f})", flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
