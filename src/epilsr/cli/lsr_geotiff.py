@@ -1,0 +1,181 @@
+"""``python -m experiments.lsr data=geotiff``: self-epitomic LSR of your own rasters.
+
+    python -m experiments.lsr data=geotiff data.image='naip/*.tif' data.coarse=nlcd_2021.tif \
+        data.table=nlcd [data.truth=labels.tif] [output.probs=true] [baselines.paint=true]
+
+Per imagery raster (``data.image``: a path or a glob), the coarse map (``data.coarse``: any
+resolution, CRS and grid; e.g. NLCD as distributed, 30 m EPSG:5070) is reprojected onto the
+imagery's grid by nearest neighbour window by window (:class:`epilsr.io.align.AlignedReader`),
+its codes mapped to rows of ``data.table`` (``nlcd`` or a CSV, :mod:`epilsr.data.user`), and
+:func:`epilsr.pipelines.raster_lsr.lsr_raster` runs windowed. Outputs, one folder per image in
+the run directory: ``labels.tif`` (uint8, 255 = no data, colour table and label names),
+``entropy.tif``, ``probs.tif`` with ``output.probs=true``, ``preview.png``; the baselines
+(``paint_labels.tif``, ``notebook_labels.tif``) only with ``baselines.paint=true`` /
+``baselines.notebook=true``. With ``data.truth`` (labels ``0..n-1``, or Chesapeake land-cover
+codes, on any grid: ``data.truth_codes``; other values ignored) accuracy and IoU are printed and
+saved in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from epilsr import metrics
+from epilsr.cli.common import format_table
+from epilsr.data import user
+from epilsr.io.align import AlignedReader
+from epilsr.io.geotiff import RasterReader, RasterWriter
+from epilsr.metrics import NODATA_LABEL
+from epilsr.pipelines import raster_lsr
+
+log = logging.getLogger("epilsr.lsr")
+
+_BLOCK = 256  # rows per block when painting / scoring
+
+
+def _required(data: DictConfig, key: str, what: str) -> str:
+    if OmegaConf.is_missing(data, key) or data.get(key) in (None, ""):
+        raise ValueError(f"data.{key}: give {what} (data.{key}=...)")
+    return str(data[key])
+
+
+def _paint(scene: user.Scene, table: user.LabelTable, path: Path) -> Path:
+    """Baseline: every pixel gets its coarse cell's most likely label, written block by block."""
+    best = np.argmax(table.table, axis=1).astype(np.uint8)
+    with RasterWriter(path, height=scene.height, width=scene.width, dtype=np.uint8,
+                      geo=scene.geo, nodata=NODATA_LABEL, label_names=table.label_names,
+                      label_colors=table.label_colors) as w:
+        for r in range(0, scene.height, _BLOCK):
+            h = min(_BLOCK, scene.height - r)
+            cls = scene.classes(r, 0, h, scene.width)
+            lab = np.where(cls >= 0, best[np.maximum(cls, 0)], NODATA_LABEL).astype(np.uint8)
+            if scene.valid is not None:
+                lab[~scene.valid(r, 0, h, scene.width)] = NODATA_LABEL
+            w.write(lab)
+    return path
+
+
+def _score(labels_path: Path, truth: AlignedReader, n: int,
+           to_labels) -> tuple[np.ndarray, int, int]:
+    """``(confusion [n, n], scored pixels, truth pixels)`` of a label raster against the truth
+    (``to_labels`` maps truth values; labels outside ``0..n-1`` ignored; predicted no-data
+    counted as unscored)."""
+    cm, scored, total = np.zeros((n, n), np.int64), 0, 0
+    with RasterReader(labels_path) as lab:
+        for r in range(0, lab.height, _BLOCK):
+            h = min(_BLOCK, lab.height - r)
+            pred = lab(r, 0, h, lab.width).astype(np.int64)
+            t = to_labels(np.asarray(truth(r, 0, h, lab.width)))
+            ok = (t >= 0) & (t < n)
+            total += int(ok.sum())
+            ok &= pred < n
+            scored += int(ok.sum())
+            cm += metrics.confusion_matrix(t[ok], pred[ok], n_classes=n)
+    return cm, scored, total
+
+
+def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict) -> dict:
+    """The ``data=geotiff`` run: returns the ``metrics.json`` content."""
+    data = cfg.data
+    images = user.find_images(_required(data, "image", "the imagery GeoTIFF (or a glob)"))
+    coarse = _required(data, "coarse", "the coarse land-cover GeoTIFF")
+    if not Path(coarse).exists() and "://" not in coarse and not coarse.startswith("/vsi"):
+        raise FileNotFoundError(f"data.coarse: {coarse} does not exist")
+    table = user.load_label_table(data.get("table") or "nlcd")
+    n = len(table.label_names)
+    bands = None if data.get("bands") is None else [int(b) for b in data.bands]
+    window = int(sorted(int(w) for w in cfg.raster.tile_sizes)[0])
+    paint = bool(cfg.baselines.get("paint") or False)
+    notebook = bool(cfg.baselines.get("notebook") or False)
+    key = jax.random.key(cfg.seed)
+    truth_how, to_labels = None, None
+    if data.get("truth"):
+        truth_how, to_labels = user.truth_mapping(data.truth, table,
+                                                  str(data.get("truth_codes") or "auto"))
+        log.info("truth %s read as %s", data.truth, truth_how)
+    # Open and check every input before any work (CRS, overlap, codes, dtype, bands).
+    scenes = [user.open_scene(p, coarse, table, bands=bands, bit_depth=data.get("bit_depth"),
+                              cell_size=data.get("cell_size"),
+                              coarse_nodata=data.get("coarse_nodata")) for p in images]
+    names = [s.name if [t.name for t in scenes].count(s.name) == 1 else f"{s.name}_{i}"
+             for i, s in enumerate(scenes)]
+    results: dict = {"tiles": {}, "table": table.source, "labels": list(table.label_names),
+                     "truth_codes": truth_how}
+    pooled: dict[str, np.ndarray] = {}
+    rows = []
+    try:
+        for i, (scene, name) in enumerate(zip(scenes, names, strict=True)):
+            folder = out / name
+            log.info("%s: %dx%d, coarse cell %d px, imagery scale 1/%g; outputs in %s",
+                     name, scene.height, scene.width, scene.cell_size, round(1 / scene.scale),
+                     folder)
+            runs: dict[str, Path] = {}
+            record: dict = {"cell_size": scene.cell_size, "scale": scene.scale}
+            methods = [("lsr", "", {**lsr_kwargs, "cell_size": scene.cell_size})]
+            if notebook:
+                methods.append(("notebook", "notebook_",
+                                {**notebook_kwargs, "cell_size": scene.cell_size}))
+            for method, prefix, kwargs in methods:
+                start = time.perf_counter()
+                run = raster_lsr.lsr_raster(
+                    jax.random.fold_in(key, i), scene.image, scene.classes, table.table,
+                    out_dir=folder, height=scene.height, width=scene.width, tile=window,
+                    overlap=min(int(cfg.raster.overlap), window // 4), lsr_kwargs=kwargs,
+                    geo=scene.geo, nodata_class=-1, valid_reader=scene.valid,
+                    write_probs=bool(cfg.output.probs) and method == "lsr",
+                    probs_dtype=np.float32, prefix=prefix,
+                    preview=1024 if cfg.output.png and method == "lsr" else None,
+                    label_names=table.label_names, label_colors=table.label_colors,
+                    progress=True)
+                runs[method] = run.labels
+                record[method] = {"seconds": time.perf_counter() - start,
+                                  "windows": run.windows, "skipped": run.skipped,
+                                  "labels": str(run.labels)}
+            if paint:
+                start = time.perf_counter()
+                runs["paint"] = _paint(scene, table, folder / "paint_labels.tif")
+                record["paint"] = {"seconds": time.perf_counter() - start,
+                                   "labels": str(runs["paint"])}
+            row = [name]
+            if data.get("truth"):
+                with AlignedReader(data.truth, crs=scene.image.reader.crs,
+                                   transform=scene.image.reader.transform, height=scene.height,
+                                   width=scene.width, nodata=NODATA_LABEL) as truth:
+                    for method, path in runs.items():
+                        cm, scored, total = _score(path, truth, n, to_labels)
+                        pooled[method] = pooled.get(method, 0) + cm
+                        acc = metrics.accuracy_from_confusion(cm)
+                        record[method].update(accuracy=acc, scored=scored, truth_pixels=total)
+                        row.append(acc)
+            else:
+                row += [f"{record[m]['seconds']:.1f}s" for m in runs]
+            rows.append(row)
+            results["tiles"][name] = record  # "tiles" as in the benchmark runs' metrics.json
+    finally:
+        for s in scenes:
+            s.close()
+    header = ["image"] + [m if m == "paint" else f"{m} W={window}"
+                          for m in ("lsr", "notebook", "paint") if m in record]
+    print(format_table(header, rows))
+    if pooled:
+        summary, results["pooled"] = [], []
+        for method, cm in pooled.items():
+            per_class, miou = metrics.iou_from_confusion(cm)
+            acc = metrics.accuracy_from_confusion(cm)
+            summary.append([method, acc, float(miou)] + [float(v) for v in per_class])
+            results["pooled"].append({"method": method,
+                                      "window": None if method == "paint" else window,
+                                      "accuracy": acc, "miou": float(miou),
+                                      "iou": [None if np.isnan(v) else float(v)
+                                              for v in per_class]})
+        print("\npooled over all images (pixels with a prediction and a truth label)")
+        print(format_table(["method", "acc", "mIoU"] + [f"IoU {x}" for x in table.label_names],
+                           summary))
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return results
