@@ -144,6 +144,21 @@ def read_limits(data) -> dict:
     return {k: data.get(k, v) for k, v in defaults.items()}
 
 
+def _stems(data) -> list:
+    """The tile stems of a ``chesapeake`` / ``chesapeake_lila`` data group."""
+    root = Path(data.root)
+    if data.kind == "chesapeake":
+        return chesapeake.find_tiles(root)
+    # LILA region: whole tiles of the chosen states/split, at most max_tiles
+    stems = chesapeake.find_lila_tiles(root, states=list(data.states), split=data.split)
+    return stems[: int(data.max_tiles)]
+
+
+def count_tiles(data) -> int:
+    """How many tiles :func:`iter_tiles` yields (without reading them)."""
+    return 1 if data.kind == "synthetic" else len(_stems(data))
+
+
 def iter_tiles(data) -> Iterator[LabelledTile]:
     """Tiles described by a ``data`` config group (``kind: synthetic`` or ``chesapeake``)."""
     if data.kind == "synthetic":
@@ -159,15 +174,9 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
             colors,
         )
     elif data.kind in ("chesapeake", "chesapeake_lila"):
-        root = Path(data.root)
-        csv = root / "nlcd_label_priors.csv"
+        csv = Path(data.root) / "nlcd_label_priors.csv"
         table = chesapeake.load_nlcd_table(csv if csv.exists() else None)
-        if data.kind == "chesapeake":
-            stems = chesapeake.find_tiles(root)
-        else:  # LILA region: whole tiles of the chosen states/split, at most max_tiles
-            stems = chesapeake.find_lila_tiles(root, states=list(data.states), split=data.split)
-            stems = stems[: int(data.max_tiles)]
-        for stem in stems:
+        for stem in _stems(data):
             tile = chesapeake.load_tile(stem, **read_limits(data))
             yield LabelledTile(
                 tile.name,

@@ -39,8 +39,15 @@ from tqdm import tqdm
 import epilsr
 from epilsr import metrics, viz
 from epilsr.cli import lsr_geotiff
-from epilsr.cli.common import atomic_write, format_table, iter_tiles, one_line_errors
+from epilsr.cli.common import (
+    atomic_write,
+    count_tiles,
+    format_table,
+    iter_tiles,
+    one_line_errors,
+)
 from epilsr.pipelines import raster_lsr
+from epilsr.windows import tile_grid
 
 log = logging.getLogger("epilsr.lsr")
 
@@ -109,10 +116,22 @@ def _objective_check(cfg, tile, key, maps: dict[str, np.ndarray]) -> dict[str, f
     return scores
 
 
-def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str) -> np.ndarray:
+def _windows_of_tile(cfg, tile, methods, windows: list[int]) -> int:
+    """LSR windows one tile costs over every method and window size (for the progress bar)."""
+    h, w = tile.image.shape[:2]
+    sizes: dict[int, int] = {}  # the main loop runs each effective size min(W, side) once
+    for s in windows:
+        sizes.setdefault(min(s, max(h, w)), s)
+    per_size = sum(len(tile_grid(h, w, tile=s, overlap=min(int(cfg.raster.overlap), s // 4)))
+                   for s in sizes.values())
+    return per_size * sum(kwargs is not None for _, _, kwargs in methods)
+
+
+def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str,
+                    bar=None) -> np.ndarray:
     """Self-epitomic LSR of one tile in ``window``-sized tiles
     (:func:`epilsr.pipelines.raster_lsr.lsr_raster`, GeoTIFF outputs carrying the tile's
-    georeferencing); returns the ``[H, W]`` uint8 labels."""
+    georeferencing), ticking ``bar`` once per window; returns the ``[H, W]`` uint8 labels."""
     run = raster_lsr.lsr_raster(
         key,
         raster_lsr.array_reader(tile.image),
@@ -130,8 +149,11 @@ def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str)
         label_names=tile.label_names,
         label_colors=tile.label_colors,
         progress=False,
+        on_window=None if bar is None else bar.update,
         resume=bool(cfg.get("resume", True)),
     )
+    if bar is not None:
+        bar.update(run.resumed_from)  # done by an earlier, interrupted run
     return tifffile.imread(run.labels)
 
 
@@ -161,7 +183,16 @@ def main(cfg: DictConfig) -> dict:
     first = next(tiles, None)  # bad roots / missing files fail here, before the progress bar
     if first is None:
         raise ValueError(f"data.root: no tiles found under {data.root}")
-    for i, tile in enumerate(tqdm(itertools.chain([first], tiles), desc="tiles", unit="tile")):
+    n_tiles = count_tiles(data)
+    bar = tqdm(total=None, desc=f"LSR windows ({n_tiles} tiles)", unit="window")
+    for i, tile in enumerate(itertools.chain([first], tiles)):
+        # one bar over all tiles: total from the first tile's windows, corrected per tile
+        cost = _windows_of_tile(cfg, tile, methods, windows)
+        if i == 0:
+            bar.total, estimate = cost * n_tiles, cost
+        else:
+            bar.total += cost - estimate
+        bar.refresh()
         names = list(tile.label_names)
         n_labels = tile.table.shape[1]
         tile_key = jax.random.fold_in(key, i)
@@ -178,7 +209,7 @@ def main(cfg: DictConfig) -> dict:
                 else:
                     kw = _notebook_kwargs(cfg) if kwargs == "notebook" else kwargs
                     pred = _run_window_lsr(cfg, tile, tile_key, kw, w, out / tile.name,
-                                           f"{name}_W{eff}_")
+                                           f"{name}_W{eff}_", bar)
                 done[(name, eff)] = pred
                 seconds = time.perf_counter() - start
                 tag = f"{name}" if not w else f"{name} W={w}"
@@ -206,6 +237,7 @@ def main(cfg: DictConfig) -> dict:
                 objective_pixels.append(int(np.sum(tile.labels != 255)))  # scored pixels
         rows.append(row)
         per_tile[tile.name] = record
+    bar.close()
 
     header = ["tile"] + [t for t in next(iter(per_tile.values())) if t != "eq7"]
     print(format_table(header, [r + [""] * (len(header) - len(r)) for r in rows]))

@@ -179,6 +179,19 @@ def _lsr_strips(key, fn: Callable, image_reader: Reader, classes: _Classes,
     return plan, add_strip
 
 
+def _also_ticking(add_strip: Callable, on_window: Callable[[], Any]) -> Callable:
+    """``add_strip`` whose per-window tick also calls ``on_window()``."""
+
+    def add(s, acc, wsum, tick):
+        def both():
+            tick()
+            on_window()
+
+        return add_strip(s, acc, wsum, both)
+
+    return add
+
+
 def _preview(path: Path, outputs: Mapping[str, OutputSpec], image_reader: Reader, *,
              height: int, width: int, n_labels: int, max_size: int,
              label_names: Sequence[str] | None, label_colors: ArrayLike | None) -> None:
@@ -220,6 +233,7 @@ def lsr_raster(
     label_names: Sequence[str] | None = None,
     label_colors: ArrayLike | None = None,
     progress: bool = True,
+    on_window: Callable[[], Any] | None = None,
     resume: bool = True,
 ) -> RasterRun:
     """Self-epitomic LSR (Sec. 5.1) over a raster of any size, tile by tile (see module doc).
@@ -254,6 +268,8 @@ def lsr_raster(
         label raster, band names of the probabilities; default the Chesapeake 4 classes when
         ``n == 4``.
       progress: tqdm bar over windows.
+      on_window: called once per window computed or skipped by this call (not for windows
+        done before a resume), e.g. to tick one bar shared by several rasters.
       resume: continue from the last checkpoint of an interrupted run with the same settings
         and unchanged inputs (or return at once when that run completed); ``False`` starts
         over. Other settings or a changed input raise ``ValueError``.
@@ -276,6 +292,8 @@ def lsr_raster(
     windows = tile_grid(height, width, tile=tile, overlap=overlap)
     plan, add_strip = _lsr_strips(key, _lsr_fn(lsr_kwargs), image_reader, classes, windows,
                                   overlap, height, width)
+    if on_window is not None:
+        add_strip = _also_ticking(add_strip, on_window)
     out_dir = Path(out_dir)
     names, colors = _default_palette(table.shape[1])
     names = names if label_names is None else list(label_names)
