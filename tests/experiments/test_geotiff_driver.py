@@ -54,7 +54,7 @@ def test_geotiff_driver_end_to_end(tmp_path):
     for name, shape in (("scene_image", (h, w)), ("scene_crop", (64, 96))):
         folder = out / name
         assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
-            "entropy.tif", "labels.tif", "preview.png", "probs.tif"]
+            "entropy.tif", "labels.tif", "labels.tif.aux.xml", "preview.png", "probs.tif"]
         with rasterio.open(folder / "labels.tif") as ds:
             labels = ds.read(1)
             assert labels.shape == shape and ds.crs == UTM and ds.nodata == 255
