@@ -41,6 +41,7 @@ __all__ = [
     "GeoInfo",
     "RasterReader",
     "RasterWriter",
+    "pam_categories_xml",
     "read_geoinfo",
     "read_window",
     "raster_shape",
