@@ -1,5 +1,6 @@
-"""The house: imports point down (core <- io <- data <- pipelines), none hides in a function body,
-and the core imports with its own dependencies only (jax, jaxlib, optax, numpy, chex)."""
+"""The house: imports point down (core <- io <- data <- pipelines <- cli), none hides in a
+function body, and the core imports with its own dependencies only (jax, jaxlib, optax, numpy,
+chex)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "epilsr"
 # A layer may import the layers listed for it (and itself); the core is every module of
-# src/epilsr that is not in a sub-package, except viz (pictures; needs pillow).
+# src/epilsr that is not in a sub-package, except viz (pictures; needs pillow); cli (the installed
+# commands) sits on top and no other layer may import it.
 ALLOWED = {
     "core": {"core"},
     "io": {"core", "io"},
     "data": {"core", "io", "data"},
     "pipelines": {"core", "io", "data", "pipelines", "viz"},
     "viz": {"core", "io", "viz"},
+    "cli": {"core", "io", "data", "pipelines", "viz", "cli"},
 }
 OPTIONAL = ("tifffile", "imagecodecs", "PIL", "hydra", "omegaconf", "tqdm", "skimage", "rasterio",
             "scipy", "matplotlib", "torch")
@@ -28,7 +31,7 @@ def _layer(module: str) -> str:
     parts = module.split(".")
     if parts[0] != "epilsr":
         return "external"
-    if len(parts) > 1 and parts[1] in ("io", "data", "pipelines", "viz"):
+    if len(parts) > 1 and parts[1] in ("io", "data", "pipelines", "viz", "cli"):
         return parts[1]
     return "core"
 
@@ -91,6 +94,7 @@ def test_the_checker_can_fail():
     found = _imports(tree, "epilsr.lsr")
     assert [(t, f) for _, t, f in found] == [("epilsr.io", False), ("epilsr.pipelines", True)]
     assert _layer("epilsr.io") not in ALLOWED["core"]
+    assert all("cli" not in allowed for layer, allowed in ALLOWED.items() if layer != "cli")
 
 
 def test_core_imports_with_core_dependencies_only():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,16 @@ def test_geotiff_driver_end_to_end(tmp_path):
     results = json.loads((out / "metrics.json").read_text())
     pooled = {r["method"]: r for r in results["pooled"]}
     assert set(pooled) == {"lsr"}  # baselines only when asked
+    # one progress bar over the windows of both images, with its total from the start
+    per_image = [t["lsr"]["windows"] for t in results["tiles"].values()]
+    bars = re.findall(r"LSR windows: +\d+%\|[^|]*\| (\d+)/(\d+)", proc.stderr)
+    assert len(per_image) == 2 and bars and {t for _, t in bars} == {str(sum(per_image))}
+    assert bars[-1][0] == str(sum(per_image))
     assert pooled["lsr"]["accuracy"] > 0.8, pooled
     for name, shape in (("scene_image", (h, w)), ("scene_crop", (64, 96))):
         folder = out / name
         assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
-            "entropy.tif", "labels.tif", "preview.png", "probs.tif"]
+            "entropy.tif", "labels.tif", "labels.tif.aux.xml", "preview.png", "probs.tif"]
         with rasterio.open(folder / "labels.tif") as ds:
             labels = ds.read(1)
             assert labels.shape == shape and ds.crs == UTM and ds.nodata == 255

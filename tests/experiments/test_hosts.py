@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from epilsr.data.synthetic import make_scene
 from epilsr.io.geotiff import GeoInfo, write_raster
 from epilsr.pipelines import partition
-from experiments.hosts import Hosts, join
+from epilsr.cli.hosts import Hosts, join
 
 rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import Affine  # noqa: E402

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import numpy as np
 import pytest
 import tifffile
 
 rasterio = pytest.importorskip("rasterio")
+from rasterio import shutil as rio_shutil  # noqa: E402
 from rasterio.crs import CRS  # noqa: E402
 from rasterio.enums import Resampling  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
@@ -78,6 +81,33 @@ def test_label_raster_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(over, labels[::2, ::2])  # nearest overview
         assert ds.profile["tiled"] and ds.profile["compress"] == "deflate"
     assert cog_layout_errors(path) == []
+
+
+def _gdal_band_xml(path, tmp_path):
+    """Band 1 as GDAL sees it (PAM sidecar included), serialised by a VRT copy."""
+    vrt = tmp_path / "copy.vrt"
+    rio_shutil.copy(path, vrt, driver="VRT")
+    return ET.parse(vrt).getroot().find("VRTRasterBand")
+
+
+def test_label_names_sidecar_is_read_by_gdal(tmp_path, rng):
+    """``labels.tif.aux.xml`` (GDAL PAM): category names and colour table, the QGIS legend."""
+    labels = rng.integers(0, 4, (40, 50)).astype(np.uint8)
+    names = [*NAMES[:3], "roads & <roofs>"]
+    path = write(tmp_path / "labels.tif", labels, nodata=255, label_names=names,
+                 label_colors=COLORS)
+    sidecar = tmp_path / "labels.tif.aux.xml"
+    band = _gdal_band_xml(path, tmp_path)
+    assert [c.text for c in band.find("CategoryNames")] == names
+    entries = band.find("ColorTable")
+    assert [[int(e.get(k)) for k in ("c1", "c2", "c3")] for e in entries[:4]] == COLORS
+    assert len(entries) == 256 and entries[255].get("c4") == "0"
+    sidecar.unlink()  # control: without the sidecar GDAL knows no category names
+    assert _gdal_band_xml(path, tmp_path).find("CategoryNames") is None
+    path = write(tmp_path / "labels.tif", labels, nodata=255, label_names=names)
+    assert sidecar.exists()
+    write(tmp_path / "labels.tif", labels, nodata=255)  # a rewrite drops a stale sidecar
+    assert not sidecar.exists()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

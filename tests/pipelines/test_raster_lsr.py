@@ -256,6 +256,21 @@ def test_nodata_windows_are_skipped(tmp_path, scene):
     assert read_geoinfo(run.labels).nodata == "255"
 
 
+def test_on_window_ticks_once_per_window(tmp_path, scene):
+    """``on_window`` counts every window of this call, computed or skipped; a completed run
+    rerun ticks none (the driver adds ``windows - ticks`` to a bar shared by several rasters)."""
+    _, classes, _, table = scene
+    cls = np.where(np.arange(W)[None, :] < 60, classes, 8).astype(np.int32)  # column 0 valid
+    ticks = []
+    kw = dict(classes_reader=array_reader(cls), nodata_class=8, preview=None,
+              write_probs=False, on_window=lambda: ticks.append(1))
+    run = _run(scene, tmp_path, **kw)
+    assert run.windows == len(tile_grid(H, W, tile=TILE, overlap=OVERLAP)) > 1
+    assert len(ticks) == run.windows and 0 < run.skipped < run.windows
+    again = _run(scene, tmp_path, **kw)
+    assert len(ticks) == run.windows and again.resumed_from == run.windows
+
+
 def test_all_nodata_raster(tmp_path, scene):
     run = _run(scene, tmp_path, classes_reader=array_reader(np.full((H, W), 8, np.int32)),
                nodata_class=8, preview=None)

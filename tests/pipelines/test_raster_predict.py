@@ -360,7 +360,7 @@ def _compose(overrides):
 
     from hydra import compose, initialize_config_dir
 
-    conf = str(Path(__file__).resolve().parents[2] / "conf")
+    conf = str(Path(__file__).resolve().parents[2] / "src" / "epilsr" / "cli" / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         return compose(config_name="segment", overrides=overrides)
 

@@ -41,6 +41,7 @@ __all__ = [
     "GeoInfo",
     "RasterReader",
     "RasterWriter",
+    "pam_categories_xml",
     "read_geoinfo",
     "read_window",
     "raster_shape",
@@ -546,10 +547,12 @@ def _ifd_bytes(tags: list[tuple], at: int, next_ifd: int, big: bool) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class _Description:
-    """GDAL metadata XML and the TIFF colour map of an output raster."""
+    """GDAL metadata XML, the TIFF colour map and the PAM sidecar XML (QGIS legend: category
+    names and colour table, :func:`pam_categories_xml`) of an output raster."""
 
     xml: str | None
     colormap: list[int] | None
+    pam: str | None = None
 
     @classmethod
     def make(cls, dtype, bands, label_names, label_colors, band_names, description):
@@ -576,7 +579,25 @@ class _Description:
             table = np.zeros((256, 3), np.uint16)
             table[: len(colors)] = colors
             colormap = (table.T * 257).ravel().tolist()
-        return cls(xml, colormap)
+        pam = None
+        if label_names is not None and spp == 1:
+            pam = pam_categories_xml(label_names, None if colormap is None else label_colors)
+        return cls(xml, colormap, pam)
+
+
+def pam_categories_xml(label_names: Sequence[str], label_colors: Any = None) -> str:
+    """GDAL PAM sidecar (``<raster>.aux.xml``) of a one-band label raster: band 1's
+    ``CategoryNames`` (value ``i`` is ``label_names[i]``; QGIS shows them as the legend) and,
+    with ``label_colors`` ``[n, 3]`` uint8, its colour table (other values transparent black)."""
+    names = "".join(f"      <Category>{escape(str(n))}</Category>\n" for n in label_names)
+    body = f"    <CategoryNames>\n{names}    </CategoryNames>\n"
+    if label_colors is not None:
+        colors = np.asarray(label_colors, np.uint8).reshape(-1, 3)[:256]
+        entries = [f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="255"/>\n' for r, g, b in colors]
+        entries += ['      <Entry c1="0" c2="0" c3="0" c4="0"/>\n'] * (256 - len(colors))
+        body = ("    <ColorInterp>Palette</ColorInterp>\n" + body
+                + f"    <ColorTable>\n{''.join(entries)}    </ColorTable>\n")
+    return f'<PAMDataset>\n  <PAMRasterBand band="1">\n{body}  </PAMRasterBand>\n</PAMDataset>\n'
 
 
 class RasterWriter:
@@ -781,9 +802,21 @@ class RasterWriter:
             for lev in levels[1:]:
                 lev.path.unlink(missing_ok=True)
         commit(tmp, self.path)
+        self._write_sidecar()
         self.partial.unlink(missing_ok=True)
         self._closed = True
         return self.path
+
+    def _write_sidecar(self) -> None:
+        """``<path>.aux.xml`` with the label names (:func:`pam_categories_xml`); a sidecar left
+        by an earlier file of this name describes that file, so it is removed otherwise."""
+        sidecar = self.path.with_name(self.path.name + ".aux.xml")
+        if self._describe.pam is None:
+            sidecar.unlink(missing_ok=True)
+            return
+        tmp = sidecar.with_name(sidecar.name + ".partial")
+        tmp.write_text(self._describe.pam)
+        commit(tmp, sidecar)
 
     # ---- overviews and the COG layout ------------------------------------------------------
 

@@ -204,6 +204,19 @@ def _lsr_strips(key, batches: WindowBatches, image_reader: Reader, classes: _Cla
     return plan, read_strip, add_strip
 
 
+def _also_ticking(add_strip: Callable, on_window: Callable[[], Any]) -> Callable:
+    """``add_strip`` whose per-window tick also calls ``on_window()``."""
+
+    def add(s, acc, wsum, tick, *inputs):
+        def both():
+            tick()
+            on_window()
+
+        return add_strip(s, acc, wsum, both, *inputs)
+
+    return add
+
+
 def _preview(path: Path, outputs: Mapping[str, OutputSpec], image_reader: Reader, *,
              height: int, width: int, n_labels: int, max_size: int,
              label_names: Sequence[str] | None, label_colors: ArrayLike | None) -> None:
@@ -245,6 +258,7 @@ def lsr_raster(
     label_names: Sequence[str] | None = None,
     label_colors: ArrayLike | None = None,
     progress: bool = True,
+    on_window: Callable[[], Any] | None = None,
     resume: bool = True,
     window_batch: int | None = None,
     memory_budget: int | None = None,
@@ -283,6 +297,8 @@ def lsr_raster(
         label raster, band names of the probabilities; default the Chesapeake 4 classes when
         ``n == 4``.
       progress: tqdm bar over windows.
+      on_window: called once per window computed or skipped by this call (not for windows
+        done before a resume), e.g. to tick one bar shared by several rasters.
       resume: continue from the last checkpoint of an interrupted run with the same settings
         and unchanged inputs (or return at once when that run completed); ``False`` starts
         over. Other settings or a changed input raise ``ValueError``.
@@ -320,6 +336,8 @@ def lsr_raster(
                             max_batch=per_strip, lanes=window_lanes)
     plan, read_strip, add_strip = _lsr_strips(key, batches, image_reader, classes, windows,
                                               overlap, height, width)
+    if on_window is not None:
+        add_strip = _also_ticking(add_strip, on_window)
     out_dir = Path(out_dir)
     names, colors = _default_palette(table.shape[1])
     names = names if label_names is None else list(label_names)

@@ -5,7 +5,7 @@ count). ``distributed.coordinator`` set and ``num_processes > 1``: ``jax.distrib
 (as in training), a barrier at the end, then process 0 checks completeness and merges the
 per-process metrics (``<run>/hosts/metrics-<p>.json``) into ``metrics.json``. Coordinator
 ``null`` with ``num_processes > 1``: independent processes (a SLURM array, a rerun of one killed
-process): each does its share and writes its part; ``python -m experiments.lsr_check <run>``
+process): each does its share and writes its part; ``python -m epilsr.cli.lsr_check <run>``
 checks and merges afterwards.
 """
 
@@ -63,7 +63,7 @@ def barrier(out: Path, name: str = "epilsr.lsr") -> None:
         raise RuntimeError(
             f"barrier: not every process arrived ({str(err).splitlines()[0][:200]}); this "
             "process's outputs are complete: rerun the missing process(es) with "
-            f"distributed.coordinator=null, then python -m experiments.lsr_check {out}"
+            f"distributed.coordinator=null, then python -m epilsr.cli.lsr_check {out}"
         ) from err
 
 

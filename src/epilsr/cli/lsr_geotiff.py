@@ -25,8 +25,10 @@ from pathlib import Path
 import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from epilsr import metrics
+from epilsr.cli.common import format_table
 from epilsr.data import user
 from epilsr.io.align import AlignedReader
 from epilsr.io.atomic import fingerprint
@@ -34,7 +36,7 @@ from epilsr.io.geotiff import RasterReader, RasterWriter
 from epilsr.io.strips import reader_fingerprint
 from epilsr.metrics import NODATA_LABEL
 from epilsr.pipelines import partition, raster_lsr
-from experiments.common import format_table
+from epilsr.windows import tile_grid
 
 log = logging.getLogger("epilsr.lsr")
 
@@ -151,7 +153,11 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
     results: dict = {"tiles": {}, "table": table.source, "labels": list(table.label_names),
                      "truth_codes": truth_how}
     pooled: dict[str, np.ndarray] = {}
-    rows, record = [], {}
+    rows = []
+    overlap = min(int(cfg.raster.overlap), window // 4)
+    bar = tqdm(total=(1 + notebook) * sum(  # one bar: the windows of every image and method
+        len(tile_grid(s.height, s.width, tile=window, overlap=overlap))
+        for i, s in enumerate(scenes) if i in mine), unit="window", desc="LSR windows")
     try:
         for i, (scene, name) in enumerate(zip(scenes, names, strict=True)):
             if i not in mine:
@@ -172,13 +178,14 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
                 run = raster_lsr.lsr_raster(
                     jax.random.fold_in(key, i), scene.image, scene.classes, table.table,
                     out_dir=folder, height=scene.height, width=scene.width, tile=window,
-                    overlap=min(int(cfg.raster.overlap), window // 4), lsr_kwargs=kwargs,
+                    overlap=overlap, lsr_kwargs=kwargs,
                     geo=scene.geo, nodata_class=-1, valid_reader=scene.valid,
                     write_probs=bool(cfg.output.probs) and method == "lsr",
                     probs_dtype=np.float32, prefix=prefix,
                     preview=1024 if cfg.output.png and method == "lsr" else None,
                     label_names=table.label_names, label_colors=table.label_colors,
-                    progress=True)
+                    progress=False, on_window=bar.update)
+                bar.update(run.resumed_from)  # done by an earlier, interrupted run
                 runs[method] = run.labels
                 done.append(partition.output_entry(run.labels, out,
                                                    folder / f".{prefix}lsr_state/progress.json"))
@@ -208,6 +215,7 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
             results["tiles"][name] = record  # "tiles" as in the benchmark runs' metrics.json
             partition.record_done(out, process[0], name, done, fps[i])
     finally:
+        bar.close()
         for s in scenes:
             s.close()
     header = ["image"] + [m if m == "paint" else f"{m} W={window}"

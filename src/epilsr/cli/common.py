@@ -1,0 +1,234 @@
+"""Shared driver plumbing: one-line errors, the run-folder lock, data loading from configs,
+result tables."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from epilsr.data import chesapeake, synthetic
+from epilsr.epitome import as_float_image
+from epilsr.io.atomic import atomic_write_path
+from epilsr.io.geotiff import read_geoinfo
+from epilsr.io.lock import LockError, RunLock
+
+log = logging.getLogger("epilsr")
+logging.getLogger("jax").setLevel(logging.WARNING)  # no "Unable to initialize backend" noise
+
+
+class LabelledTile(NamedTuple):
+    name: str
+    image: np.ndarray  # [H, W, C] uint8 or float
+    classes: np.ndarray  # [H, W] int32 rows of table
+    labels: np.ndarray | None  # [H, W] ground truth or None
+    table: np.ndarray  # [Cc, n] p(label | class)
+    label_names: tuple[str, ...]
+    label_colors: np.ndarray
+    geo: object = None  # epilsr.io.geotiff.GeoInfo of the imagery, when read from a GeoTIFF
+
+
+def _debug(cfg=None) -> bool:
+    if cfg is not None and bool(cfg.get("debug", False)):
+        return True
+    return any(a in ("debug=true", "debug=True") for a in sys.argv)
+
+
+def _user_error(err: BaseException) -> bool:
+    """Errors a user can cause with inputs, settings or the file system (one line, exit 2)."""
+    if isinstance(err, ValueError | KeyError | OSError | LockError | MemoryError):
+        return True
+    # imagecodecs' codec errors (corrupted compressed strips) subclass RuntimeError
+    return isinstance(err, RuntimeError) and type(err).__module__.startswith("imagecodecs")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, MemoryError):
+        text = f"out of memory ({text}); lower data.max_bytes/data.max_pixels or the batch sizes"
+    elif isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        text = f"{type(err).__name__}: {text}"
+    return text
+
+
+def _fail(err: BaseException) -> None:
+    print(f"error: {_one_line(err)} (rerun with debug=true for a traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line_errors(main: Callable) -> Callable:
+    """Drivers print ``error: ...`` (one line) and exit 2 on errors a user can cause: bad
+    inputs and settings, unreadable/corrupted files, read-only or misplaced output folders,
+    a folder locked by another run. ``debug=true`` re-raises with the traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as err:
+            if _debug() or not _user_error(err):
+                raise
+            _fail(err)
+
+    return wrapper
+
+
+class RunFolderLock(Callback):
+    """Hydra callback (``hydra.callbacks.run_lock`` in every driver config): before Hydra
+    creates the run folder or writes ``.hydra/config.yaml``, checks that ``hydra.run.dir`` can
+    be a folder we write into and takes its :class:`epilsr.io.lock.RunLock`. A second run into
+    the same folder stops here with one line (exit 2), leaving the first run's
+    ``.hydra/config.yaml`` untouched. Processes other than ``distributed.process_id`` 0 share
+    process 0's folder and do not lock."""
+
+    def __init__(self) -> None:
+        self.lock: RunLock | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._take(config)
+        except (OSError, LockError) as err:
+            if _debug(config):
+                raise
+            _fail(err)
+
+    def _take(self, config: DictConfig) -> None:
+        dist = config.get("distributed")
+        if dist is not None and int(dist.get("process_id") or 0) != 0:
+            return
+        folder = Path(str(config.hydra.run.dir)).absolute()
+        for parent in (folder, *folder.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise NotADirectoryError(
+                        f"hydra.run.dir: {parent} is a file; expected a folder (or a path "
+                        "whose existing parts are folders)"
+                    )
+                break
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise type(err)(
+                f"hydra.run.dir: cannot create {folder} ({err.strerror or err})"
+            ) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"hydra.run.dir: {folder} is not writable")
+        self.lock = RunLock(folder)
+        try:
+            self.lock.acquire()
+        except OSError as err:  # e.g. a read-only mount that lets mkdir pass (folder existed)
+            raise type(err)(f"hydra.run.dir: cannot write into {folder} "
+                            f"({err.strerror or err})") from None
+        atexit.register(self.lock.release)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def read_limits(data) -> dict:
+    """``max_pixels``, ``max_bytes``, ``warn_mpx`` of a ``data`` config group (library defaults
+    when absent) for :func:`epilsr.data.chesapeake.load_tile`."""
+    defaults = {"max_pixels": chesapeake.MAX_PIXELS, "max_bytes": chesapeake.MAX_BYTES,
+                "warn_mpx": chesapeake.WARN_MPX}
+    return {k: data.get(k, v) for k, v in defaults.items()}
+
+
+def _stems(data) -> list:
+    """The tile stems of a ``chesapeake`` / ``chesapeake_lila`` data group."""
+    root = Path(data.root)
+    if data.kind == "chesapeake":
+        return chesapeake.find_tiles(root)
+    # LILA region: whole tiles of the chosen states/split, at most max_tiles
+    stems = chesapeake.find_lila_tiles(root, states=list(data.states), split=data.split)
+    return stems[: int(data.max_tiles)]
+
+
+def count_tiles(data) -> int:
+    """How many tiles :func:`iter_tiles` yields (without reading them)."""
+    return 1 if data.kind == "synthetic" else len(_stems(data))
+
+
+def iter_tiles(data) -> Iterator[LabelledTile]:
+    """Tiles described by a ``data`` config group (``kind: synthetic`` or ``chesapeake``)."""
+    if data.kind == "synthetic":
+        scene = synthetic.make_scene(int(data.seed), size=int(data.size), block=int(data.block))
+        colors = chesapeake.LABEL_COLORS  # the same four labels as Chesapeake
+        yield LabelledTile(
+            f"synthetic_seed{data.seed}_{data.size}",
+            scene.image,
+            scene.classes,
+            scene.labels,
+            scene.label_given_class,
+            scene.label_names,
+            colors,
+        )
+    elif data.kind in ("chesapeake", "chesapeake_lila"):
+        csv = Path(data.root) / "nlcd_label_priors.csv"
+        table = chesapeake.load_nlcd_table(csv if csv.exists() else None)
+        for stem in _stems(data):
+            tile = chesapeake.load_tile(stem, **read_limits(data))
+            yield LabelledTile(
+                tile.name,
+                tile.image,
+                table.index(tile.nlcd),
+                tile.labels,
+                table.mean,
+                chesapeake.LABEL_NAMES,
+                chesapeake.LABEL_COLORS,
+                read_geoinfo(f"{stem}_naip-new.tif"),
+            )
+    else:
+        raise ValueError(
+            f"data.kind: expected 'synthetic', 'chesapeake' or 'chesapeake_lila', got {data.kind!r}"
+        )
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(tmp_path)`` then renames onto ``path``: never a half-written output."""
+    atomic_write_path(path, write)
+
+
+def format_table(
+    header: list[str], rows: list[list], *, floats: str = ".4f", align: str = "left"
+) -> str:
+    """A plain fixed-width text table (floats formatted with ``floats``; ``align`` left/right)."""
+    cells = [header] + [[f"{v:{floats}}" if isinstance(v, float) else str(v) for v in r]
+                        for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    pad = str.ljust if align == "left" else str.rjust
+    lines = ["  ".join(pad(c, w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def load_training_images(data) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Imagery ``[T, H, W, C]`` float32 in [0, 1], labels ``[T, H, W]`` (or None), n_labels."""
+    if data.kind == "chesapeake_lila":
+        stems = chesapeake.find_lila_tiles(data.root, states=list(data.states), split=data.split)
+        stems = stems[jax.process_index() :: jax.process_count()][: int(data.max_tiles)]
+        images, labels = [], []
+        for stem in stems:
+            tile = chesapeake.load_tile(stem, **read_limits(data))
+            h, w = tile.image.shape[:2]
+            c = min(int(data.crop), h, w)
+            r0, c0 = (h - c) // 2, (w - c) // 2
+            images.append(np.asarray(as_float_image(tile.image[r0 : r0 + c, c0 : c0 + c])))
+            labels.append(None if tile.labels is None else tile.labels[r0 : r0 + c, c0 : c0 + c])
+        image = np.stack(images)
+        label = None if any(lab is None for lab in labels) else np.stack(labels)
+        return image, label, 4
+    tiles = list(iter_tiles(data))
+    image = np.stack([np.asarray(as_float_image(t.image)) for t in tiles])
+    labels = None if any(t.labels is None for t in tiles) else np.stack([t.labels for t in tiles])
+    return image, labels, tiles[0].table.shape[1]

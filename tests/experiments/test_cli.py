@@ -1,0 +1,71 @@
+"""The installed commands (``epilsr-lsr`` ...): entry points, packaged configs, ``--help``."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PACKAGE = REPO / "src" / "epilsr"
+DRIVERS = ("lsr", "train", "segment", "til")
+
+
+def _installed_command(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """What the console script ``epilsr-<name>`` does, run outside the repository."""
+    code = (f"import sys; sys.argv = ['epilsr-{name}', *{list(args)!r}]; "
+            f"from epilsr.cli.{name} import main; main()")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(PACKAGE.parent)}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_scripts_point_at_the_drivers():
+    scripts = PYPROJECT["project"]["scripts"]
+    assert sorted(scripts) == sorted([*(f"epilsr-{d}" for d in DRIVERS), "epilsr-lsr-check"])
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert module == f"epilsr.cli.{name.removeprefix('epilsr-').replace('-', '_')}"
+        assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_every_config_is_package_data():
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["epilsr"]
+    configs = sorted((PACKAGE / "cli" / "conf").rglob("*.yaml"))
+    assert len(configs) >= 10
+    missing = [p for p in configs
+               if not any(fnmatch.fnmatch(p.relative_to(PACKAGE).as_posix(), g) for g in patterns)]
+    assert not missing, f"not in package-data {patterns}: {missing}"
+    assert (PACKAGE / "cli" / "conf" / "__init__.py").exists()  # Hydra's pkg:// needs a package
+
+
+def test_shims_are_the_cli_modules():
+    import epilsr.cli.common
+    import experiments.common
+
+    assert experiments.common is epilsr.cli.common
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("lsr", ["data=geotiff", "data.image=", "data.coarse=", "data.table=", "data.truth=",
+             "output.probs=", "resume=", "seed=", "hydra.run.dir="]),
+    ("train", ["+exp=", "model.size=", "train.steps=", "resume=", "seed="]),
+    ("segment", ["segment.epitome=", "segment.folds=", "seed="]),
+    ("til", ["+til=", "data.root=", "seed="]),
+])
+def test_help_lists_main_keys_from_any_folder(tmp_path, name, keys):
+    proc = _installed_command(name, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for key in keys:  # one line each: the key, then what it does
+        hits = [ln for ln in lines if ln.startswith(key)]
+        assert len(hits) == 1 and len(hits[0].split(maxsplit=1)) == 2, (key, hits)
+    assert "== Configuration groups" in proc.stdout and f"epilsr-{name} --cfg job" in proc.stdout
+    assert not list(tmp_path.iterdir())  # --help writes nothing
