@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from epilsr.cli.hosts import Hosts, join
 from epilsr.data.synthetic import make_scene
 from epilsr.io.geotiff import GeoInfo, write_raster
 from epilsr.pipelines import partition
-from epilsr.cli.hosts import Hosts, join
 
 rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import Affine  # noqa: E402

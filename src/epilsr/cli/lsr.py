@@ -294,7 +294,7 @@ def _shared(out: Path, hosts: multi.Hosts, part: dict) -> bool:
     if hosts.coordinated:
         multi.barrier(out)
     else:
-        log.info("process %d of %d done; check the set with epilsr-lsr-check %s (or python -m experiments.lsr_check)",
+        log.info("process %d of %d done; check the set with epilsr-lsr-check %s",
                  hosts.index, hosts.count, out)
     return True
 
