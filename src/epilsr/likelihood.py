@@ -102,12 +102,8 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature: expected a positive number, got {temperature}")
 
 
-def check_posterior_args(epitome: Epitome, temperature, mask) -> jax.Array | None:
-    """Checks of :func:`log_posterior`'s ``temperature`` and ``mask`` (values when concrete),
-    so compiled callers can run them before tracing. Returns the mask as an array (or None)."""
-    _check_temperature(temperature)
-    if mask is None:
-        return None
+def check_mask(mask: ArrayLike, epitome: Epitome) -> jax.Array:
+    """An ``[L, N1, N2]`` bool mask of allowed positions, as an array."""
     mask = jnp.asarray(mask)
     if mask.shape != epitome.prior_logits.shape:
         raise ValueError(
@@ -115,6 +111,16 @@ def check_posterior_args(epitome: Epitome, temperature, mask) -> jax.Array | Non
         )
     if mask.dtype != jnp.bool_:
         raise ValueError(f"mask: expected a bool array, got dtype {mask.dtype}")
+    return mask
+
+
+def check_posterior_args(epitome: Epitome, temperature, mask) -> jax.Array | None:
+    """Checks of :func:`log_posterior`'s ``temperature`` and ``mask`` (values when concrete),
+    so compiled callers can run them before tracing. Returns the mask as an array (or None)."""
+    _check_temperature(temperature)
+    if mask is None:
+        return None
+    mask = check_mask(mask, epitome)
     if is_concrete(mask) and not np.any(np.asarray(mask)):
         raise ValueError("mask: every position is masked out; expected at least one True")
     return mask

@@ -52,7 +52,7 @@ from jax.typing import ArrayLike
 from epilsr._validate import is_concrete
 from epilsr.correlate import resolve_route
 from epilsr.epitome import Epitome, clamp_epitome
-from epilsr.likelihood import check_patches, log_likelihood, log_prior
+from epilsr.likelihood import check_mask, check_patches, log_likelihood, log_prior
 
 __all__ = [
     "TrainState",
@@ -150,17 +150,6 @@ def _quantile_count(quantile: float, batch: int) -> int:
     return max(1, min(batch, math.ceil(round(quantile * batch, 6))))
 
 
-def _check_mask(mask: ArrayLike, epitome: Epitome) -> jax.Array:
-    mask = jnp.asarray(mask)
-    if mask.shape != epitome.prior_logits.shape:
-        raise ValueError(
-            f"mask: expected shape {epitome.prior_logits.shape} ([L, N1, N2]), got {mask.shape}"
-        )
-    if mask.dtype != jnp.bool_:
-        raise ValueError(f"mask: expected a bool array, got dtype {mask.dtype}")
-    return mask
-
-
 def default_temperature(patch_size: int | Sequence[int]) -> float:
     """Training temperature of the original implementation, ``T = (K / 11)^2`` (DESIGN Sec. 5).
 
@@ -255,7 +244,7 @@ def objective(
     patches = check_patches(params, patches)
     ll = loglik(params, patches, route=route)  # [B, L, N1, N2]
     lp = log_prior(params)
-    allowed = None if mask is None else _guard_mask(_check_mask(mask, params))
+    allowed = None if mask is None else _guard_mask(check_mask(mask, params))
     logits, log_marginal = _masked_logsumexp(ll / temperature + lp, allowed)
     if reference is None:
         scores = log_marginal
