@@ -180,7 +180,8 @@ def test_stitching_is_exact_for_pixelwise_model(tmp_path, monkeypatch, rng):
 
 
 def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng):
-    """NumPy allocations (strip buffer, writer rows) stay flat when the raster gets 8x taller."""
+    """NumPy allocations (strip buffer, writer rows, the bounded reader/writer queues) stay flat
+    when the raster gets 2x taller (both long enough to fill the thread queues)."""
     import tracemalloc
 
     monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: _pointwise)
@@ -192,7 +193,7 @@ def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng):
         return lambda r, c, h, w: np.take(arr, np.arange(r, r + h) % 256, axis=0)[:, c : c + w]
 
     peaks = []
-    for height in (256, 512, 4096):  # the first run warms up (tracing, imports)
+    for height in (256, 2048, 4096):  # the first run warms up (tracing, imports)
         tracemalloc.start()
         lsr_raster(jax.random.key(0), periodic(tile_image), periodic(tile_classes), table,
                    out_dir=tmp_path / str(height), height=height, width=width, tile=128,
@@ -200,7 +201,7 @@ def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     full_probs = 4096 * width * 3 * 4  # float32 [H, W, 3]
-    assert peaks[2] < 1.3 * peaks[1] and peaks[2] < full_probs, peaks  # naive: grows 8x
+    assert peaks[2] < 1.3 * peaks[1] and peaks[2] < full_probs, peaks  # naive: grows 2x
 
 
 def test_single_window_equals_self_epitomic_lsr(tmp_path, scene):
