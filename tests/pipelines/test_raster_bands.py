@@ -31,9 +31,10 @@ def scene():
     return image, s.classes[:H, :W].astype(np.int32), s.label_given_class
 
 
-def _run(scene, out_dir, strips=None):
+def _run(scene, out_dir, strips=None, classes_reader=None):
     image, classes, table = scene
-    run = lsr_raster(jax.random.key(3), array_reader(image), array_reader(classes), table,
+    classes_reader = classes_reader or array_reader(classes)
+    run = lsr_raster(jax.random.key(3), array_reader(image), classes_reader, table,
                      out_dir=out_dir, height=H, width=W, tile=TILE, overlap=OVERLAP,
                      lsr_kwargs=LSR, progress=False, write_probs=True, geo=GEO,
                      strips=strips, preview=None)
@@ -93,6 +94,31 @@ def test_band_resume_returns_same(scene, single, tmp_path):
     assert run.computed == 0
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _Flaky:
+    """Classes reader that fails at rows >= ``row`` while ``fail`` (no fingerprint)."""
+
+    def __init__(self, classes, row):
+        self.classes, self.row, self.fail, self.shape = classes, row, True, classes.shape
+
+    def __call__(self, r, c, h, w):
+        if self.fail and r >= self.row:
+            raise OSError("disk gone")
+        return self.classes[r : r + h, c : c + w]
+
+
+def test_interrupted_band_resumes_exactly(scene, single, tmp_path):
+    """Band (2, 7) stopped at strip 5 resumes from its checkpoint (not the rebuilt carry)."""
+    flaky = _Flaky(scene[1], row=140)
+    with pytest.raises(OSError, match="disk gone"):
+        _run(scene, tmp_path, (2, 7), flaky)
+    flaky.fail = False
+    run, arrays = _run(scene, tmp_path, (2, 7), flaky)
+    assert run.resumed_from > 0 and run.computed < run.windows
+    r0 = strip_row_starts(H, W, tile=TILE, overlap=OVERLAP)[2]
+    for k in range(3):
+        np.testing.assert_array_equal(arrays[k], single[k][r0:])
 
 
 def test_bad_strips_rejected(scene, tmp_path):

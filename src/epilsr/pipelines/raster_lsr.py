@@ -61,7 +61,7 @@ class RasterRun(NamedTuple):
     probs: Path | None  # [H, W, n] probabilities (NaN where no data)
     entropy: Path | None  # [H, W] float32 entropy in nats (NaN where no data)
     preview: Path | None  # PNG
-    windows: int  # windows in the grid
+    windows: int  # windows in the grid (of the band with strips=)
     computed: int  # windows run in this call
     skipped: int  # all-no-data windows (over the whole run)
     resumed_from: int  # windows already done when this call started
