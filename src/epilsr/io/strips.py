@@ -443,6 +443,7 @@ def run_strips(
     desc: str | None = None,
     finish: Callable[[], Any] | None = None,
     read_strip: ReadStrip | None = None,
+    initial_carry: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> StripRun:
     """Run (or resume) every strip of ``plan`` into ``outputs`` (see module doc).
 
@@ -463,6 +464,9 @@ def run_strips(
       finish: called once all outputs are closed, before the run is marked complete.
       read_strip: ``read_strip(s) -> inputs`` (window reads, alignment), run in a reader thread
         up to two strips ahead; ``add_strip`` then gets ``inputs`` as a fifth argument.
+      initial_carry: ``() -> (acc [k, W, n], wsum [k, W])``, the buffer's first rows before strip 0
+        of a fresh run (a band of a larger raster, rebuilt from the strips above it); a
+        resumed run restores its checkpointed carry instead.
 
     Normalising, writing and checkpointing run in a writer thread behind ``add_strip`` (a
     strip's checkpoint follows its writes, in order), so reads and writes overlap the
@@ -485,7 +489,8 @@ def run_strips(
         state.path.parent.mkdir(parents=True, exist_ok=True)
         _clean(state.path.parent, set())
         state.path.unlink(missing_ok=True)
-        first, counts, writers, buf = 0, {}, None, _Buffer(plan)
+        first, counts, writers = 0, {}, None
+        buf = _Buffer(plan, None if initial_carry is None else initial_carry())
     else:
         first = saved["next_strip"]
         writers = _open_writers(outputs, plan, geo, compression, saved, state.path.parent)

@@ -61,7 +61,7 @@ class RasterRun(NamedTuple):
     probs: Path | None  # [H, W, n] probabilities (NaN where no data)
     entropy: Path | None  # [H, W] float32 entropy in nats (NaN where no data)
     preview: Path | None  # PNG
-    windows: int  # windows in the grid
+    windows: int  # windows in the grid (of the band with strips=)
     computed: int  # windows run in this call
     skipped: int  # all-no-data windows (over the whole run)
     resumed_from: int  # windows already done when this call started
@@ -217,6 +217,37 @@ def _also_ticking(add_strip: Callable, on_window: Callable[[], Any]) -> Callable
     return add
 
 
+def _band(plan: StripPlan, read_strip: Callable, add_strip: Callable,
+          strips: tuple[int, int]) -> tuple[StripPlan, Callable, Callable, Callable | None]:
+    """The band of strips ``a .. b - 1`` of ``plan``: its plan (rows from ``R_a``), reader and
+    adder with global strip numbers, and the carry rebuilt from the strips above that reach
+    row ``R_a`` (their rows dropped; None when there are none)."""
+    n = len(plan.row_starts)
+    a, b = (int(v) for v in strips)
+    if not 0 <= a < b <= n:
+        raise ValueError(f"lsr_raster: strips must be (a, b) with 0 <= a < b <= {n} (the "
+                         f"strip count), got {strips}")
+    r0 = plan.row_starts[a]
+    r1 = plan.row_starts[b] if b < n else plan.height
+    band = plan._replace(height=r1 - r0,
+                         row_starts=tuple(r - r0 for r in plan.row_starts[a:b]))
+    warm = [s for s in range(a) if plan.row_starts[s] + plan.buffer_rows > r0]
+
+    def initial_carry():
+        acc = np.zeros((plan.buffer_rows, plan.width, plan.n_labels), np.float32)
+        wsum = np.zeros((plan.buffer_rows, plan.width), np.float32)
+        for s in warm:  # as run_strips: add, then shift the finished rows out
+            add_strip(s, acc, wsum, lambda: None, read_strip(s))
+            rows = plan.finished_rows(s)
+            acc[:-rows], wsum[:-rows] = acc[rows:].copy(), wsum[rows:].copy()
+            acc[-rows:], wsum[-rows:] = 0.0, 0.0
+        return acc, wsum
+
+    return (band, lambda s: read_strip(a + s),
+            lambda s, acc, wsum, tick, inputs: add_strip(a + s, acc, wsum, tick, inputs),
+            initial_carry if warm else None)
+
+
 def _preview(path: Path, outputs: Mapping[str, OutputSpec], image_reader: Reader, *,
              height: int, width: int, n_labels: int, max_size: int,
              label_names: Sequence[str] | None, label_colors: ArrayLike | None) -> None:
@@ -264,6 +295,7 @@ def lsr_raster(
     memory_budget: int | None = None,
     mesh: Mesh | None = None,
     window_lanes: int = 1,
+    strips: tuple[int, int] | None = None,
 ) -> RasterRun:
     """Self-epitomic LSR (Sec. 5.1) over a raster of any size, tile by tile (see module doc).
 
@@ -308,6 +340,12 @@ def lsr_raster(
         sharded over ``mesh`` (default: the local devices). The outputs do not depend on these.
       window_lanes: windows vmapped together per step on a device (accelerators); 1 keeps the
         outputs bit-identical to unbatched calls, more changes them by float32 rounding only.
+      strips: ``(a, b)``: only the band of window strips ``a .. b - 1`` (one process's share,
+        :func:`epilsr.pipelines.raster_bands.split_strips`): raster rows ``R_a .. R_b - 1``
+        (to ``H`` when ``b`` is the strip count) are written, with ``geo`` shifted by ``R_a``
+        rows; the strips above that overlap row ``R_a`` are computed first, unwritten, to
+        rebuild the carry. Global window indices, so the bands equal the rows of a
+        single-process run exactly. No preview. ``None`` = the whole raster.
 
     Windows are read and aligned in a reader thread ahead of the compute; normalising,
     compression and writing run in a writer thread behind it (:func:`run_strips`).
@@ -336,6 +374,11 @@ def lsr_raster(
                             max_batch=per_strip, lanes=window_lanes)
     plan, read_strip, add_strip = _lsr_strips(key, batches, image_reader, classes, windows,
                                               overlap, height, width)
+    initial_carry, n_windows = None, len(windows)
+    if strips is not None:
+        row0 = plan.row_starts[strips[0]] if 0 <= strips[0] < len(plan.row_starts) else 0
+        plan, read_strip, add_strip, initial_carry = _band(plan, read_strip, add_strip, strips)
+        geo, preview, n_windows = geo.window(row0, 0), None, per_strip * len(plan.row_starts)
     if on_window is not None:
         add_strip = _also_ticking(add_strip, on_window)
     out_dir = Path(out_dir)
@@ -353,19 +396,21 @@ def lsr_raster(
     settings = dict(height=height, width=width, tile=tile, overlap=overlap, lsr=lsr_kwargs,
                     key=np.asarray(jax.random.key_data(key)), table=table,
                     nodata=nodata_values, valid=valid_reader is not None, compression=compression)
+    if strips is not None:  # only then: the fingerprint of a whole-raster run is unchanged
+        settings["strips"] = [int(strips[0]), int(strips[1])]
     run = run_strips(
         plan, add_strip, who="lsr_raster", outputs=outputs, state_dir=out_dir /
         f".{prefix}lsr_state", settings=settings, geo=geo, compression=compression,
         inputs={"image_reader": image_reader, "classes_reader": classes_reader,
                 "valid_reader": valid_reader},
-        resume=resume, progress=progress, total=len(windows), progress_key="windows_done",
-        finish=finish, read_strip=read_strip)
+        resume=resume, progress=progress, total=n_windows, progress_key="windows_done",
+        finish=finish, read_strip=read_strip, initial_carry=initial_carry)
     done, before = run.counts, run.resumed
     return RasterRun(
         outputs["labels"].path, outputs["probs"].path if write_probs else None,
         outputs["entropy"].path if write_entropy else None,
         preview_path if preview_path is not None and preview_path.exists() else None,
-        len(windows), done.get("computed", 0) - before.get("computed", 0),
+        n_windows, done.get("computed", 0) - before.get("computed", 0),
         done.get("skipped", 0), before.get("windows_done", 0), time.perf_counter() - t_start)
 
 
