@@ -177,6 +177,7 @@ def test_train_driver_sharded_and_cascade(tmp_path):
     assert epitome.mean.shape == (2, 24, 24, 4)  # uniform mixture of E1 and E2
 
 
+@pytest.mark.slow  # the 2-process sharded step itself is tests/test_parallel.py (default suite)
 def test_train_driver_two_processes(tmp_path):
     """Two processes on loopback (jax.distributed, gloo): one global mesh, process 0 writes."""
     import socket
