@@ -60,6 +60,7 @@ __all__ = [
     "StripRun",
     "array_digest",
     "array_reader",
+    "raster_size",
     "reader_fingerprint",
     "read_window",
     "check_window",
@@ -108,6 +109,17 @@ def array_reader(array: ArrayLike) -> Reader:
     read.shape = array.shape  # type: ignore[attr-defined]
     read.fingerprint = lambda: array_digest(array)  # type: ignore[attr-defined]
     return read
+
+
+def raster_size(reader: Reader, height: int | None, width: int | None,
+                who: str) -> tuple[int, int]:
+    """``(height, width)`` as given, else from ``reader.shape``."""
+    if height is not None and width is not None:
+        return int(height), int(width)
+    shape = getattr(reader, "shape", None)
+    if shape is None:
+        raise ValueError(f"{who}: pass height= and width= (the reader has no .shape)")
+    return int(shape[0]), int(shape[1])
 
 
 def reader_fingerprint(reader: Any) -> str | None:

@@ -38,6 +38,7 @@ from epilsr.io.strips import (
     array_reader,
     check_window,
     label_outputs,
+    raster_size,
     read_window,
     run_strips,
 )
@@ -250,16 +251,13 @@ def _band(plan: StripPlan, read_strip: Callable, add_strip: Callable,
 
 def _preview(path: Path, outputs: Mapping[str, OutputSpec], image_reader: Reader, *,
              height: int, width: int, n_labels: int, max_size: int,
-             label_names: Sequence[str] | None, label_colors: ArrayLike | None) -> None:
-    names, colors = _default_palette(n_labels)
-    names = names if label_names is None else list(label_names)
-    colors = colors if label_colors is None else np.asarray(label_colors, np.uint8)
+             label_names: Sequence[str], label_colors: np.ndarray) -> None:
     with RasterReader(outputs["labels"].path) as lab:
         ent = RasterReader(outputs["entropy"].path) if "entropy" in outputs else None
         try:
             write_preview(path, lab, height=height, width=width, image_reader=image_reader,
-                          entropy_reader=ent, label_names=names, label_colors=colors,
-                          max_size=max_size, n_labels=n_labels)
+                          entropy_reader=ent, label_names=label_names,
+                          label_colors=label_colors, max_size=max_size, n_labels=n_labels)
         finally:
             if ent is not None:
                 ent.close()
@@ -354,11 +352,7 @@ def lsr_raster(
       :class:`RasterRun`.
     """
     t_start = time.perf_counter()
-    if height is None or width is None:
-        shape = getattr(image_reader, "shape", None)
-        if shape is None:
-            raise ValueError("lsr_raster: pass height= and width= (image_reader has no .shape)")
-        height, width = (int(s) for s in shape[:2])
+    height, width = raster_size(image_reader, height, width, "lsr_raster")
     for name, reader in (("classes_reader", classes_reader), ("valid_reader", valid_reader)):
         check_same_grid(name, getattr(reader, "shape", None), height, width, "image_reader")
     geo = geo if geo is not None else getattr(image_reader, "geo", None) or GeoInfo()
@@ -391,8 +385,7 @@ def lsr_raster(
     preview_path = out_dir / f"{prefix}preview.png" if preview else None
     finish = None if preview_path is None else functools.partial(
         _preview, preview_path, outputs, image_reader, height=height, width=width,
-        n_labels=table.shape[1], max_size=preview, label_names=label_names,
-        label_colors=label_colors)
+        n_labels=table.shape[1], max_size=preview, label_names=names, label_colors=colors)
     settings = dict(height=height, width=width, tile=tile, overlap=overlap, lsr=lsr_kwargs,
                     key=np.asarray(jax.random.key_data(key)), table=table,
                     nodata=nodata_values, valid=valid_reader is not None, compression=compression)

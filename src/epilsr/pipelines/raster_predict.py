@@ -49,6 +49,7 @@ from epilsr.io.strips import (
     check_window,
     iter_strips,
     label_outputs,
+    raster_size,
     read_window,
     run_strips,
     write_outputs,
@@ -118,11 +119,7 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
     """Validated inputs, the tile grid and the strip function (Eq. 2, exact)."""
     if not callable(image_reader):
         image_reader = array_reader(image_reader)
-    if height is None or width is None:
-        shape = getattr(image_reader, "shape", None)
-        if shape is None:
-            raise ValueError("predict_raster: pass height= and width= (reader has no .shape)")
-        height, width = int(shape[0]), int(shape[1])
+    height, width = raster_size(image_reader, height, width, "predict_raster")
     shape = tuple(getattr(image_reader, "shape", ()) or ())
     channels = shape[2] if len(shape) == 3 else (1 if len(shape) == 2 else epitome.channels)
     k = int(patch_size)
