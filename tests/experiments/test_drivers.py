@@ -158,6 +158,7 @@ def test_train_driver_kill_and_resume(tmp_path):
     assert steps == list(range(1, 13))  # no lost or repeated steps in the log either
 
 
+@pytest.mark.slow  # 4 forced devices on 2 busy cores: XLA's 40 s collective rendezvous can time out
 def test_train_driver_sharded_and_cascade(tmp_path):
     """Data parallel over 4 forced CPU devices, and the label cascade E0 -> E1 -> E2 + mixture."""
     overrides = [o for o in TRAIN if not o.startswith("train.devices")]
