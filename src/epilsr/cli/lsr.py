@@ -301,7 +301,10 @@ def _shared(out: Path, hosts: multi.Hosts, part: dict) -> bool:
 
 def finish(out: Path) -> dict:
     """Completeness check of a run folder (raises with the report), then the processes'
-    metrics merged into ``<out>/metrics.json`` (``python -m experiments.lsr_check <out>``)."""
+    metrics merged into ``<out>/metrics.json`` (``python -m experiments.lsr_check <out>``).
+    First the VRT mosaics of every raster divided into bands whose bands are all complete
+    (:func:`epilsr.cli.lsr_geotiff.write_mosaics`), whether or not the whole set is."""
+    lsr_geotiff.write_mosaics(out)
     multi.check(out)
     plan, parts = multi.load_parts(out)
     if parts[0].get("kind") != "tiles":
