@@ -318,7 +318,8 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
                     probs_dtype=np.float32, prefix=prefix,
                     preview=1024 if cfg.output.png and method == "lsr" else None,
                     label_names=table.label_names, label_colors=table.label_colors,
-                    progress=False, on_window=bar.update, strips=unit.strips)
+                    progress=False, on_window=bar.update, strips=unit.strips,
+                    resume=bool(cfg.get("resume", True)))
                 bar.update(run.resumed_from)  # done by an earlier, interrupted run
                 runs[method] = run.labels
                 done.append(partition.output_entry(run.labels, out,
