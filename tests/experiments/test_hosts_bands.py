@@ -27,7 +27,7 @@ from tests.experiments.test_hosts import FAST, _check, _port, _start, _wait  # n
 from tests.geo_scene import IMG_T, UTM, make_geo_scene, write_tif  # noqa: E402
 
 H, W = 320, 96
-BANDS = ("labels", "entropy", "probs")
+BANDS = ("labels", "entropy", "probs", "paint_labels")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -91,7 +91,8 @@ def _inputs(folder: Path, name: str = "big") -> list[str]:
     write_tif(folder / f"{name}.tif", image, UTM, IMG_T, tiled=True, blockxsize=64,
               blockysize=64)
     return ["data=geotiff", f"data.image={folder}/{name}.tif", f"data.coarse={geo.coarse_same}",
-            f"data.table={geo.table}", f"data.truth={geo.truth}", "output.probs=true", *FAST]
+            f"data.table={geo.table}", f"data.truth={geo.truth}", "output.probs=true",
+            "baselines.paint=true", *FAST]
 
 
 def _read(path: Path) -> np.ndarray:
@@ -106,11 +107,13 @@ def _same_as_one(two: Path, one: Path) -> None:
         with rasterio.open(two / "big" / f"{name}.vrt") as got, \
                 rasterio.open(one / "big" / f"{name}.tif") as want:
             assert got.shape == want.shape == (H, W) and got.crs == want.crs
+            assert np.array_equal(got.nodata, want.nodata, equal_nan=True)
             assert got.transform == want.transform and got.count == want.count
             np.testing.assert_array_equal(got.read(), want.read())  # NaN where no data too
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
     assert got["pooled"] == want["pooled"]
-    assert got["tiles"]["big"]["lsr"]["accuracy"] == want["tiles"]["big"]["lsr"]["accuracy"]
+    for method in ("lsr", "paint"):
+        assert got["tiles"]["big"][method]["accuracy"] == want["tiles"]["big"][method]["accuracy"]
     assert got["confusion"] == want["confusion"]
 
 
@@ -121,7 +124,7 @@ def scene(tmp_path_factory):
     one = folder / "one"
     _wait(_start(one, args))
     assert sorted(p.name for p in (one / "big").glob("*.tif")) == [
-        "entropy.tif", "labels.tif", "probs.tif"]  # one process: no bands
+        "entropy.tif", "labels.tif", "paint_labels.tif", "probs.tif"]  # one process: no bands
     return args, one
 
 
@@ -140,10 +143,11 @@ def test_one_raster_two_processes_equal_one(scene, tmp_path):
         0: ["big/band-0"], 1: ["big/band-1"]}
     for b in range(2):
         assert sorted(p.name for p in (tmp_path / "big" / f"band-{b}").glob("*.tif")) == [
-            "entropy.tif", "labels.tif", "probs.tif"]
+            "entropy.tif", "labels.tif", "paint_labels.tif", "probs.tif"]
     _same_as_one(tmp_path, one)
 
 
+@pytest.mark.slow
 def test_band_mpx_one_process_writes_the_vrts(scene, tmp_path):
     """``distributed.band_mpx`` cuts the raster whatever the process count; one process alone
     writes the VRTs itself (3 bands: 320 x 96 px over 0.012 Mpx)."""
