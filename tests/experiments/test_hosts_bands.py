@@ -14,12 +14,14 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from epilsr.cli.lsr_geotiff import combine_bands
+from epilsr.cli.lsr_geotiff import _units, combine_bands
 from epilsr.pipelines import partition
+from epilsr.pipelines.raster_bands import split_strips, strip_row_starts
 
 rasterio = pytest.importorskip("rasterio")
 
@@ -46,6 +48,33 @@ def test_bands_per_input_auto_and_by_size():
         partition.bands_per_input([1], [1], 1, 0)
     with pytest.raises(ValueError, match="strips"):
         partition.bands_per_input([1, 2], [1], 1, None)
+
+
+def test_band_mpx_refused_on_tile_data_and_when_not_a_size(tmp_path):
+    proc = _start(tmp_path / "a", ["distributed.band_mpx=5"])  # the synthetic tiles
+    assert proc.wait(timeout=120) != 0
+    err = proc.stderr.read()
+    assert "distributed.band_mpx: bands of one raster apply to data=geotiff" in err, err[-2000:]
+    assert partition.bands_per_input([], [], 3, None) == []
+    scenes = [SimpleNamespace(height=H, width=W)]
+    for bad in ("many", -1, 0):
+        with pytest.raises(ValueError, match="distributed.band_mpx"):
+            _units(scenes, ["big"], ["fp"], window=64, overlap=16, count=1, band_mpx=bad)
+
+
+def test_units_cover_the_raster_rows_once():
+    scenes = [SimpleNamespace(height=H, width=W), SimpleNamespace(height=64, width=64)]
+    starts = strip_row_starts(H, W, tile=64, overlap=16)
+    units = _units(scenes, ["big", "small"], ["f0", "f1"], window=64, overlap=16, count=1,
+                   band_mpx=0.012)
+    assert [u.name for u in units] == ["big/band-0", "big/band-1", "big/band-2", "small"]
+    big = units[:3]
+    assert [u.strips for u in big] == split_strips(len(starts), 3)
+    assert [u.rows for u in big] == [(0, starts[3]), (starts[3], starts[5]), (starts[5], H)]
+    assert sum(u.pixels for u in big) == H * W and units[3].strips is None
+    assert len({u.input for u in units}) == 4 and units[3].input == "f1"
+    assert units[1].extra() == {"raster": "big", "band": 1, "bands": 3, "strips": [3, 5],
+                                "rows": [starts[3], starts[5]]}
 
 
 def _band_items(raster: str, k: int, owner=0) -> list[dict]:

@@ -213,8 +213,14 @@ def _units(scenes, names, fps, *, window: int, overlap: int, count: int,
     automatic, only when there are fewer rasters than processes)."""
     starts = [strip_row_starts(s.height, s.width, tile=window, overlap=overlap) for s in scenes]
     pixels = [s.height * s.width for s in scenes]
-    k = partition.bands_per_input(pixels, [len(r) for r in starts], count,
-                                  None if band_mpx is None else int(float(band_mpx) * 1e6))
+    try:
+        band_px = None if band_mpx is None else max(1, round(float(band_mpx) * 1e6))
+    except (TypeError, ValueError):
+        raise ValueError(f"distributed.band_mpx: expected megapixels per band (a number) or "
+                         f"null, got {band_mpx!r}") from None
+    if band_mpx is not None and not float(band_mpx) > 0:
+        raise ValueError(f"distributed.band_mpx: expected a positive size, got {band_mpx!r}")
+    k = partition.bands_per_input(pixels, [len(r) for r in starts], count, band_px)
     units = []
     for i, (s, name, fp) in enumerate(zip(scenes, names, fps, strict=True)):
         if k[i] == 1:

@@ -97,6 +97,8 @@ def bands_per_input(pixels: Sequence[int], strips: Sequence[int], count: int,
         raise ValueError(f"distributed.band_mpx: expected a positive size, got {band_pixels} px")
     if len(pixels) != len(strips) or any(int(s) < 1 for s in strips):
         raise ValueError(f"strips: expected one count >= 1 per input, got {list(strips)}")
+    if not pixels:
+        return []
     if band_pixels is None:
         want = [-(-count // len(pixels)) if len(pixels) < count else 1] * len(pixels)
     else:
