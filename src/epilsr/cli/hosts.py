@@ -1,8 +1,10 @@
 """Several processes (hosts) for ``experiments.lsr``: join, barrier, metrics parts, check.
 
-The inputs are divided among processes by :mod:`epilsr.pipelines.partition` (balanced by pixel
-count). ``distributed.coordinator`` set and ``num_processes > 1``: ``jax.distributed.initialize``
-(as in training), a barrier at the end, then process 0 checks completeness and merges the
+The inputs (rasters, or with ``data=geotiff`` bands of one raster's window strips,
+:func:`epilsr.cli.lsr_geotiff.run`) are divided among processes by
+:mod:`epilsr.pipelines.partition` (balanced by pixel count). ``distributed.coordinator`` set
+and ``num_processes > 1``: ``jax.distributed.initialize`` (as in training), a barrier at the
+end, then process 0 checks completeness, writes the bands' VRT mosaics and merges the
 per-process metrics (``<run>/hosts/metrics-<p>.json``) into ``metrics.json``. Coordinator
 ``null`` with ``num_processes > 1``: independent processes (a SLURM array, a rerun of one killed
 process): each does its share and writes its part; ``python -m epilsr.cli.lsr_check <run>``

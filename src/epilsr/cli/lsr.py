@@ -18,8 +18,11 @@ mIoU, per-class IoU) and writes, per tile and method, GeoTIFFs (labels uint8, en
 float16 probabilities) with the input's georeferencing, PNG previews and ``metrics.json`` into
 Hydra's output directory. With ``data=geotiff`` see :mod:`epilsr.cli.lsr_geotiff` (one folder
 per input image; baselines only when asked). With ``distributed.num_processes > 1`` the tiles /
-images are divided among processes (:mod:`epilsr.cli.hosts`, ``docs/scale.md``); the set is
-checked and the metrics merged by process 0 or ``epilsr-lsr-check <run dir>``.
+images are divided among processes (:mod:`epilsr.cli.hosts`, ``docs/scale.md``); with
+``data=geotiff`` a raster larger than ``distributed.band_mpx`` (or any, when there are fewer
+rasters than processes) is cut into bands of window strips shared like rasters. The set is
+checked, the bands' VRT mosaics written and the metrics merged by process 0 or
+``epilsr-lsr-check <run dir>``.
 """
 
 from __future__ import annotations
@@ -177,6 +180,9 @@ def main(cfg: DictConfig) -> dict:
         atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
         log.info("wrote %s", out / "metrics.json")
         return results
+    if (cfg.get("distributed") or {}).get("band_mpx") is not None:
+        raise ValueError(f"distributed.band_mpx: bands of one raster apply to data=geotiff; the "
+                         f"{data.kind} tiles are divided among processes whole (set it to null)")
     if data.kind == "chesapeake_lila" and cfg.raster.states is not None:
         data = OmegaConf.merge(data, {"states": cfg.raster.states, "split": cfg.raster.split})
     windows = sorted({int(w) for w in cfg.raster.tile_sizes})
@@ -301,7 +307,10 @@ def _shared(out: Path, hosts: multi.Hosts, part: dict) -> bool:
 
 def finish(out: Path) -> dict:
     """Completeness check of a run folder (raises with the report), then the processes'
-    metrics merged into ``<out>/metrics.json`` (``python -m experiments.lsr_check <out>``)."""
+    metrics merged into ``<out>/metrics.json`` (``python -m experiments.lsr_check <out>``).
+    First the VRT mosaics of every raster divided into bands whose bands are all complete
+    (:func:`epilsr.cli.lsr_geotiff.write_mosaics`), whether or not the whole set is."""
+    lsr_geotiff.write_mosaics(out)
     multi.check(out)
     plan, parts = multi.load_parts(out)
     if parts[0].get("kind") != "tiles":

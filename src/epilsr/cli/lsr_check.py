@@ -3,7 +3,9 @@
 Reads the run's plan and every process's manifest (``<run>/hosts/``, see
 :mod:`epilsr.pipelines.partition`), prints what is missing, unfinished, changed or stale and
 which processes to rerun (exit 1), or merges the processes' metrics into ``<run>/metrics.json``
-and prints the pooled tables (exit 0).
+and prints the pooled tables (exit 0). A raster divided into bands of strips gets its VRT
+mosaics (``<run>/<raster>/labels.vrt``, entropy, probs, baselines) once all its bands are
+complete, even when other inputs are not.
 """
 
 from __future__ import annotations

@@ -25,13 +25,16 @@ __all__ = [
     "Report",
     "assign",
     "owned",
+    "bands_per_input",
     "make_plan",
     "write_plan",
     "read_plan",
     "output_entry",
     "record_done",
     "read_manifests",
+    "recorded",
     "check",
+    "complete_bands",
 ]
 
 HOSTS_DIR = "hosts"  # inside the run folder
@@ -70,16 +73,52 @@ def owned(pixels: Sequence[int], index: int, count: int) -> list[int]:
     return [i for i, p in enumerate(assign(pixels, count)) if p == index]
 
 
+def bands_per_input(pixels: Sequence[int], strips: Sequence[int], count: int,
+                    band_pixels: int | None) -> list[int]:
+    """Number of bands of window strips each input (raster) is divided into.
+
+    ``band_pixels`` None (automatic): every input is one unit, unless there are fewer inputs
+    than processes: then each is cut into ``ceil(count / n)`` bands. Else an input larger than
+    ``band_pixels`` is cut into ``ceil(pixels / band_pixels)`` bands. Never more bands than the
+    input's window strips ``strips[i]``.
+
+    Args:
+      pixels: ``[n]`` pixel count per input.
+      strips: ``[n]`` window strips per input (>= 1).
+      count: number of processes (>= 1).
+      band_pixels: target pixels per band, or None.
+
+    Returns:
+      ``[n]`` bands per input (1 = the whole raster, no bands).
+    """
+    if count < 1:
+        raise ValueError(f"count: expected >= 1 processes, got {count}")
+    if band_pixels is not None and band_pixels <= 0:
+        raise ValueError(f"distributed.band_mpx: expected a positive size, got {band_pixels} px")
+    if len(pixels) != len(strips) or any(int(s) < 1 for s in strips):
+        raise ValueError(f"strips: expected one count >= 1 per input, got {list(strips)}")
+    if not pixels:
+        return []
+    if band_pixels is None:
+        want = [-(-count // len(pixels)) if len(pixels) < count else 1] * len(pixels)
+    else:
+        want = [max(1, -(-int(px) // int(band_pixels))) for px in pixels]
+    return [min(k, int(s)) for k, s in zip(want, strips, strict=True)]
+
+
 def make_plan(names: Sequence[str], pixels: Sequence[int], fingerprints: Sequence[str | None],
-              count: int) -> dict:
-    """The JSON plan: ``{"count", "items": [{"name", "pixels", "owner", "input"}, ...]}``."""
+              count: int, extra: Sequence[Mapping[str, Any]] | None = None) -> dict:
+    """The JSON plan: ``{"count", "items": [{"name", "pixels", "owner", "input"}, ...]}``;
+    ``extra[i]`` adds keys to item ``i`` (a band: its ``raster``, ``band``, ``bands``,
+    ``strips``, ``rows``)."""
     if len(set(names)) != len(names):
         raise ValueError(f"names: expected unique input names, got {list(names)}")
-    if not len(names) == len(pixels) == len(fingerprints):
+    extra = [{}] * len(names) if extra is None else list(extra)
+    if not len(names) == len(pixels) == len(fingerprints) == len(extra):
         raise ValueError("names, pixels, fingerprints: expected one entry per input each")
     owners = assign(pixels, count)
-    items = [{"name": n, "pixels": int(px), "owner": o, "input": fp}
-             for n, px, fp, o in zip(names, pixels, fingerprints, owners, strict=True)]
+    items = [{"name": n, "pixels": int(px), "owner": o, "input": fp, **x}
+             for n, px, fp, o, x in zip(names, pixels, fingerprints, owners, extra, strict=True)]
     return {"count": int(count), "items": items}
 
 
@@ -127,6 +166,16 @@ def read_manifests(run_dir: str | os.PathLike) -> dict[int, dict]:
         m = json.loads(path.read_text())
         out[int(m["process"])] = m
     return out
+
+
+def recorded(run_dir: str | os.PathLike, index: int, name: str,
+             fingerprint: str | None) -> bool:
+    """Whether process ``index``'s manifest records ``name`` done with this input fingerprint
+    and its outputs present, unchanged and complete."""
+    path = _hosts(run_dir) / f"manifest-{index}.json"
+    got = json.loads(path.read_text())["items"].get(name) if path.exists() else None
+    return (got is not None and got["input"] == fingerprint and bool(got["outputs"])
+            and all(_output_problem(Path(run_dir), e) is None for e in got["outputs"]))
 
 
 class Problem(NamedTuple):
@@ -194,3 +243,15 @@ def check(run_dir: str | os.PathLike) -> Report:
             if why:
                 problems.append(Problem(name, owner, "; ".join(why)))
     return Report(len(plan["items"]), len(plan["items"]) - len(problems), problems)
+
+
+def complete_bands(plan: Mapping[str, Any], report: Report) -> dict[str, list[dict]]:
+    """``{raster: its band items in raster order}`` for every raster divided into bands whose
+    bands are all complete in ``report`` (:func:`check`)."""
+    bad = {p.name for p in report.problems}
+    bands: dict[str, list[dict]] = {}
+    for item in plan["items"]:
+        if "band" in item:
+            bands.setdefault(item["raster"], []).append(item)
+    return {r: sorted(items, key=lambda i: i["band"]) for r, items in bands.items()
+            if len(items) == items[0]["bands"] and not any(i["name"] in bad for i in items)}
