@@ -69,7 +69,8 @@ from epilsr.data.synthetic import make_scene
 from epilsr.pipelines import raster_lsr
 from epilsr.pipelines.batching import WindowBatches
 
-RESULTS_MD = Path(__file__).parent / "RESULTS.md"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 WINDOW = 256  # side of one LSR window (the pipeline's default tile)
 LSR_SETTINGS = {
     "paper": {"downsample": 2, "patch_size": 7, "sample_fraction": 0.05},
@@ -543,9 +544,11 @@ def _run_section(name: str, args: argparse.Namespace, timeout: float, workdir: P
     cmd = [sys.executable, "-m", "benchmarks.accelerator", "--worker", name, "--result",
            str(result), "--deadline", f"{deadline:.3f}", "--rounds", str(args.rounds)]
     cmd += ["--quick"] * args.quick + ["--no-torch"] * args.no_torch
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The child imports this benchmarks package and the same epilsr, wherever it was started.
+    paths = [str(ROOT), str(Path(epilsr.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
     try:
         rc = proc.wait(timeout=timeout)
         status = "ok" if rc == 0 else f"failed (exit {rc})"
@@ -566,6 +569,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     t_start = time.time()
     meta = bl.machine(None)
+    meta["commit"] = meta["commit"] or os.environ.get("EPILSR_COMMIT") or None  # no .git there
     torch_version = _version("torch")
     plan = plan_for(jnp.zeros(1))
     print(f"device {meta['device']} ({meta['backend']}, {len(jax.devices())} device(s)), "
