@@ -52,6 +52,8 @@ fi
 export PYTHONPATH="$PWD/src:$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # jax and torch share the GPU
 export EPILSR_COMMIT=${EPILSR_COMMIT:-}
+# Compiled programs persist across the sections' processes and a rerun on the same machine.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/accelerator.log"
 python3 - <<'EOF' 2>&1 | tee -a "$OUT/accelerator.log"

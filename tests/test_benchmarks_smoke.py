@@ -24,14 +24,14 @@ def test_registry_has_sizes_and_weights_for_both_modes():
     assert sum(s.weight["gpu"] for s in acc.SECTIONS.values()) <= acc.DEFAULT_BUDGET_S["gpu"]
     got = acc.shares(["posterior", "raster"], 100.0, "quick")
     assert got["posterior"] + got["raster"] == pytest.approx(100.0)
-    assert got["raster"] / got["posterior"] == pytest.approx(45 / 15)
+    assert got["raster"] / got["posterior"] == pytest.approx(50 / 25)
 
 
 def test_parse_args_defaults_and_errors(capsys):
     a = acc.parse_args([])
     assert a.sections == list(acc.SECTIONS) and a.budget_s == 450 and a.rounds == 5
     q = acc.parse_args(["--quick", "--sections", "raster,lsr"])
-    assert q.sections == ["raster", "lsr"] and q.budget_s == 240 and q.rounds == 1
+    assert q.sections == ["raster", "lsr"] and q.budget_s == 300 and q.rounds == 1
     for bad in (["--sections", "lsr,gpu"], ["--budget-s", "0"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             acc.parse_args(bad)
