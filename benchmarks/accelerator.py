@@ -114,15 +114,16 @@ class Context:
         self.meta = bl.machine(self.torch)
         self.t0 = time.time()
 
-    def fits(self, case: str) -> bool:
-        """Whether ``case`` may start: the last case's duration must fit what is left (the
-        first case always starts); else records the skip with its reason."""
+    def fits(self, case: str, scale: float = 1.0) -> bool:
+        """Whether ``case`` may start: ``scale`` times the last case's duration (its expected
+        cost relative to that case) must fit what is left (the first case always starts);
+        else records the skip with its reason."""
         left = self.deadline - time.time()
-        need = self.cases_done[-1] if self.cases_done else 0.0
+        need = scale * self.cases_done[-1] if self.cases_done else 0.0
         if left > need:
             return True
-        reason = (f"budget: {left:.0f} s left of the section's share, the last case took "
-                  f"{need:.0f} s")
+        reason = (f"budget: {left:.0f} s left of the section's share, ~{need:.0f} s needed "
+                  f"(the last case took {self.cases_done[-1]:.0f} s)")
         print(f"[{self.section}] skip {case}: {reason}", flush=True)
         self.skipped.append({"case": case, "reason": reason})
         self.save()
@@ -190,7 +191,7 @@ def _lsr(ctx: Context, size: dict) -> None:
              for r in range(0, WINDOW * grid, WINDOW) for c in range(0, WINDOW * grid, WINDOW)][:w]
     key = jax.random.key(0)
     for name in size["settings"]:
-        if not ctx.fits(name):
+        if not ctx.fits(name, scale=3.0 if name == "default" else 1.0):  # ~4x the flops
             continue
         started = time.time()
         kw = LSR_SETTINGS[name]
@@ -336,7 +337,7 @@ def _raster(ctx: Context, size: dict) -> None:
     """``lsr_raster`` end to end vs window compute only, per raster size (own processes)."""
     for side in size["sizes"]:
         case = f"{side}^2 {','.join(size['settings'])}"
-        if not ctx.fits(case):
+        if not ctx.fits(case, scale=3.0):  # 4x the pixels of the last size, same compiles
             continue
         started = time.time()
         with tempfile.TemporaryDirectory() as tmp:
