@@ -553,18 +553,88 @@ def _run_section(name: str, args: argparse.Namespace, timeout: float, workdir: P
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    _ACTIVE.append(proc)
     try:
         rc = proc.wait(timeout=timeout)
         status = "ok" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the section and its children (raster workers)
-        proc.wait()
+        _stop(proc)
         status = f"stopped at its budget share ({timeout:.0f} s)"
+    finally:
+        _ACTIVE.remove(proc)
     rec = json.loads(result.read_text()) if result.exists() else {"section": name, "rows": []}
     if status.startswith("stopped") and rec.get("complete"):
         status = "ok"  # stopped while exiting, every case done
     rec.update(status=status, wall_s=time.time() - t0)
     return rec
+
+
+_ACTIVE: list[subprocess.Popen] = []  # the running section (its own process group)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill a section's process group: the section and its children (raster workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM/SIGINT (e.g. ``timeout``): stop the running section too (it is in its own
+    session, out of reach of the signal), then exit."""
+    for proc in list(_ACTIVE):
+        _stop(proc)
+    sys.exit(128 + signum)
+
+
+def run_sections(args: argparse.Namespace, t_start: float) -> tuple[list, list, list]:
+    """Each section in turn within the budget: ``(records, skipped, failures)``."""
+    records, skipped, failures = [], [], []
+    mode = "quick" if args.quick else "gpu"
+    with tempfile.TemporaryDirectory(prefix="accelerator_") as tmp:
+        for i, name in enumerate(args.sections):
+            left = args.budget_s - (time.time() - t_start)
+            share = shares(args.sections[i:], left, mode)[name]
+            if share < SECTIONS[name].min_s:
+                reason = (f"budget: {left:.0f} s left, its share {share:.0f} s < the "
+                          f"{SECTIONS[name].min_s:.0f} s it needs")
+                print(f"== {name}: skipped ({reason})", flush=True)
+                skipped.append({"section": name, "case": "(all)", "reason": reason})
+                continue
+            print(f"== {name}: {SECTIONS[name].title} (share {share:.0f} s)", flush=True)
+            rec = _run_section(name, args, share, Path(tmp))
+            records.append(rec)
+            skipped += [{"section": name, **s} for s in rec.get("skipped", [])]
+            if rec["status"] != "ok":
+                skipped.append({"section": name, "case": "(rest)", "reason": rec["status"]})
+                if not rec["status"].startswith("stopped"):
+                    failures.append(f"{name}: {rec['status']}")
+            if rec.get("plan") is not None:  # the plan the section's process used
+                try:
+                    check_plan(CorrelationPlan(**rec["plan"]))
+                except ValueError as e:
+                    failures.append(f"{name}: {e}")
+            print(f"== {name}: {rec['status']} in {rec['wall_s']:.0f} s", flush=True)
+    return records, skipped, failures
+
+
+def report(payload: dict, args: argparse.Namespace) -> None:
+    """Print the table and the skips, write the JSON, append to RESULTS.md if asked."""
+    print()
+    print(bl.table(HEADER, summary_rows(payload["sections"])))
+    for s in payload["skipped"]:
+        print(f"skipped {s['section']}: {s['case']}: {s['reason']}")
+    path = bl.write_json("accelerator_quick" if args.quick else "accelerator", payload, args.out)
+    print(f"{payload['plan_line']}\n{payload['plan_check']}\nwrote {path} "
+          f"({payload['total_s']:.0f} s)")
+    if args.append_results:
+        section = results_section(payload)
+        with open(args.results_md, "a") as f:
+            f.write("\n" + section)
+        path.with_suffix(".md").write_text(section)
+        print(f"appended to {args.results_md} (also {path.with_suffix('.md')})")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -590,57 +660,25 @@ def main(argv: list[str] | None = None) -> dict | None:
         check = str(e)
         failures.append(check)
     print(check, flush=True)
-    records, skipped = [], []
-    with tempfile.TemporaryDirectory(prefix="accelerator_") as tmp:
-        for i, name in enumerate(args.sections):
-            left = args.budget_s - (time.time() - t_start)
-            share = shares(args.sections[i:], left, "quick" if args.quick else "gpu")[name]
-            if share < SECTIONS[name].min_s:
-                reason = (f"budget: {left:.0f} s left, its share {share:.0f} s < the "
-                          f"{SECTIONS[name].min_s:.0f} s it needs")
-                print(f"== {name}: skipped ({reason})", flush=True)
-                skipped.append({"section": name, "case": "(all)", "reason": reason})
-                continue
-            print(f"== {name}: {SECTIONS[name].title} (share {share:.0f} s)", flush=True)
-            rec = _run_section(name, args, share, Path(tmp))
-            records.append(rec)
-            skipped += [{"section": name, **s} for s in rec.get("skipped", [])]
-            if rec["status"] != "ok":
-                skipped.append({"section": name, "case": "(rest)", "reason": rec["status"]})
-                if not rec["status"].startswith("stopped"):
-                    failures.append(f"{name}: {rec['status']}")
-            worker_plan = rec.get("plan")
-            if worker_plan is not None:
-                try:
-                    check_plan(CorrelationPlan(**worker_plan))
-                except ValueError as e:
-                    failures.append(f"{name}: {e}")
-            print(f"== {name}: {rec['status']} in {rec['wall_s']:.0f} s", flush=True)
+    old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        records, skipped, section_failures = run_sections(args, t_start)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    command = sys.argv[1:] if argv is None else argv
     payload = {
         "benchmark": "accelerator",
-        "command": "python -m benchmarks.accelerator"
-                   + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None
-                                                           else argv)),
+        "command": " ".join(["python -m benchmarks.accelerator", *map(shlex.quote, command)]),
         "meta": meta, "torch_version": torch_version, "quick": args.quick,
         "budget_s": args.budget_s, "rounds": args.rounds, "plan": dataclasses.asdict(plan),
         "plan_line": plan_line(plan), "plan_check": check, "sections": records,
-        "skipped": skipped, "failures": failures, "total_s": time.time() - t_start,
+        "skipped": skipped, "failures": failures + section_failures,
+        "total_s": time.time() - t_start,
     }
-    print()
-    print(bl.table(HEADER, summary_rows(records)))
-    for s in skipped:
-        print(f"skipped {s['section']}: {s['case']}: {s['reason']}")
-    name = "accelerator_quick" if args.quick else "accelerator"
-    path = bl.write_json(name, payload, args.out)
-    print(f"{plan_line(plan)}\n{check}\nwrote {path} ({payload['total_s']:.0f} s)")
-    if args.append_results:
-        section = results_section(payload)
-        with open(args.results_md, "a") as f:
-            f.write("\n" + section)
-        path.with_suffix(".md").write_text(section)
-        print(f"appended to {args.results_md} (also {path.with_suffix('.md')})")
-    if failures:
-        print("FAILED: " + "; ".join(failures), file=sys.stderr)
+    report(payload, args)
+    if payload["failures"]:
+        print("FAILED: " + "; ".join(payload["failures"]), file=sys.stderr)
         sys.exit(1)
     return payload
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -124,3 +125,26 @@ def test_quick_run_every_section(tmp_path):
         for r in rec["rows"]:
             assert r["ours"] > 0 and r["peak"]["rss_mib"] > 0
     assert md.read_text().count("| lsr |") >= 3  # one call, batched, vmapped
+
+
+def test_cases_skip_when_the_last_case_does_not_fit(tmp_path):
+    ctx = acc.Context(section="x", rounds=1, deadline=time.time() + 10, no_torch=True,
+                      result=tmp_path / "r.json")
+    assert ctx.fits("first")  # the first case always starts
+    ctx.cases_done.append(20.0)
+    assert not ctx.fits("second")
+    ctx.cases_done.append(1.0)
+    assert ctx.fits("third") and not ctx.fits("fourth", scale=50.0)
+    ctx.add("third", "ms", 2.0)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [s["case"] for s in saved["skipped"]] == ["second", "fourth"]
+    assert "~20 s needed (the last case took 20 s)" in saved["skipped"][0]["reason"]
+    assert saved["rows"][0]["torch"] == "--no-torch" and not saved["complete"]
+
+
+def test_a_section_past_its_share_is_stopped(tmp_path):
+    args = acc.parse_args(["--quick", "--no-torch"])
+    t0 = time.time()
+    rec = acc._run_section("raster", args, 2.0, tmp_path)
+    assert rec["status"] == "stopped at its budget share (2 s)" and rec["rows"] == []
+    assert time.time() - t0 < 10 and not acc._ACTIVE
