@@ -320,12 +320,14 @@ def _predict(ctx: Context, size: dict) -> None:
                 note=f"{w['flops'] / 1e9:.2f} GFLOP, route {w['route']}, labels {w['labels']}",
                 detail={**res, "rates": rates, "bound_s": bound_s})
         ctx.case_done(started)
+    last = None  # the last raster case's setting and side
     for n, k, kl, stride, side, chunk, tile in size["rasters"]:
         case = (f"predict_raster {side}^2, N={n} K={k} " +
                 (f"centre {kl} " if kl else "whole window ") + f"stride {stride}")
-        if not ctx.fits(case):
+        same = last is not None and last[0] == (n, k, kl, stride)
+        if not ctx.fits(case, scale=(side / last[1]) ** 2 if same else 1.0):
             continue
-        started = time.time()
+        started, last = time.time(), ((n, k, kl, stride), side)
         rec = predict_throughput.run_one(n, k, kl, stride, side, chunk, tile, 1)
         ctx.add(case, "Mpx/min", rec["mpx_per_min"], torch="no baseline",
                 note=f"{rec['windows_per_s']:.0f} windows/s, chunk {chunk}, tile {tile}",
@@ -333,33 +335,39 @@ def _predict(ctx: Context, size: dict) -> None:
         ctx.case_done(started)
 
 
+RASTER_COST = {"paper": 1.0, "default": 3.0}  # window compute per pixel, relative (~4x flops)
+
+
 def _raster(ctx: Context, size: dict) -> None:
-    """``lsr_raster`` end to end vs window compute only, per raster size (own processes)."""
+    """``lsr_raster`` end to end vs window compute only, per raster size and setting (each in
+    its own process, :func:`benchmarks.raster_pipeline.main`)."""
+    last = None
     for side in size["sizes"]:
-        case = f"{side}^2 {','.join(size['settings'])}"
-        if not ctx.fits(case, scale=3.0):  # 4x the pixels of the last size, same compiles
-            continue
-        started = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            argv = ["--sizes", str(side), "--settings", ",".join(size["settings"]),
-                    "--compute-strips", str(size["compute_strips"]),
-                    "--out", str(Path(tmp) / "raster_pipeline.json")]
-            results = raster_pipeline.main(argv)
-        for r in results:
-            peak = {"rss_mib": r["peak_rss_mb"]}  # of the raster worker's process
-            if r.get("device_peak_mb"):
-                peak["device_mib"] = r["device_peak_mb"]
-            common = {"torch": "no baseline", "detail": r, "peak": peak}
-            ctx.add(f"{side}^2 {r['setting']}: lsr_raster end to end", "Mpx/min",
-                    r["pipeline_mpx_min"],
-                    note=f"{r['windows']} windows, RSS peak {r['peak_rss_mb']:.0f} MiB "
-                         f"(after compile {r['peak_rss_mb_before']:.0f}), pipeline/compute "
-                         f"{r['pipeline_over_compute']:.2f}", **common)
-            ctx.add(f"{side}^2 {r['setting']}: window compute only", "Mpx/min",
-                    r["compute_mpx_min"],
-                    note=f"{r['windows_per_call']} windows per call; batched/unbatched "
-                         f"{r['batched_over_unbatched']:.2f}x", **common)
-        ctx.case_done(started)
+        for setting in size["settings"]:
+            work = side * side * RASTER_COST[setting]
+            if not ctx.fits(f"{side}^2 {setting}", scale=work / last if last else 1.0):
+                continue
+            started, last = time.time(), work
+            with tempfile.TemporaryDirectory() as tmp:
+                argv = ["--sizes", str(side), "--settings", setting, "--compute-strips",
+                        str(size["compute_strips"]), "--out", str(Path(tmp) / "raster.json")]
+                (r,) = raster_pipeline.main(argv)
+            _raster_rows(ctx, side, r)
+            ctx.case_done(started)
+
+
+def _raster_rows(ctx: Context, side: int, r: dict) -> None:
+    peak = {"rss_mib": r["peak_rss_mb"]}  # of the raster worker's process
+    if r.get("device_peak_mb"):
+        peak["device_mib"] = r["device_peak_mb"]
+    common = {"torch": "no baseline", "detail": r, "peak": peak}
+    ctx.add(f"{side}^2 {r['setting']}: lsr_raster end to end", "Mpx/min", r["pipeline_mpx_min"],
+            note=f"{r['windows']} windows, RSS peak {r['peak_rss_mb']:.0f} MiB (after compile "
+                 f"{r['peak_rss_mb_before']:.0f}), pipeline/compute "
+                 f"{r['pipeline_over_compute']:.2f}", **common)
+    ctx.add(f"{side}^2 {r['setting']}: window compute only", "Mpx/min", r["compute_mpx_min"],
+            note=f"{r['windows_per_call']} windows per call; batched/unbatched "
+                 f"{r['batched_over_unbatched']:.2f}x", **common)
 
 
 SECTIONS = {
@@ -379,8 +387,8 @@ SECTIONS = {
         Section("predict", "dense prediction", _predict,
                 # (N, K, Kl, stride, image side, chunk, tile)
                 {"gpu": {"rasters": [(499, 31, 11, 11, 1024, 256, 512),
-                                     (499, 11, None, 2, 512, 256, 256),
-                                     (499, 31, 11, 11, 2048, 256, 512)]},
+                                     (499, 31, 11, 11, 2048, 256, 512),
+                                     (499, 11, None, 2, 512, 256, 256)]},
                  "quick": {"rasters": [(128, 31, 11, 11, 96, 32, 64)]}},
                 weight={"gpu": 70, "quick": 45}, min_s=15.0),
         Section("raster", "lsr_raster Mpx/min", _raster,
