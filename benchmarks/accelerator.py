@@ -479,7 +479,8 @@ def results_section(payload: dict) -> str:
              f"{payload['total_s']:.0f} s). Commit {meta['commit']} (working tree modified: "
              f"{meta['working_tree_modified']}). Machine: {meta['device']} "
              f"({meta['backend']}), {meta['processor']}, {meta['cpu_affinity']} cores; jax "
-             f"{meta['jax']}, torch {payload['torch_version']}; load average "
+             f"{meta['jax']}, torch {payload['torch_version']} on "
+             f"{payload.get('torch_device') or '-'}; load average "
              f"{meta['load_average']:.2f}.", "",
              f"{payload['plan_line']}; {payload['plan_check']}.", "",
              "`torch/ours` is the PyTorch time over ours (median of per-round ratios, > 1: we "
@@ -679,6 +680,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "benchmark": "accelerator",
         "command": " ".join(["python -m benchmarks.accelerator", *map(shlex.quote, command)]),
         "meta": meta, "torch_version": torch_version, "quick": args.quick,
+        # where the baselines ran (cuda or cpu), as the sections' processes saw it
+        "torch_device": next((r["meta"].get("torch_device") for r in records
+                              if r.get("meta", {}).get("torch_device")), None),
         "budget_s": args.budget_s, "rounds": args.rounds, "plan": dataclasses.asdict(plan),
         "plan_line": plan_line(plan), "plan_check": check, "sections": records,
         "skipped": skipped, "failures": failures + section_failures,
