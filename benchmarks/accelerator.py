@@ -22,19 +22,19 @@ and one that overruns its share of the budget is stopped without losing the othe
 * ``raster``: ``lsr_raster`` on a synthetic GeoTIFF scene, end to end vs window compute only
   (:func:`benchmarks.raster_pipeline.main`), Mpx/min and peak memory.
 
-Sizes are chosen for one GPU (an H200: the whole run within 8 minutes); ``--quick`` picks small
-ones that run on a 2-core CPU in 2-3 minutes (a smoke test). ``--budget-s`` bounds the whole
-run: each section gets a share of what is left (unused time rolls over), skips the cases that
-would not fit its share with a printed reason, and is stopped at its share; sections that no
-longer fit are skipped with a reason. Times are medians over ``--rounds`` rounds after a
-warm-up call, blocking until done (``block_until_ready`` / ``torch.cuda.synchronize``);
-ratios ``torch / ours`` are medians of per-round ratios (> 1: we are faster). Memory: the JAX
-device allocator's peak (``device.memory_stats()``) where the device reports it, else the peak
-RSS of the section's process. Prints the device, versions, the
-:class:`~epilsr.correlate.CorrelationPlan` in use (on a GPU the CPU-only chunking must be off:
-checked, and a failed check fails the command) and a table; writes JSON (``--out``); with
-``--append-results`` appends a dated Markdown table to ``benchmarks/RESULTS.md``.
-``benchmarks/device_run.sh`` runs it on a lent GPU machine.
+Sizes are chosen for one GPU (an H200: the whole run within 8 minutes; never run on one yet, so
+the budget, not the sizes, guarantees the 8 minutes); ``--quick`` picks small ones that run on a
+2-core CPU in 1.5-3.5 minutes, depending on its load (a smoke test). ``--budget-s`` bounds the
+whole run: each section gets a share of what is left (unused time rolls over), skips the cases
+that would not fit its share with a printed reason, and is stopped at its share; sections that no
+longer fit are skipped with a reason. Times are medians over ``--rounds`` rounds after a warm-up
+call, blocking until done (``block_until_ready`` / ``torch.cuda.synchronize``); ratios ``torch /
+ours`` are medians of per-round ratios (> 1: we are faster). Memory: the JAX device allocator's
+peak (``device.memory_stats()``) where the device reports it, else the peak RSS of the section's
+process. Prints the device, versions, the :class:`~epilsr.correlate.CorrelationPlan` in use (on a
+GPU the CPU-only chunking must be off: checked, and a failed check fails the command) and a table;
+writes JSON (``--out``); with ``--append-results`` appends a dated Markdown table to
+``benchmarks/RESULTS.md``. ``benchmarks/device_run.sh`` runs it on a lent GPU machine.
 """
 
 from __future__ import annotations
