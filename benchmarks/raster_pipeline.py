@@ -120,6 +120,8 @@ def worker(args: argparse.Namespace) -> None:
         "batched_over_unbatched": per_window_single / per_window_few,
         "peak_rss_mb_before": rss_before,
         "peak_rss_mb": rss_pipeline, "backend": jax.default_backend(),
+        "device_peak_mb": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+        / 2**20,
     }))
 
 
