@@ -1,0 +1,358 @@
+"""Training patches streamed from every tile of a region (windowed reads, bounded cache).
+
+Each tile is cut into aligned blocks of ``block x block`` *top-left positions*; a block's
+window (the pixels its patches can touch) is rows ``[i B, (i + 1) B + Kmax - 1)`` and the same
+for columns, clipped to the tile. Per step, :meth:`PatchStream.sample` draws ``windows`` blocks
+with probability proportional to ``n_b`` (the number of allowed top-left positions of the
+step's patch width ``K`` inside block ``b``: every position for plain sampling, those whose
+``K x K`` window holds label ``l`` for label-conditioned sampling) and gives each of the
+``batch`` patches one of those blocks uniformly and a position uniformly among the block's
+allowed ones. Every patch is thus *exactly* uniform over the allowed windows of the whole
+region (tiles weighted by their area), like :func:`epilsr.samplers.sample_patches` /
+``sample_labelled_patches`` over an in-memory stack; patches of one step share ``windows``
+blocks, so a step reads at most ``windows`` windows (never a whole tile).
+
+Windows are read through :class:`epilsr.io.geotiff.RasterReader` and kept in an LRU cache
+limited in bytes (``cache_bytes``). The label index (``n_b`` for every label and patch width,
+and each label's pixel count over the region) is built once, on first use, from the label
+rasters read one block row (strip) at a time. Randomness comes from the JAX key only (a NumPy
+Philox generator seeded with its key data), so a step's patches are the same on a rerun and on
+resume, whatever the cache held.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from epilsr.io.geotiff import RasterReader
+
+__all__ = ["PatchStream", "WindowCache", "numpy_rng", "forward_distance"]
+
+log = logging.getLogger("epilsr.stream")
+
+
+def numpy_rng(key) -> np.random.Generator:
+    """A NumPy generator determined by a JAX PRNG key (typed or raw ``uint32``)."""
+    key = jax.numpy.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = [int(w) for w in np.asarray(key, np.uint32).ravel()]
+    seed = 0
+    for w in words:
+        seed = (seed << 32) | w
+    return np.random.Generator(np.random.Philox(key=seed % (1 << 128)))
+
+
+def forward_distance(ind: np.ndarray, rows: int, cap: int) -> np.ndarray:
+    """``d[r, c] = min k`` such that the ``(k+1) x (k+1)`` window at ``(r, c)`` holds a ``True``
+    of ``ind`` (capped at ``cap``), for the first ``rows`` rows of ``ind`` ``[S, W]``.
+
+    The window of width ``K`` at ``(r, c)`` contains the label iff ``d[r, c] < K`` (rows past
+    ``S`` count as empty). Returns ``[rows, W]`` uint8.
+    """
+    s, w = ind.shape
+    far = np.int32(w + cap)
+    idx = np.where(ind, np.arange(w, dtype=np.int32), far)
+    nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
+    across = np.minimum(nxt - np.arange(w, dtype=np.int32), cap).astype(np.uint8)
+    across = np.concatenate([across, np.full((max(0, rows + cap - s), w), cap, np.uint8)])
+    d = across[:rows].copy()
+    for k in range(1, cap):
+        np.minimum(d, np.maximum(np.uint8(k), across[k : k + rows]), out=d)
+    return d
+
+
+def _box_any(ind: np.ndarray, k: int) -> np.ndarray:
+    """``[S - k + 1, W - k + 1]`` bool: the ``k x k`` window at each corner holds a True
+    (exact integer summed-area table)."""
+    sat = np.pad(np.cumsum(np.cumsum(ind, axis=0, dtype=np.int32), axis=1), ((1, 0), (1, 0)))
+    return (sat[k:, k:] - sat[:-k, k:] - sat[k:, :-k] + sat[:-k, :-k]) > 0
+
+
+class WindowCache:
+    """An LRU of decoded windows bounded in bytes (an entry larger than the bound is returned
+    but not kept). Counts hits, misses and the bytes it decoded."""
+
+    def __init__(self, max_bytes: int):
+        if int(max_bytes) < 0:
+            raise ValueError(f"cache_bytes: expected a byte count >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key, load: Callable[[], np.ndarray]) -> np.ndarray:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        value = load()
+        size = value.nbytes
+        if size <= self.max_bytes:
+            self._items[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.nbytes
+        return value
+
+
+class PatchStream:
+    """Patches of every tile of a region, read window by window (see the module docstring).
+
+    Args:
+      tiles: ``(imagery path, label path or None)`` per tile; imagery ``[H, W, C]`` uint8,
+        uint16 or float, labels ``[H, W]`` of the same size.
+      max_size: the largest patch width ``Kmax`` that will be asked for.
+      block: side of a block of top-left positions (windows are ``block + Kmax - 1``).
+      windows: blocks read per step (patches of a step come from these).
+      cache_bytes: bound of the decoded-window cache.
+      label_map: applied to every label window read (e.g. Chesapeake codes -> 0..3).
+      n_labels: labels ``0..n_labels-1`` indexed for label-conditioned sampling.
+      max_open: open readers kept (files are reopened when evicted).
+
+    Attributes:
+      channels, dtype: of the imagery; ``shapes``: ``[T, 2]`` tile sizes; ``has_labels``.
+      reads, bytes_read, largest_read: windows decoded, their bytes, the largest ``(h, w)``.
+    """
+
+    def __init__(
+        self,
+        tiles: Sequence[tuple[str | Path, str | Path | None]],
+        *,
+        max_size: int,
+        block: int = 512,
+        windows: int = 16,
+        cache_bytes: int = 2**30,
+        label_map: Callable[[np.ndarray], np.ndarray] | None = None,
+        n_labels: int = 4,
+        max_open: int = 32,
+    ):
+        if not tiles:
+            raise ValueError("tiles: expected at least one (imagery, labels) pair, got none")
+        for name, v in (("max_size", max_size), ("block", block), ("windows", windows)):
+            if int(v) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v}")
+        self.tiles = [(Path(i), None if lab is None else Path(lab)) for i, lab in tiles]
+        self.max_size, self.block, self.windows = int(max_size), int(block), int(windows)
+        self.label_map = label_map
+        self.n_labels = int(n_labels)
+        self.cache = WindowCache(cache_bytes)
+        self._max_open = int(max_open)
+        self._readers: OrderedDict = OrderedDict()
+        self._lock = threading.RLock()
+        self.reads = self.bytes_read = 0
+        self.largest_read = (0, 0)
+        shapes, self.channels, self.dtype = [], None, None
+        for img, lab in self.tiles:
+            r = self._reader(img)
+            if len(r.shape) != 3:
+                raise ValueError(f"{img}: expected [H, W, C] imagery, got shape {r.shape}")
+            if r.dtype not in (np.uint8, np.uint16) and r.dtype.kind != "f":
+                raise ValueError(f"{img}: expected uint8, uint16 or float imagery, got {r.dtype}")
+            if self.channels is None:
+                self.channels, self.dtype = r.shape[2], r.dtype
+            elif (r.shape[2], r.dtype) != (self.channels, self.dtype):
+                raise ValueError(f"{img}: {r.shape[2]} bands of {r.dtype}; expected "
+                                 f"{self.channels} bands of {self.dtype} like {self.tiles[0][0]}")
+            if lab is not None:
+                lr = self._reader(lab)
+                if lr.shape != r.shape[:2]:
+                    raise ValueError(f"{lab}: label shape {lr.shape} != imagery {r.shape[:2]} of "
+                                     f"{img.name}; expected rasters of the same size")
+            shapes.append(r.shape[:2])
+        self.shapes = np.array(shapes, np.int64)
+        self.has_labels = all(lab is not None for _, lab in self.tiles)
+        # blocks: (tile, block row, block col) in tile-major order
+        grid = [(-(-h // self.block), -(-w // self.block)) for h, w in shapes]
+        self._blocks = np.array([(t, i, j) for t, (nr, nc) in enumerate(grid)
+                                 for i in range(nr) for j in range(nc)], np.int64)
+        self._valid: np.ndarray | None = None  # [n_blocks, n_labels, Kmax + 1] counts
+        self._pixels: np.ndarray | None = None  # [n_labels] label pixels of the region
+        self._plain: dict[int, np.ndarray] = {}  # width -> [n_blocks] positions
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _reader(self, path: Path) -> RasterReader:
+        with self._lock:
+            r = self._readers.pop(path, None)
+            if r is None:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: no such raster")
+                r = RasterReader(path)
+            self._readers[path] = r
+            while len(self._readers) > self._max_open:
+                self._readers.popitem(last=False)[1].close()
+            return r
+
+    def _read(self, path: Path, row: int, col: int, h: int, w: int) -> np.ndarray:
+        with self._lock:
+            out = self._reader(path)(row, col, h, w)
+            self.reads += 1
+            self.bytes_read += out.nbytes
+            self.largest_read = max(self.largest_read, (h, w), key=lambda s: s[0] * s[1])
+            return out
+
+    def _labels(self, path: Path, row: int, col: int, h: int, w: int) -> np.ndarray:
+        lab = self._read(path, row, col, h, w)
+        return lab if self.label_map is None else self.label_map(lab)
+
+    def _span(self, t: int, i: int, j: int) -> tuple[int, int, int, int]:
+        """Pixels ``(row, col, h, w)`` that the patches of block ``(i, j)`` of tile ``t`` touch."""
+        h, w = self.shapes[t]
+        r0, c0 = i * self.block, j * self.block
+        extra = self.block + self.max_size - 1
+        return r0, c0, int(min(h, r0 + extra) - r0), int(min(w, c0 + extra) - c0)
+
+    def window(self, b: int, *, labels: bool = False) -> np.ndarray:
+        """Imagery ``[h, w, C]`` (or, with ``labels``, the labels ``[h, w]``) that block ``b``'s
+        patches touch (cached; label windows are read only for label-conditioned draws)."""
+        t, i, j = (int(v) for v in self._blocks[b])
+        path = self.tiles[t][1 if labels else 0]
+        span = self._span(t, i, j)
+        read = self._labels if labels else self._read
+        with self._lock:
+            return self.cache.get((labels, t, i, j), lambda: read(path, *span))
+
+    # ---- the label index -----------------------------------------------------------------
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        """``valid[b, l, K]``: top-left positions of block ``b`` whose ``K x K`` window holds
+        label ``l``; ``pixels[l]``: pixels of ``l`` in the region. One pass over the labels,
+        one block row (strip) at a time."""
+        if self._valid is not None:
+            return self._valid, self._pixels
+        if not self.has_labels:
+            missing = next(img for img, lab in self.tiles if lab is None)
+            raise ValueError(f"label-conditioned sampling needs a label raster for every tile; "
+                             f"{missing} has none")
+        cap, kmax = self.max_size, self.max_size
+        valid = np.zeros((len(self._blocks), self.n_labels, kmax + 1), np.int64)
+        pixels = np.zeros(self.n_labels, np.int64)
+        first = 0
+        for t, (h, w) in enumerate(self.shapes):
+            nr, nc = -(-int(h) // self.block), -(-int(w) // self.block)
+            for i in range(nr):
+                r0, _, sh, _ = self._span(t, i, 0)
+                strip = self._labels(self.tiles[t][1], r0, 0, sh, int(w))
+                rows = min(self.block, int(h) - r0)
+                own = strip[:rows]
+                pixels += np.bincount(own.ravel(), minlength=256)[: self.n_labels]
+                near = np.bincount(strip.ravel(), minlength=256)[: self.n_labels]
+                for lab in np.flatnonzero(near):
+                    d = forward_distance(strip == lab, rows, cap)
+                    for k in range(1, kmax + 1):
+                        nr_k, nc_k = min(rows, int(h) - k + 1 - r0), int(w) - k + 1
+                        if nr_k < 1 or nc_k < 1:
+                            continue
+                        ok = (d[:nr_k, :nc_k] < k).sum(axis=0, dtype=np.int64)
+                        starts = np.arange(0, nc_k, self.block)
+                        at = first + i * nc
+                        valid[at : at + len(starts), lab, k] = np.add.reduceat(ok, starts)
+            first += nr * nc
+        self._valid, self._pixels = valid, pixels
+        return valid, pixels
+
+    def label_pixels(self) -> np.ndarray:
+        """``[n_labels]`` pixel count of each label over the whole region (builds the index)."""
+        return self._index()[1].copy()
+
+    def has_label(self, label: int) -> bool:
+        """Whether ``label`` occurs anywhere in the region (not only in a crop)."""
+        return bool(self.label_pixels()[int(label)] > 0)
+
+    # ---- sampling ------------------------------------------------------------------------
+
+    def _rows(self, t: int, i: int, k: int, axis: int) -> int:
+        """Top-left rows (axis 0) or columns (axis 1) of block index ``i`` for width ``k``."""
+        n = int(self.shapes[t][axis]) - k + 1
+        return max(0, min((i + 1) * self.block, n) - i * self.block)
+
+    def weights(self, size: int, label: int | None = None) -> np.ndarray:
+        """``[n_blocks]`` allowed top-left positions of each block for width ``size``."""
+        if label is None:
+            if size not in self._plain:
+                t, i, j = self._blocks.T
+                n = self.shapes[t] - size + 1  # [n_blocks, 2] top-left rows, columns
+                lo = np.stack([i, j], axis=1) * self.block
+                span = np.clip(np.minimum(lo + self.block, n) - lo, 0, None)
+                self._plain[size] = span[:, 0] * span[:, 1]
+            return self._plain[size]
+        if not 0 <= int(label) < self.n_labels:
+            raise ValueError(f"label: expected 0..{self.n_labels - 1}, got {label}")
+        return self._index()[0][:, int(label), size]
+
+    def _draw(self, rng, b: int, size: int, label, labels, n: int, expected: int) -> np.ndarray:
+        """``[n, 2]`` top-left corners (window coordinates) drawn uniformly among the allowed
+        ones of block ``b`` (``expected`` of them, per the index)."""
+        t, i, j = (int(v) for v in self._blocks[b])
+        nr, nc = self._rows(t, i, size, 0), self._rows(t, j, size, 1)
+        if label is None:
+            found = nr * nc
+        else:
+            allowed = np.argwhere(_box_any(labels == label, size)[:nr, :nc])
+            found = len(allowed)
+        if found != expected:  # the index and the window disagree: never a silent bias
+            raise RuntimeError(f"{self.tiles[t][0]}: block ({i}, {j}) has {found} allowed "
+                               f"{size}x{size} windows, the index says {expected}")
+        picks = rng.integers(0, found, size=n)
+        if label is None:
+            return np.stack(np.divmod(picks, nc), axis=1)
+        return allowed[picks]
+
+    def sample(self, key, *, size: int, batch: int, label: int | None = None) -> np.ndarray:
+        """``[batch, size, size, C]`` float32 patches (uint8 / 255, uint16 / 65535), each
+        uniform over the region's windows (holding ``label`` when given)."""
+        size, batch = int(size), int(batch)
+        if not 1 <= size <= self.max_size:
+            raise ValueError(f"size: expected a patch width in 1..{self.max_size} (the stream's "
+                             f"max_size), got {size}")
+        w = self.weights(size, label)
+        total = int(w.sum())
+        if total == 0:
+            what = f" containing label {label}" if label is not None else ""
+            raise ValueError(f"no {size}x{size} window{what} in the {len(self.tiles)} tile(s) "
+                             f"of the region (first {self.tiles[0][0]})")
+        rng = numpy_rng(key)
+        picks = rng.choice(len(w), size=self.windows, p=w / total)
+        which = rng.integers(0, self.windows, size=batch)
+        out = np.empty((batch, size, size, self.channels), self.dtype)
+        for g in range(self.windows):
+            slots = np.flatnonzero(which == g)
+            if slots.size == 0:
+                continue
+            b = int(picks[g])
+            image = self.window(b)
+            labels = None if label is None else self.window(b, labels=True)
+            corners = self._draw(rng, b, size, label, labels, slots.size, int(w[b]))
+            for s, (r, c) in zip(slots, corners, strict=True):
+                out[s] = image[r : r + size, c : c + size]
+        return _to_float(out)
+
+    def mean(self, key, *, batch: int = 256) -> np.ndarray:
+        """``[C]`` mean of ``batch`` uniform ``max_size`` patches (an estimate of the region's
+        mean, e.g. to initialise an epitome)."""
+        size = int(min(self.max_size, self.shapes.min()))
+        return self.sample(key, size=size, batch=batch).mean(axis=(0, 1, 2))
+
+    def close(self) -> None:
+        with self._lock:
+            while self._readers:
+                self._readers.popitem()[1].close()
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    """Like :func:`epilsr.epitome.as_float_image`: uint8 / 255, uint16 / 65535, floats cast."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    if x.dtype == np.uint16:
+        return x.astype(np.float32) / np.float32(65535.0)
+    return x.astype(np.float32)
