@@ -282,7 +282,9 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
 
     k_eval = int(cfg.eval.patch_size)
     if streamed:
-        eval_patches = jnp.asarray(images.sample(key_eval, size=k_eval, batch=int(cfg.eval.patches)))
+        eval_patches = jnp.asarray(
+            images.sample(key_eval, size=k_eval, batch=int(cfg.eval.patches))
+        )
     else:
         eval_patches = samplers.sample_patches(
             key_eval, images, size=k_eval, batch=int(cfg.eval.patches)
@@ -344,7 +346,7 @@ def main(cfg: DictConfig) -> dict:
         images, labels = open_patch_stream(cfg.data, max_size=max_size), None
         n_labels = images.n_labels
         log.info(
-            "training on %s data streamed from all %d tiles (%.0f Mpx; windows of %d^2 "
+            "training on %s data streamed from all %d tiles (%.1f Mpx; windows of %d^2 "
             "positions, cache %.0f MiB); outputs in %s", cfg.data.kind, len(images.tiles),
             float(images.shapes.prod(axis=1).sum()) / 1e6, images.block,
             images.cache.max_bytes / 2**20, out,
