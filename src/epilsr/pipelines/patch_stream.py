@@ -51,22 +51,28 @@ def numpy_rng(key) -> np.random.Generator:
 
 
 def forward_distance(ind: np.ndarray, rows: int, cap: int) -> np.ndarray:
-    """``d[r, c] = min k`` such that the ``(k+1) x (k+1)`` window at ``(r, c)`` holds a ``True``
-    of ``ind`` (capped at ``cap``), for the first ``rows`` rows of ``ind`` ``[S, W]``.
+    """``d[.., r, c] = min k`` such that the ``(k+1) x (k+1)`` window at ``(r, c)`` holds a
+    ``True`` of ``ind`` ``[.., S, W]`` (capped at ``cap``), for its first ``rows`` rows.
 
-    The window of width ``K`` at ``(r, c)`` contains the label iff ``d[r, c] < K`` (rows past
-    ``S`` count as empty). Returns ``[rows, W]`` uint8.
+    The window of width ``K`` at ``(r, c)`` contains a ``True`` iff ``d[r, c] < K`` (rows past
+    ``S`` count as empty, so ``S >= rows + cap - 1`` gives exact values). One bottom-up pass:
+    ``d(r, c) = 0`` on a ``True``, else ``1 + min(d(r+1, c), d(r+1, c+1), d(r, c+1))`` (the
+    ``k``-windows at those three corners cover the ``(k+1)``-window at ``(r, c)``); along a
+    row that is ``min_{j >= c} (f_j + j) - c`` with ``f_j = 0`` on a ``True`` else
+    ``1 + min(d(r+1, j), d(r+1, j+1))``: a reversed running minimum. Returns
+    ``[.., rows, W]`` uint8.
     """
-    s, w = ind.shape
-    far = np.int32(w + cap)
-    idx = np.where(ind, np.arange(w, dtype=np.int32), far)
-    nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
-    across = np.minimum(nxt - np.arange(w, dtype=np.int32), cap).astype(np.uint8)
-    across = np.concatenate([across, np.full((max(0, rows + cap - s), w), cap, np.uint8)])
-    d = across[:rows].copy()
-    for k in range(1, cap):
-        np.minimum(d, np.maximum(np.uint8(k), across[k : k + rows]), out=d)
-    return d
+    *lead, s, w = ind.shape
+    out = np.empty((*lead, rows, w), np.uint8)
+    j = np.arange(w, dtype=np.int32)
+    below = np.full((*lead, w + 1), cap, np.int32)  # d of the row below (+ one past the end)
+    for r in range(s - 1, -1, -1):
+        f = np.where(ind[..., r, :], 0, 1 + np.minimum(below[..., :-1], below[..., 1:]))
+        g = np.minimum.accumulate((f + j)[..., ::-1], axis=-1)[..., ::-1] - j
+        np.minimum(g, cap, out=below[..., :-1])
+        if r < rows:
+            out[..., r, :] = below[..., :-1]
+    return out
 
 
 def _box_any(ind: np.ndarray, k: int) -> np.ndarray:
@@ -74,6 +80,26 @@ def _box_any(ind: np.ndarray, k: int) -> np.ndarray:
     (exact integer summed-area table)."""
     sat = np.pad(np.cumsum(np.cumsum(ind, axis=0, dtype=np.int32), axis=1), ((1, 0), (1, 0)))
     return (sat[k:, k:] - sat[:-k, k:] - sat[k:, :-k] + sat[:-k, :-k]) > 0
+
+
+def _block_counts(d: np.ndarray, fits: np.ndarray, block: int, kmax: int) -> np.ndarray:
+    """``[ceil(W / block), L, kmax + 1]``: per column block, label and width ``K``, the corners
+    with ``d < K <= fits`` (the ``K``-window holds the label and lies inside the tile).
+
+    ``d``: ``[L, R, W]`` from :func:`forward_distance`; ``fits``: ``[R, W]`` the widest window
+    that fits at each corner. One histogram over ``(block, label, d, fit)``."""
+    n_lab, _, w = d.shape
+    n = kmax + 1
+    nb = -(-w // block)
+    cell = (np.arange(w) // block)[None, None, :] * n_lab + np.arange(n_lab)[:, None, None]
+    code = ((cell * n + d) * n + np.clip(fits, 0, kmax)[None]).astype(np.int64)
+    hist = np.bincount(code.ravel(), minlength=nb * n_lab * n * n).reshape(nb, n_lab, n, n)
+    below = np.cumsum(hist, axis=2)  # [.., a, f]: d <= a
+    both = np.cumsum(below[..., ::-1], axis=3)[..., ::-1]  # [.., a, b]: d <= a, fit >= b
+    k = np.arange(1, n)
+    out = np.zeros((nb, n_lab, n), np.int64)
+    out[..., 1:] = both[..., k - 1, k]
+    return out
 
 
 class WindowCache:
@@ -234,29 +260,23 @@ class PatchStream:
             missing = next(img for img, lab in self.tiles if lab is None)
             raise ValueError(f"label-conditioned sampling needs a label raster for every tile; "
                              f"{missing} has none")
-        cap, kmax = self.max_size, self.max_size
-        valid = np.zeros((len(self._blocks), self.n_labels, kmax + 1), np.int64)
-        pixels = np.zeros(self.n_labels, np.int64)
+        kmax, n_lab = self.max_size, self.n_labels
+        valid = np.zeros((len(self._blocks), n_lab, kmax + 1), np.int64)
+        pixels = np.zeros(n_lab, np.int64)
         first = 0
         for t, (h, w) in enumerate(self.shapes):
-            nr, nc = -(-int(h) // self.block), -(-int(w) // self.block)
+            h, w = int(h), int(w)
+            nr, nc = -(-h // self.block), -(-w // self.block)
             for i in range(nr):
                 r0, _, sh, _ = self._span(t, i, 0)
-                strip = self._labels(self.tiles[t][1], r0, 0, sh, int(w))
-                rows = min(self.block, int(h) - r0)
-                own = strip[:rows]
-                pixels += np.bincount(own.ravel(), minlength=256)[: self.n_labels]
-                near = np.bincount(strip.ravel(), minlength=256)[: self.n_labels]
-                for lab in np.flatnonzero(near):
-                    d = forward_distance(strip == lab, rows, cap)
-                    for k in range(1, kmax + 1):
-                        nr_k, nc_k = min(rows, int(h) - k + 1 - r0), int(w) - k + 1
-                        if nr_k < 1 or nc_k < 1:
-                            continue
-                        ok = (d[:nr_k, :nc_k] < k).sum(axis=0, dtype=np.int64)
-                        starts = np.arange(0, nc_k, self.block)
-                        at = first + i * nc
-                        valid[at : at + len(starts), lab, k] = np.add.reduceat(ok, starts)
+                strip = self._labels(self.tiles[t][1], r0, 0, sh, w)
+                rows = min(self.block, h - r0)
+                pixels += np.bincount(strip[:rows].ravel(), minlength=256)[:n_lab]
+                ind = strip[None] == np.arange(n_lab, dtype=strip.dtype)[:, None, None]
+                d = forward_distance(ind, rows, kmax)
+                fits = np.minimum.outer(h - r0 - np.arange(rows), w - np.arange(w))
+                at = first + i * nc
+                valid[at : at + nc] = _block_counts(d, fits, self.block, kmax)
             first += nr * nc
         self._valid, self._pixels = valid, pixels
         return valid, pixels
