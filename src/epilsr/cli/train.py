@@ -14,6 +14,12 @@ checkpoint_*.npz`` (the whole TrainState, atomic), ``epitome.npz``
 location-promotion counters. Each step's patches are drawn with ``fold_in(seed_key, step)``, so
 a resumed run continues exactly where the killed one stopped.
 
+Patches come from the data in memory (``[T, H, W, C]``: the demo scene, ``chesapeake_wv``,
+``data.stream=false``), or, with ``data.stream=true`` (the LILA default), from a
+:class:`epilsr.pipelines.patch_stream.PatchStream` over every tile of the region: windows read
+on the prefetch thread through a ``data.cache_bytes`` LRU cache, label-conditioned draws and the
+cascade's "label absent" decision from an index over the whole region.
+
 ``resume`` (default ``true``): a rerun into a folder with checkpoints continues from the newest
 *readable* one (damaged files are skipped with a warning) if the settings match, and refuses
 otherwise; ``resume=false`` starts over, moving the previous run's log, checkpoints and results
