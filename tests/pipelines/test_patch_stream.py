@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from epilsr import samplers
-from epilsr.cli.common import load_training_images, open_patch_stream
+from epilsr.cli.common import load_training_images, open_patch_stream, streams
 from epilsr.data import chesapeake
 from epilsr.io import geotiff
 from epilsr.io.geotiff import write_raster
@@ -200,3 +200,21 @@ def test_bad_inputs_name_the_file(tmp_path):
         src.has_label(0)
     with pytest.raises(ValueError, match="size: expected a patch width in 1..5"):
         src.sample(jax.random.key(0), size=7, batch=2)
+
+
+def test_real_tiles_stream_as_a_flat_folder(data_root):
+    """``chesapeake_wv`` with ``data.stream=true``: label and window counts equal those of
+    whole-tile reads."""
+    cfg = OmegaConf.create({"kind": "chesapeake", "root": str(data_root / "chesapeake_wv"),
+                            "stream": True, "block": 128, "windows": 4, "cache_bytes": 2**22})
+    assert streams(cfg)
+    src = open_patch_stream(cfg, max_size=31)
+    tiles = [chesapeake.load_tile(s) for s in chesapeake.find_tiles(cfg.root)]
+    want = sum(np.bincount(t.labels.ravel(), minlength=256)[:4] for t in tiles)
+    np.testing.assert_array_equal(src.label_pixels(), want)
+    for lab in range(4):  # windows holding the label, by brute force over whole tiles
+        total = sum(int(np.lib.stride_tricks.sliding_window_view(t.labels == lab, (11, 11))
+                        .any(axis=(-1, -2)).sum()) for t in tiles)
+        assert src.weights(11, lab).sum() == total
+    with pytest.raises(ValueError, match="data.stream: streaming reads Chesapeake"):
+        streams(OmegaConf.create({"kind": "synthetic", "stream": True}))
