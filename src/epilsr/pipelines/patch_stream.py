@@ -227,6 +227,13 @@ class PatchStream:
             self.largest_read = max(self.largest_read, (h, w), key=lambda s: s[0] * s[1])
             return out
 
+    def _imagery(self, path: Path, row: int, col: int, h: int, w: int) -> np.ndarray:
+        image = self._read(path, row, col, h, w)
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise ValueError(f"{path}: NaN/inf imagery in rows {row}:{row + h}, cols "
+                             f"{col}:{col + w}; expected finite reflectance")
+        return image
+
     def _labels(self, path: Path, row: int, col: int, h: int, w: int) -> np.ndarray:
         lab = self._read(path, row, col, h, w)
         return lab if self.label_map is None else self.label_map(lab)
@@ -244,7 +251,7 @@ class PatchStream:
         t, i, j = (int(v) for v in self._blocks[b])
         path = self.tiles[t][1 if labels else 0]
         span = self._span(t, i, j)
-        read = self._labels if labels else self._read
+        read = self._labels if labels else self._imagery
         with self._lock:
             return self.cache.get((labels, t, i, j), lambda: read(path, *span))
 
@@ -254,8 +261,12 @@ class PatchStream:
         """``valid[b, l, K]``: top-left positions of block ``b`` whose ``K x K`` window holds
         label ``l``; ``pixels[l]``: pixels of ``l`` in the region. One pass over the labels,
         one block row (strip) at a time."""
-        if self._valid is not None:
+        with self._lock:  # built once, whichever thread asks first
+            if self._valid is None:
+                self._valid, self._pixels = self._build_index()
             return self._valid, self._pixels
+
+    def _build_index(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.has_labels:
             missing = next(img for img, lab in self.tiles if lab is None)
             raise ValueError(f"label-conditioned sampling needs a label raster for every tile; "
@@ -278,7 +289,6 @@ class PatchStream:
                 at = first + i * nc
                 valid[at : at + nc] = _block_counts(d, fits, self.block, kmax)
             first += nr * nc
-        self._valid, self._pixels = valid, pixels
         return valid, pixels
 
     def label_pixels(self) -> np.ndarray:
