@@ -109,7 +109,8 @@ _RUN_FILES = ("metrics.jsonl", "run_settings.json", "results.json", "epitome.npz
 
 
 #: Settings that do not change the training trajectory (read limits, cache, prefetch depth).
-_NOT_SETTINGS = {"data": ("max_pixels", "max_bytes", "warn_mpx", "cache_bytes"),
+_NOT_SETTINGS = {"data": ("max_pixels", "max_bytes", "warn_mpx", "cache_bytes",
+                          "read_threads"),
                  "train": ("prefetch",)}
 
 

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -82,23 +83,51 @@ def _box_any(ind: np.ndarray, k: int) -> np.ndarray:
     return (sat[k:, k:] - sat[:-k, k:] - sat[k:, :-k] + sat[:-k, :-k]) > 0
 
 
-def _block_counts(d: np.ndarray, fits: np.ndarray, block: int, kmax: int) -> np.ndarray:
-    """``[ceil(W / block), L, kmax + 1]``: per column block, label and width ``K``, the corners
-    with ``d < K <= fits`` (the ``K``-window holds the label and lies inside the tile).
-
-    ``d``: ``[L, R, W]`` from :func:`forward_distance`; ``fits``: ``[R, W]`` the widest window
-    that fits at each corner. One histogram over ``(block, label, d, fit)``."""
-    n_lab, _, w = d.shape
+def _edge_counts(d, fits, cols, block: int, nb: int, kmax: int) -> np.ndarray:
+    """:func:`_block_counts` of arbitrary corners: ``d`` ``[L, R, C]``, ``fits`` ``[R, C]``,
+    ``cols`` ``[C]`` their column indices; one histogram over ``(block, label, d, fit)``."""
+    n_lab = d.shape[0]
     n = kmax + 1
-    nb = -(-w // block)
-    cell = (np.arange(w) // block)[None, None, :] * n_lab + np.arange(n_lab)[:, None, None]
+    out = np.zeros((nb, n_lab, n), np.int64)
+    if d.size == 0:
+        return out
+    cell = (cols // block)[None, None, :] * n_lab + np.arange(n_lab)[:, None, None]
     code = ((cell * n + d) * n + np.clip(fits, 0, kmax)[None]).astype(np.int64)
     hist = np.bincount(code.ravel(), minlength=nb * n_lab * n * n).reshape(nb, n_lab, n, n)
     below = np.cumsum(hist, axis=2)  # [.., a, f]: d <= a
     both = np.cumsum(below[..., ::-1], axis=3)[..., ::-1]  # [.., a, b]: d <= a, fit >= b
     k = np.arange(1, n)
-    out = np.zeros((nb, n_lab, n), np.int64)
     out[..., 1:] = both[..., k - 1, k]
+    return out
+
+
+def _block_counts(d: np.ndarray, fit_rows: np.ndarray, width: int, block: int,
+                  kmax: int) -> np.ndarray:
+    """``[ceil(W / block), L, kmax + 1]``: per column block, label and width ``K``, the corners
+    with ``d < K`` whose ``K``-window lies inside the tile.
+
+    ``d``: ``[L, R, W]`` from :func:`forward_distance`; ``fit_rows``: ``[R]`` rows left below
+    each corner row (``H - r``, decreasing). Corners where every width fits (a rectangle) are
+    counted by one small histogram of ``d`` per block and label; the rest (the last ``kmax - 1``
+    rows and columns of the tile) by :func:`_edge_counts`."""
+    n_lab, rows, w = d.shape
+    n, nb = kmax + 1, -(-width // block)
+    ri = int((fit_rows >= kmax).sum())  # interior rows: a prefix
+    wi = max(0, width - kmax + 1)  # interior columns: a prefix
+    out = np.zeros((nb, n_lab, n), np.int64)
+    if ri:
+        for jb in range(nb):
+            c0, c1 = jb * block, min((jb + 1) * block, wi)
+            for lab in range(n_lab):
+                if c1 > c0:
+                    hist = np.bincount(d[lab, :ri, c0:c1].ravel(), minlength=n)
+                    out[jb, lab, 1:] = np.cumsum(hist)[: n - 1]
+    cols = np.arange(w)
+    fit_cols = width - cols
+    out += _edge_counts(d[:, ri:], np.minimum.outer(fit_rows[ri:], fit_cols), cols, block, nb,
+                        kmax)
+    out += _edge_counts(d[:, :ri, wi:], np.minimum.outer(fit_rows[:ri], fit_cols[wi:]),
+                        cols[wi:], block, nb, kmax)
     return out
 
 
@@ -115,20 +144,29 @@ class WindowCache:
         self._items: OrderedDict = OrderedDict()
 
     def get(self, key, load: Callable[[], np.ndarray]) -> np.ndarray:
+        value = self.lookup(key)
+        if value is None:
+            value = load()
+            self.put(key, value)
+        return value
+
+    def lookup(self, key) -> np.ndarray | None:
+        """The cached value (now the most recent) or None (a miss)."""
         if key in self._items:
             self._items.move_to_end(key)
             self.hits += 1
             return self._items[key]
         self.misses += 1
-        value = load()
+        return None
+
+    def put(self, key, value: np.ndarray) -> None:
         size = value.nbytes
-        if size <= self.max_bytes:
+        if key not in self._items and size <= self.max_bytes:
             self._items[key] = value
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
-        return value
 
 
 class PatchStream:
@@ -143,7 +181,8 @@ class PatchStream:
       cache_bytes: bound of the decoded-window cache.
       label_map: applied to every label window read (e.g. Chesapeake codes -> 0..3).
       n_labels: labels ``0..n_labels-1`` indexed for label-conditioned sampling.
-      max_open: open readers kept (files are reopened when evicted).
+      max_open: open readers kept per thread (files are reopened when evicted).
+      threads: windows of a step read (decoded) in parallel.
 
     Attributes:
       channels, dtype: of the imagery; ``shapes``: ``[T, 2]`` tile sizes; ``has_labels``.
@@ -160,7 +199,8 @@ class PatchStream:
         cache_bytes: int = 2**30,
         label_map: Callable[[np.ndarray], np.ndarray] | None = None,
         n_labels: int = 4,
-        max_open: int = 32,
+        max_open: int = 64,
+        threads: int = 4,
     ):
         if not tiles:
             raise ValueError("tiles: expected at least one (imagery, labels) pair, got none")
@@ -172,8 +212,10 @@ class PatchStream:
         self.label_map = label_map
         self.n_labels = int(n_labels)
         self.cache = WindowCache(cache_bytes)
-        self._max_open = int(max_open)
-        self._readers: OrderedDict = OrderedDict()
+        self._max_open = int(max_open)  # per thread
+        self.threads = int(threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._readers: dict[int, OrderedDict] = {}  # thread -> its LRU of open readers
         self._lock = threading.RLock()
         self.reads = self.bytes_read = 0
         self.largest_read = (0, 0)
@@ -208,20 +250,22 @@ class PatchStream:
     # ---- reading -------------------------------------------------------------------------
 
     def _reader(self, path: Path) -> RasterReader:
+        """This thread's open reader of ``path`` (a file handle is not shared by threads)."""
         with self._lock:
-            r = self._readers.pop(path, None)
+            mine = self._readers.setdefault(threading.get_ident(), OrderedDict())
+            r = mine.pop(path, None)
             if r is None:
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: no such raster")
                 r = RasterReader(path)
-            self._readers[path] = r
-            while len(self._readers) > self._max_open:
-                self._readers.popitem(last=False)[1].close()
+            mine[path] = r
+            while len(mine) > self._max_open:
+                mine.popitem(last=False)[1].close()
             return r
 
     def _read(self, path: Path, row: int, col: int, h: int, w: int) -> np.ndarray:
+        out = self._reader(path)(row, col, h, w)  # outside the lock: several read threads
         with self._lock:
-            out = self._reader(path)(row, col, h, w)
             self.reads += 1
             self.bytes_read += out.nbytes
             self.largest_read = max(self.largest_read, (h, w), key=lambda s: s[0] * s[1])
@@ -252,8 +296,27 @@ class PatchStream:
         path = self.tiles[t][1 if labels else 0]
         span = self._span(t, i, j)
         read = self._labels if labels else self._imagery
+        key = (labels, t, i, j)
         with self._lock:
-            return self.cache.get((labels, t, i, j), lambda: read(path, *span))
+            value = self.cache.lookup(key)
+        if value is None:
+            value = read(path, *span)
+            with self._lock:
+                self.cache.put(key, value)
+        return value
+
+    def _windows(self, blocks, labels: bool) -> dict:
+        """``{block: (imagery, labels or None)}`` read on ``threads`` threads."""
+
+        def one(b):
+            return self.window(b), self.window(b, labels=True) if labels else None
+
+        if self.threads <= 1 or len(blocks) <= 1:
+            return {b: one(b) for b in blocks}
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="epilsr-read")
+        return dict(zip(blocks, self._pool.map(one, blocks), strict=True))
 
     # ---- the label index -----------------------------------------------------------------
 
@@ -285,9 +348,9 @@ class PatchStream:
                 pixels += np.bincount(strip[:rows].ravel(), minlength=256)[:n_lab]
                 ind = strip[None] == np.arange(n_lab, dtype=strip.dtype)[:, None, None]
                 d = forward_distance(ind, rows, kmax)
-                fits = np.minimum.outer(h - r0 - np.arange(rows), w - np.arange(w))
                 at = first + i * nc
-                valid[at : at + nc] = _block_counts(d, fits, self.block, kmax)
+                valid[at : at + nc] = _block_counts(d, h - r0 - np.arange(rows), w, self.block,
+                                                    kmax)
             first += nr * nc
         return valid, pixels
 
@@ -355,13 +418,14 @@ class PatchStream:
         picks = rng.choice(len(w), size=self.windows, p=w / total)
         which = rng.integers(0, self.windows, size=batch)
         out = np.empty((batch, size, size, self.channels), self.dtype)
+        used = sorted({int(picks[g]) for g in np.unique(which)})
+        got = self._windows(used, label is not None)
         for g in range(self.windows):
             slots = np.flatnonzero(which == g)
             if slots.size == 0:
                 continue
             b = int(picks[g])
-            image = self.window(b)
-            labels = None if label is None else self.window(b, labels=True)
+            image, labels = got[b]
             corners = self._draw(rng, b, size, label, labels, slots.size, int(w[b]))
             for s, (r, c) in zip(slots, corners, strict=True):
                 out[s] = image[r : r + size, c : c + size]
@@ -374,9 +438,14 @@ class PatchStream:
         return self.sample(key, size=size, batch=batch).mean(axis=(0, 1, 2))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         with self._lock:
-            while self._readers:
-                self._readers.popitem()[1].close()
+            for mine in self._readers.values():
+                while mine:
+                    mine.popitem()[1].close()
+            self._readers.clear()
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:
