@@ -218,3 +218,24 @@ def test_real_tiles_stream_as_a_flat_folder(data_root):
         assert src.weights(11, lab).sum() == total
     with pytest.raises(ValueError, match="data.stream: streaming reads Chesapeake"):
         streams(OmegaConf.create({"kind": "synthetic", "stream": True}))
+
+
+def test_index_file_is_reused_only_for_the_same_labels(tmp_path, monkeypatch):
+    stems, _ = lila_tree(tmp_path / "lila")
+    index = tmp_path / "run" / "stream_index.npz"
+    first = _stream(stems, index_file=index)
+    want = first.weights(5, 1).copy()
+    assert index.is_file()
+
+    def no_build(self):
+        raise AssertionError("rebuilt")
+
+    with monkeypatch.context() as m:  # same files and grid: loaded, not rebuilt
+        m.setattr(PatchStream, "_build_index", no_build)
+        np.testing.assert_array_equal(_stream(stems, index_file=index).weights(5, 1), want)
+    write_raster(f"{stems[0]}_lc.tif", np.full((40, 52), 3, np.uint8), tile=16)  # low veg.
+    again = _stream(stems, index_file=index)
+    assert again.weights(5, 1).sum() < want.sum()  # tile 0 holds no tree canopy any more
+    finer = _stream(stems, index_file=index, block=8)  # another grid: rebuilt
+    assert finer.weights(5, 1).shape == (len(finer._blocks),)
+    assert finer.weights(5, 1).sum() == again.weights(5, 1).sum()

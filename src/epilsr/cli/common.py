@@ -245,12 +245,13 @@ def streams(data) -> bool:
     return True
 
 
-def open_patch_stream(data, *, max_size: int) -> PatchStream:
+def open_patch_stream(data, *, max_size: int, index_file: Path | None = None) -> PatchStream:
     """A :class:`epilsr.pipelines.patch_stream.PatchStream` over EVERY tile of a ``chesapeake``
     folder or LILA region (``max_tiles`` and ``crop`` do not apply): ``data.block``,
     ``data.windows`` (per step), ``data.cache_bytes`` and ``data.read_threads`` set its reads;
     labels are the 4 Chesapeake classes of ``<tile>_lc.tif`` (tiles without one: no
-    label-conditioned sampling)."""
+    label-conditioned sampling). ``index_file``: where the label index is kept between runs
+    (e.g. for a resume)."""
     root = Path(data.root)
     if data.kind == "chesapeake":
         stems = chesapeake.find_tiles(root)
@@ -263,5 +264,5 @@ def open_patch_stream(data, *, max_size: int) -> PatchStream:
     return PatchStream(tiles, max_size=max_size, block=int(data.get("block", 512)),
                        windows=int(data.get("windows", 16)),
                        cache_bytes=int(data.get("cache_bytes", 2**30)),
-                       threads=int(data.get("read_threads", 4)),
+                       threads=int(data.get("read_threads", 4)), index_file=index_file,
                        label_map=chesapeake.lc_to_labels, n_labels=len(chesapeake.LABEL_NAMES))

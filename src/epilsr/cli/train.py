@@ -350,7 +350,8 @@ def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     if streams(cfg.data):
         max_size = max([int(k) for k in cfg.train.patch_sizes] + [int(cfg.eval.patch_size)])
-        images, labels = open_patch_stream(cfg.data, max_size=max_size), None
+        index = out / "stream_index.npz"  # the label index, reused by a resume
+        images, labels = open_patch_stream(cfg.data, max_size=max_size, index_file=index), None
         n_labels = images.n_labels
         log.info(
             "training on %s data streamed from all %d tiles (%.1f Mpx; windows of %d^2 "

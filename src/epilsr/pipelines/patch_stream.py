@@ -22,8 +22,10 @@ resume, whatever the cache held.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from epilsr.io.atomic import atomic_write_path
 from epilsr.io.geotiff import RasterReader
 
 __all__ = ["PatchStream", "WindowCache", "numpy_rng", "forward_distance"]
@@ -183,6 +186,8 @@ class PatchStream:
       n_labels: labels ``0..n_labels-1`` indexed for label-conditioned sampling.
       max_open: open readers kept per thread (files are reopened when evicted).
       threads: windows of a step read (decoded) in parallel.
+      index_file: where the label index is saved once built (``.npz``) and loaded from when it
+        was built from the same label files (path, size, mtime) and grid (e.g. on resume).
 
     Attributes:
       channels, dtype: of the imagery; ``shapes``: ``[T, 2]`` tile sizes; ``has_labels``.
@@ -201,6 +206,7 @@ class PatchStream:
         n_labels: int = 4,
         max_open: int = 64,
         threads: int = 4,
+        index_file: str | Path | None = None,
     ):
         if not tiles:
             raise ValueError("tiles: expected at least one (imagery, labels) pair, got none")
@@ -214,6 +220,7 @@ class PatchStream:
         self.cache = WindowCache(cache_bytes)
         self._max_open = int(max_open)  # per thread
         self.threads = int(threads)
+        self.index_file = None if index_file is None else Path(index_file)
         self._pool: ThreadPoolExecutor | None = None
         self._readers: dict[int, OrderedDict] = {}  # thread -> its LRU of open readers
         self._lock = threading.RLock()
@@ -326,14 +333,37 @@ class PatchStream:
         one block row (strip) at a time."""
         with self._lock:  # built once, whichever thread asks first
             if self._valid is None:
-                self._valid, self._pixels = self._build_index()
+                self._valid, self._pixels = self._saved_index() or self._build_index()
             return self._valid, self._pixels
+
+    def _index_identity(self) -> str:
+        """What the index depends on: the label files (path, size, mtime) and the grid."""
+        files = [(str(lab.resolve()), st.st_size, st.st_mtime_ns)
+                 for _, lab in self.tiles for st in [lab.stat()]]
+        return json.dumps({"files": files, "block": self.block, "max_size": self.max_size,
+                           "n_labels": self.n_labels, "version": 1})
+
+    def _saved_index(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The index saved in ``index_file`` when it was built from the same files and grid."""
+        if self.index_file is None or not self.index_file.is_file() or not self.has_labels:
+            return None
+        try:
+            with np.load(self.index_file) as z:
+                if str(z["identity"]) != self._index_identity():
+                    log.info("%s: built from other label files or settings; rebuilding it",
+                             self.index_file)
+                    return None
+                return z["valid"], z["pixels"]
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("%s: unreadable (%s); rebuilding the label index", self.index_file, err)
+            return None
 
     def _build_index(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.has_labels:
             missing = next(img for img, lab in self.tiles if lab is None)
             raise ValueError(f"label-conditioned sampling needs a label raster for every tile; "
                              f"{missing} has none")
+        t0 = time.perf_counter()
         kmax, n_lab = self.max_size, self.n_labels
         valid = np.zeros((len(self._blocks), n_lab, kmax + 1), np.int64)
         pixels = np.zeros(n_lab, np.int64)
@@ -352,6 +382,16 @@ class PatchStream:
                 valid[at : at + nc] = _block_counts(d, h - r0 - np.arange(rows), w, self.block,
                                                     kmax)
             first += nr * nc
+        log.info("label index of %d tiles built in %.1f s", len(self.tiles),
+                 time.perf_counter() - t0)
+        if self.index_file is not None:
+            identity = np.array(self._index_identity())
+
+            def save(path):
+                with open(path, "wb") as f:  # a file object: no ".npz" added to the name
+                    np.savez(f, valid=valid, pixels=pixels, identity=identity)
+
+            atomic_write_path(self.index_file, save)
         return valid, pixels
 
     def label_pixels(self) -> np.ndarray:
