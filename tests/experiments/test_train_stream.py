@@ -29,18 +29,34 @@ STREAM = (
 )
 
 
-def test_stream_driver_far_label_and_resume(tmp_path):
-    """Water lies only at a far corner of the region: the streamed run trains on it (the
-    cropped in-memory path would not see it), and a resume from step 2 ends bit-identical."""
+def _far_label_run(tmp_path, *extra):
     lila_tree(tmp_path / "lila")
     args = (*STREAM, f"data.root={tmp_path / 'lila'}", "train.steps=4", "train.label=0",
             "train.cascade=false", "data.crop=32")
-    proc = run("experiments.train", *args, f"hydra.run.dir={tmp_path / 'a'}")
+    proc = run("experiments.train", *args, *extra, f"hydra.run.dir={tmp_path / 'a'}")
     assert proc.returncode == 0, proc.stderr
+    return args
+
+
+def test_stream_driver_far_label(tmp_path):
+    """Water lies only at a far corner of the region: the streamed run trains on it (the
+    cropped in-memory path would not see it) and keeps its label index in the run folder."""
+    _far_label_run(tmp_path)
     assert "streamed from all 2 tiles" in (tmp_path / "a" / "train.log").read_text()
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert checkpoint.load_epitome(tmp_path / "a" / "epitome.npz").mean.shape == (1, 12, 12, 4)
+    assert (tmp_path / "a" / "stream_index.npz").is_file()
+
+
+@pytest.mark.slow
+def test_stream_driver_resume_is_bit_identical(tmp_path):
+    """A resume from step 2 (another cache size: not a training setting) ends bit-identical."""
+    args = _far_label_run(tmp_path)
     ckpt = tmp_path / "a" / "checkpoints" / "E" / "checkpoint_000000002.npz"
-    resumed = run("experiments.train", *args, "data.cache_bytes=0",  # not a training setting
-                  f"resume={ckpt}", f"hydra.run.dir={tmp_path / 'b'}")
+    resumed = run("experiments.train", *args, "data.cache_bytes=0", f"resume={ckpt}",
+                  f"hydra.run.dir={tmp_path / 'b'}")
     assert resumed.returncode == 0, resumed.stderr
     a = checkpoint.load_epitome(tmp_path / "a" / "epitome.npz")
     b = checkpoint.load_epitome(tmp_path / "b" / "epitome.npz")
