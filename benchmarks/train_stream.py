@@ -20,6 +20,8 @@ the patches/s columns are medians of the second.
 - ``stream``: :class:`epilsr.pipelines.patch_stream.PatchStream` over every whole tile with a
   ``--cache-mib`` cache: the label index (one strip pass over the land cover), the same draws
   (the first ones read cold windows), bytes decoded, cache hits.
+- both, with ``--loop-n`` (64): the driver's loop (prefetch thread + jitted step) at a small
+  epitome whose step is fast, as on an accelerator: does the patch source keep up?
 - ``step``: the jitted training step (``N = --step-n``, ``B = --batch``) at ``--step-sizes``:
   is the patch source the bottleneck? (The prefetch thread overlaps a draw with a step.)
 
@@ -114,6 +116,39 @@ def _time_draws(draw, sizes, label=None) -> list[float]:
     return out
 
 
+def _loop(args, draw) -> dict:
+    """The driver's loop at a small epitome (``N = --loop-n``: a fast step, as on an
+    accelerator): draws on the prefetch thread, jitted steps; seconds per step (wall) after a
+    first pass over the patch sizes (compilations), and the step alone."""
+    import jax
+    import optax
+
+    import epilsr
+    from epilsr import train
+    from epilsr.pipelines.prefetch import prefetch
+
+    optimizer = optax.adam(3e-3)
+    epitome = epilsr.init_epitome(jax.random.key(0), size=args.loop_n, channels=4, mean=0.5)
+    step = train.make_train_step(optimizer=optimizer)
+    state = train.train_init(jax.random.key(1), epitome, optimizer)
+    sizes = _schedule(args)
+    for k in sorted(set(sizes)):  # compile every size first
+        state, _ = jax.block_until_ready(step(state, draw(jax.random.key(k), k, None), None))
+    stream = prefetch((draw(jax.random.fold_in(jax.random.key(2), i), k, None)
+                       for i, k in enumerate(sizes)), size=2)
+    compute = 0.0
+    t0 = time.perf_counter()
+    for _ in sizes:
+        patches = next(stream)
+        t1 = time.perf_counter()
+        state, _ = jax.block_until_ready(step(state, patches, None))
+        compute += time.perf_counter() - t1
+    wall = time.perf_counter() - t0
+    stream.close()
+    return {"loop_n": args.loop_n, "wall_per_step_s": wall / len(sizes),
+            "step_per_step_s": compute / len(sizes)}
+
+
 def mode_memory(args) -> dict:
     import jax
 
@@ -134,7 +169,9 @@ def mode_memory(args) -> dict:
     sizes = _schedule(args)
     plain = _time_draws(draw, sizes)
     labelled = _time_draws(draw, sizes[: max(2, args.steps // 4)], label=1)
-    return {"mode": "memory", "setup_s": load_s, "plain_s": plain, "label_s": labelled,
+    loop = _loop(args, draw) if args.loop_n else None
+    return {"mode": "memory", "loop": loop, "setup_s": load_s, "plain_s": plain,
+            "label_s": labelled,
             "held_bytes": int(images.nbytes + labels.nbytes), "peak_rss_mib": _rss_mib(),
             "pixels_seen": int(np.prod(labels.shape))}
 
@@ -156,7 +193,8 @@ def mode_stream(args) -> dict:
     sizes = _schedule(args)
     plain = _time_draws(draw, sizes)
     labelled = _time_draws(draw, sizes[: max(2, args.steps // 4)], label=1)
-    return {"mode": "stream", "setup_s": open_s, "index_s": index_s, "plain_s": plain,
+    loop = _loop(args, draw) if args.loop_n else None
+    return {"mode": "stream", "loop": loop, "setup_s": open_s, "index_s": index_s, "plain_s": plain,
             "label_s": labelled, "held_bytes": src.cache.bytes, "peak_rss_mib": _rss_mib(),
             "cache_hits": src.cache.hits, "cache_misses": src.cache.misses,
             "bytes_decoded": src.bytes_read - index_reads, "index_bytes": index_reads,
@@ -197,6 +235,7 @@ def main() -> None:
     parser.add_argument("--cache-mib", type=int, default=1024)
     parser.add_argument("--step-n", type=int, default=499)
     parser.add_argument("--step-sizes", default="11,31")
+    parser.add_argument("--loop-n", type=int, default=64)
     parser.add_argument("--root", type=Path, default=Path("/tmp/epilsr_train_stream_region"))
     parser.add_argument("--mode", choices=("memory", "stream", "step"), default=None)
     parser.add_argument("--out", default=None)
@@ -234,6 +273,12 @@ def main() -> None:
     print(f"stream / memory patches/s: {ratio:.2f}x; stream index {s['index_s']:.1f} s; cache "
           f"hits {s['cache_hits']} misses {s['cache_misses']}; decoded "
           f"{s['bytes_decoded'] / 2**20:.0f} MiB in draws; largest read {s['largest_read']}")
+    for mode in ("memory", "stream"):
+        loop = results[mode].get("loop")
+        if loop:
+            print(f"driver loop N={loop['loop_n']} B={args.batch}, {mode}: "
+                  f"{loop['wall_per_step_s']:.3f} s/step wall, {loop['step_per_step_s']:.3f} s "
+                  "in the step (the rest: waiting for patches)")
     if "step" in results:
         for k, r in results["step"]["rows"].items():
             print(f"train step N={args.step_n} B={args.batch} K={k}: {r['step_s']:.2f} s "

@@ -239,3 +239,21 @@ def test_index_file_is_reused_only_for_the_same_labels(tmp_path, monkeypatch):
     finer = _stream(stems, index_file=index, block=8)  # another grid: rebuilt
     assert finer.weights(5, 1).shape == (len(finer._blocks),)
     assert finer.weights(5, 1).sum() == again.weights(5, 1).sum()
+
+
+def test_unreadable_and_corrupted_files_are_one_line_errors(tmp_path):
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(ValueError, match="junk.tif: not a readable TIFF"):
+        PatchStream([(tmp_path / "junk.tif", None)], max_size=5)
+    path = write_raster(tmp_path / "img.tif", _position_image(0, 32, 32), tile=16)
+    src = PatchStream([(path, None)], max_size=5, block=16, windows=1)
+    data = bytearray(path.read_bytes())
+    with geotiff.RasterReader(path) as r:  # overwrite the middle of every tile's deflate data
+        spans = list(zip(r._page.dataoffsets, r._page.databytecounts, strict=True))
+    for off, n in spans:
+        data[off + 2 : off + n - 2] = bytes(n - 4)
+    (tmp_path / "bad.tif").write_bytes(bytes(data))
+    bad = PatchStream([(tmp_path / "bad.tif", None)], max_size=5, block=16, windows=1)
+    assert src.sample(jax.random.key(0), size=5, batch=2).shape == (2, 5, 5, 4)
+    with pytest.raises(ValueError, match="bad.tif: cannot decode rows"):
+        bad.sample(jax.random.key(0), size=5, batch=2)

@@ -264,14 +264,25 @@ class PatchStream:
             if r is None:
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: no such raster")
-                r = RasterReader(path)
+                try:
+                    r = RasterReader(path)
+                except Exception as err:  # tifffile parse errors of every kind
+                    raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: "
+                                     f"{err})") from err
             mine[path] = r
             while len(mine) > self._max_open:
                 mine.popitem(last=False)[1].close()
             return r
 
     def _read(self, path: Path, row: int, col: int, h: int, w: int) -> np.ndarray:
-        out = self._reader(path)(row, col, h, w)  # outside the lock: several read threads
+        reader = self._reader(path)
+        try:
+            out = reader(row, col, h, w)  # outside the lock: several read threads
+        except (ValueError, MemoryError):
+            raise
+        except Exception as err:  # imagecodecs/zlib errors of a corrupted strip or tile
+            raise ValueError(f"{path}: cannot decode rows {row}:{row + h}, cols {col}:{col + w} "
+                             f"({type(err).__name__}: {err}); the file is corrupted") from err
         with self._lock:
             self.reads += 1
             self.bytes_read += out.nbytes
