@@ -22,6 +22,7 @@ from epilsr.epitome import as_float_image
 from epilsr.io.atomic import atomic_write_path
 from epilsr.io.geotiff import read_geoinfo
 from epilsr.io.lock import LockError, RunLock
+from epilsr.pipelines.patch_stream import PatchStream
 
 log = logging.getLogger("epilsr")
 logging.getLogger("jax").setLevel(logging.WARNING)  # no "Unable to initialize backend" noise
@@ -232,3 +233,36 @@ def load_training_images(data) -> tuple[np.ndarray, np.ndarray | None, int]:
     image = np.stack([np.asarray(as_float_image(t.image)) for t in tiles])
     labels = None if any(t.labels is None for t in tiles) else np.stack([t.labels for t in tiles])
     return image, labels, tiles[0].table.shape[1]
+
+
+def streams(data) -> bool:
+    """Whether a ``data`` group asks for streamed training patches (``data.stream``)."""
+    if not bool(data.get("stream", False)):
+        return False
+    if data.kind not in ("chesapeake", "chesapeake_lila"):
+        raise ValueError(f"data.stream: streaming reads Chesapeake/LILA tiles; data.kind "
+                         f"{data.kind!r} is loaded in memory (set data.stream=false)")
+    return True
+
+
+def open_patch_stream(data, *, max_size: int, index_file: Path | None = None) -> PatchStream:
+    """A :class:`epilsr.pipelines.patch_stream.PatchStream` over EVERY tile of a ``chesapeake``
+    folder or LILA region (``max_tiles`` and ``crop`` do not apply): ``data.block``,
+    ``data.windows`` (per step), ``data.cache_bytes`` and ``data.read_threads`` set its reads;
+    labels are the 4 Chesapeake classes of ``<tile>_lc.tif`` (tiles without one: no
+    label-conditioned sampling). ``index_file``: where the label index is kept between runs
+    (e.g. for a resume)."""
+    root = Path(data.root)
+    if data.kind == "chesapeake":
+        stems = chesapeake.find_tiles(root)
+    else:
+        stems = chesapeake.find_lila_tiles(root, states=list(data.states), split=data.split)
+    tiles = []
+    for stem in stems:
+        lc = Path(f"{stem}_lc.tif")
+        tiles.append((f"{stem}_naip-new.tif", lc if lc.exists() else None))
+    return PatchStream(tiles, max_size=max_size, block=int(data.get("block", 512)),
+                       windows=int(data.get("windows", 16)),
+                       cache_bytes=int(data.get("cache_bytes", 2**30)),
+                       threads=int(data.get("read_threads", 4)), index_file=index_file,
+                       label_map=chesapeake.lc_to_labels, n_labels=len(chesapeake.LABEL_NAMES))

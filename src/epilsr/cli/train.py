@@ -14,6 +14,12 @@ checkpoint_*.npz`` (the whole TrainState, atomic), ``epitome.npz``
 location-promotion counters. Each step's patches are drawn with ``fold_in(seed_key, step)``, so
 a resumed run continues exactly where the killed one stopped.
 
+Patches come from the data in memory (``[T, H, W, C]``: the demo scene, ``chesapeake_wv``,
+``data.stream=false``), or, with ``data.stream=true`` (the LILA default), from a
+:class:`epilsr.pipelines.patch_stream.PatchStream` over every tile of the region: windows read
+on the prefetch thread through a ``data.cache_bytes`` LRU cache, label-conditioned draws and the
+cascade's "label absent" decision from an index over the whole region.
+
 ``resume`` (default ``true``): a rerun into a folder with checkpoints continues from the newest
 *readable* one (damaged files are skipped with a warning) if the settings match, and refuses
 otherwise; ``resume=false`` starts over, moving the previous run's log, checkpoints and results
@@ -41,8 +47,15 @@ from tqdm import tqdm
 
 import epilsr
 from epilsr import parallel, samplers, train, viz
-from epilsr.cli.common import atomic_write, load_training_images, one_line_errors
+from epilsr.cli.common import (
+    atomic_write,
+    load_training_images,
+    one_line_errors,
+    open_patch_stream,
+    streams,
+)
 from epilsr.io import checkpoint
+from epilsr.pipelines.patch_stream import PatchStream
 from epilsr.pipelines.prefetch import prefetch
 
 log = logging.getLogger("epilsr.train")
@@ -95,8 +108,10 @@ def _truncate_log(path: Path, stage: str, step: int) -> None:
 _RUN_FILES = ("metrics.jsonl", "run_settings.json", "results.json", "epitome.npz", "checkpoints")
 
 
-#: Settings that do not change the training trajectory (read limits, prefetch depth).
-_NOT_SETTINGS = {"data": ("max_pixels", "max_bytes", "warn_mpx"), "train": ("prefetch",)}
+#: Settings that do not change the training trajectory (read limits, cache, prefetch depth).
+_NOT_SETTINGS = {"data": ("max_pixels", "max_bytes", "warn_mpx", "cache_bytes",
+                          "read_threads"),
+                 "train": ("prefetch",)}
 
 
 def _run_settings(cfg) -> dict:
@@ -200,16 +215,24 @@ def _restore(state, name: str, resume):
 
 
 def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None, resume=None):
-    """Trains one epitome; returns (final state, heldout stats)."""
+    """Trains one epitome; returns (final state, heldout stats).
+
+    ``images``: ``[T, H, W, C]`` in memory (``labels`` ``[T, H, W]`` or None), or a
+    :class:`PatchStream` over the whole region (``labels`` unused)."""
     tcfg = cfg.train
-    channels = images.shape[-1]
+    streamed = isinstance(images, PatchStream)
+    channels = images.channels if streamed else images.shape[-1]
     key_init, key_data, key_sizes, key_eval = jax.random.split(key, 4)
+    if streamed:  # the region's mean, estimated from uniform patches of the whole region
+        mean = jnp.asarray(images.mean(jax.random.fold_in(key_init, 1)))
+    else:
+        mean = jnp.mean(images, axis=(0, 1, 2))
     epitome = epilsr.init_epitome(
         key_init,
         size=int(cfg.model.size),
         channels=channels,
         layers=int(cfg.model.layers),
-        mean=jnp.mean(images, axis=(0, 1, 2)),
+        mean=mean,
         var=float(cfg.model.init_var),
     )
     optimizer = optax.adam(float(tcfg.lr))
@@ -256,6 +279,8 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         skey = jax.random.fold_in(base_key, step)
         if n_proc > 1:
             skey = jax.random.fold_in(skey, proc)
+        if streamed:  # windows of every tile, read on this (prefetch) thread
+            return images.sample(skey, size=k, batch=local_batch, label=label)
         if label is None:
             return samplers.sample_patches(skey, images, size=k, batch=local_batch)
         return samplers.sample_labelled_patches(
@@ -263,9 +288,14 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         )[0]
 
     k_eval = int(cfg.eval.patch_size)
-    eval_patches = samplers.sample_patches(
-        key_eval, images, size=k_eval, batch=int(cfg.eval.patches)
-    )
+    if streamed:
+        eval_patches = jnp.asarray(
+            images.sample(key_eval, size=k_eval, batch=int(cfg.eval.patches))
+        )
+    else:
+        eval_patches = samplers.sample_patches(
+            key_eval, images, size=k_eval, batch=int(cfg.eval.patches)
+        )
     t_eval = train.default_temperature(k_eval)
     start = int(state.step)
     stream = prefetch((draw(s) for s in range(start, steps)), size=int(tcfg.prefetch))
@@ -318,14 +348,26 @@ def main(cfg: DictConfig) -> dict:
     dist = cfg.distributed  # before any other JAX call
     parallel.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
     out = Path(HydraConfig.get().runtime.output_dir)
-    images, labels, n_labels = load_training_images(cfg.data)
-    log.info(
-        "training on %s data: %d image(s) %s; outputs in %s",
-        cfg.data.kind,
-        images.shape[0],
-        tuple(images.shape[1:]),
-        out,
-    )
+    if streams(cfg.data):
+        max_size = max([int(k) for k in cfg.train.patch_sizes] + [int(cfg.eval.patch_size)])
+        index = out / "stream_index.npz"  # the label index, reused by a resume
+        images, labels = open_patch_stream(cfg.data, max_size=max_size, index_file=index), None
+        n_labels = images.n_labels
+        log.info(
+            "training on %s data streamed from all %d tiles (%.1f Mpx; windows of %d^2 "
+            "positions, cache %.0f MiB); outputs in %s", cfg.data.kind, len(images.tiles),
+            float(images.shapes.prod(axis=1).sum()) / 1e6, images.block,
+            images.cache.max_bytes / 2**20, out,
+        )
+    else:
+        images, labels, n_labels = load_training_images(cfg.data)
+        log.info(
+            "training on %s data: %d image(s) %s; outputs in %s",
+            cfg.data.kind,
+            images.shape[0],
+            tuple(images.shape[1:]),
+            out,
+        )
     key = jax.random.key(int(cfg.seed))
     resume = cfg.get("resume", True)
     if jax.process_index() == 0:
@@ -342,12 +384,14 @@ def main(cfg: DictConfig) -> dict:
         final = state.params
         results["E"] = stats
     else:  # Sec. 5.1: per label, E0 -> E1 (worst quarter under E0) -> E2; mixture of E1, E2
-        if labels is None:
+        streamed = isinstance(images, PatchStream)
+        if not (images.has_labels if streamed else labels is not None):
             raise ValueError("train.cascade: needs label maps for label-conditioned sampling")
         parts = []
         wanted = range(n_labels) if cfg.train.label is None else [int(cfg.train.label)]
         for lab in wanted:
-            if not bool(jnp.any(labels == lab)):
+            present = images.has_label(lab) if streamed else bool(jnp.any(labels == lab))
+            if not present:  # streamed: decided over every tile of the region
                 log.info("label %d absent from the data; skipping its cascade", lab)
                 continue
             reference = None
@@ -369,6 +413,8 @@ def main(cfg: DictConfig) -> dict:
                 if stage > 0:
                     parts.append(state.params)
         final = train.mixture(*parts)
+    if isinstance(images, PatchStream):
+        images.close()
     if jax.process_index() != 0:
         return results
     checkpoint.save_epitome(out / "epitome.npz", final)
