@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import format_table
+from epilsr.cli.tables import format_table
 
 LOG_2PI = math.log(2.0 * math.pi)
 RESULTS = Path(__file__).parent / "results"

@@ -118,8 +118,10 @@ class Context:
         """Whether ``case`` may start: ``scale`` times the last case's duration (its expected
         cost relative to that case) must fit what is left (the first case always starts);
         else records the skip with its reason."""
+        if not self.cases_done:
+            return True
         left = self.deadline - time.time()
-        need = scale * self.cases_done[-1] if self.cases_done else 0.0
+        need = scale * self.cases_done[-1]
         if left > need:
             return True
         reason = (f"budget: {left:.0f} s left of the section's share, ~{need:.0f} s needed "

@@ -2,12 +2,12 @@
 # The one script that runs `python -m benchmarks.accelerator` on a lent GPU machine.
 #
 # That machine (an H200 image with python3 3.12, jax[cuda], torch, optax, chex, numpy, tifffile,
-# pillow, tqdm) reaches no package registry and lacks what the benchmarks import beyond those:
-# hydra-core, omegaconf and antlr4-python3-runtime (benchmarks/_baselines.py formats tables
-# with epilsr.cli.common) and imagecodecs (LZW/deflate GeoTIFFs of the raster section). epilsr
-# itself runs from src/ (PYTHONPATH), so nothing is built there.
+# pillow, tqdm) reaches no package registry and lacks one thing the benchmarks import beyond
+# those: imagecodecs (LZW/deflate GeoTIFFs of the raster section; the benchmarks need no Hydra,
+# their tables come from epilsr.cli.tables). epilsr itself runs from src/ (PYTHONPATH), so
+# nothing is built there.
 #
-# 1. Here, once, in the repository root (downloads those wheels for CPython 3.12 x86-64 into
+# 1. Here, once, in the repository root (downloads that wheel for CPython 3.12 x86-64 into
 #    .whl/ and keeps the folder out of git):
 #        bash benchmarks/device_run.sh --prepare
 # 2. On the GPU machine, the working tree copied there with .whl carried (run from the root):
@@ -34,9 +34,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest" \
-    "hydra-core==1.3.2" "omegaconf==2.3.0" "imagecodecs==2025.3.30" || exit 1
-  # antlr4-python3-runtime 4.9.3 (what omegaconf 2.3 pins) ships no wheel: build the pure one.
-  python3 -m pip wheel -q --no-deps -w "$dest" "antlr4-python3-runtime==4.9.3" || exit 1
+    "imagecodecs==2025.3.30" || exit 1
   ls -l "$dest"
   exit 0
 fi
@@ -59,8 +57,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 python3 - <<'EOF' 2>&1 | tee -a "$OUT/accelerator.log"
 import importlib, sys
 missing = []
-for name in ("jax", "optax", "chex", "numpy", "tifffile", "imagecodecs", "hydra", "omegaconf",
-             "torch", "epilsr"):
+for name in ("jax", "optax", "chex", "numpy", "tifffile", "imagecodecs", "torch",
+             "epilsr"):
     try:
         mod = importlib.import_module(name)
         print(f"{name} {getattr(mod, '__version__', '?')}")

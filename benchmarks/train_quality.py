@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import format_table
+from epilsr.cli.tables import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 

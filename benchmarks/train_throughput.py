@@ -56,8 +56,8 @@ import optax  # noqa: E402
 
 import epilsr  # noqa: E402
 from epilsr import train  # noqa: E402
+from epilsr.cli.tables import format_table  # noqa: E402
 from epilsr.correlate import choose_route, plan_for  # noqa: E402
-from experiments.common import format_table  # noqa: E402
 
 N, LAYERS, CHANNELS, BATCH = 299, 1, 4, 256
 

@@ -17,6 +17,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from epilsr.cli.tables import format_table  # noqa: F401 - re-exported for the drivers
 from epilsr.data import chesapeake, synthetic
 from epilsr.epitome import as_float_image
 from epilsr.io.atomic import atomic_write_path
@@ -198,19 +199,6 @@ def iter_tiles(data) -> Iterator[LabelledTile]:
 def atomic_write(path: Path, write) -> None:
     """Calls ``write(tmp_path)`` then renames onto ``path``: never a half-written output."""
     atomic_write_path(path, write)
-
-
-def format_table(
-    header: list[str], rows: list[list], *, floats: str = ".4f", align: str = "left"
-) -> str:
-    """A plain fixed-width text table (floats formatted with ``floats``; ``align`` left/right)."""
-    cells = [header] + [[f"{v:{floats}}" if isinstance(v, float) else str(v) for v in r]
-                        for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    pad = str.ljust if align == "left" else str.rjust
-    lines = ["  ".join(pad(c, w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def load_training_images(data) -> tuple[np.ndarray, np.ndarray | None, int]:
