@@ -3,11 +3,14 @@ NumPy brute force of the Eq. 11 counts; its error bound, mass, value checks and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from epilsr import self_epitomic, self_epitomic_counts, self_epitomic_lsr
+from epilsr.correlate import plan_for
 
 
 def _windows(img: np.ndarray, k: int, wrap: bool, stride: int = 1):
@@ -86,6 +89,19 @@ def test_stride_one_full_rank_equals_exact_route(rng):
     exact = self_epitomic_counts(KEY, img, classes, 3, **args)
     full = self_epitomic_counts(KEY, img, classes, 3, rank=27, **args)
     np.testing.assert_allclose(full, exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["inside", "wrap"])
+def test_projection_in_blocks_of_rows_changes_nothing(rng, wrap):
+    """A tiny ``plan.unfold_bytes`` projects the windows one grid row at a time (the memory
+    bound of large tiles): the same counts as one block."""
+    img, classes = _scene(rng, 17, 14, 3)
+    args = dict(patch_size=3, sample_fraction=0.3, rank=6, position_stride=2, wrap=wrap,
+                chunk=32)
+    one = self_epitomic_counts(KEY, img, classes, 3, **args)
+    rows = self_epitomic_counts(KEY, img, classes, 3, **args,
+                                plan=dataclasses.replace(plan_for(img), unfold_bytes=1))
+    np.testing.assert_allclose(rows, one, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank,stride", [(1, 1), (4, 2), (None, 3), (10, 1)])

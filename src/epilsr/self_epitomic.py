@@ -293,9 +293,9 @@ def _approx_counts(epi, cls, picks, rows, weights, centre, scale, *, k, wrap, n_
         x = extract(pos) - mean  # [chunk, F] (the patch at corner pos)
         zx = x if basis is None else jnp.matmul(x, basis, precision="highest")
         logits = jnp.matmul(zx, zs.T, precision="highest") - hs - 0.5 * jnp.sum(x * x, -1)[:, None]
-        rel, total = _shifted_exp(logits * scale)  # [chunk, S'], [chunk]
+        rel, sums = _shifted_exp(logits * scale)  # [chunk, S'], [chunk]
         onehot = jax.nn.one_hot(cls.ravel()[centre[pos]], n_classes, dtype=jnp.float32)
-        coef = onehot * (wt / total)[:, None]
+        coef = onehot * (wt / sums)[:, None]
         return acc + jnp.matmul(coef.T, rel, precision="highest"), None  # [Cc, S']
 
     acc0 = jnp.zeros((n_classes, zs.shape[0]), jnp.float32)
