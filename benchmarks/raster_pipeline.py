@@ -74,8 +74,8 @@ def worker(args: argparse.Namespace) -> None:
                                 max_batch=per_strip, window_batch=args.window_batch)
         classes = raster_lsr._Classes(cls, None, raster_lsr._check_table(table),
                                       np.zeros(0), False)
-        plan, read_strip, _ = raster_lsr._lsr_strips(key, batches, img, classes, windows,
-                                                     args.overlap, height, width)
+        plan, read_strip, _, _ = raster_lsr._lsr_strips(key, batches, img, classes, windows,
+                                                        args.overlap, height, width)
 
         def compute(inputs):
             group = [(np.int32(i), x, got[0], got[1]) for i, _, got, x in inputs]
@@ -184,9 +184,11 @@ def _multi_strip(args, raster_lsr, kw, key, img, cls, table, windows, strips, co
         grid = tile_grid(h, w, tile=args.tile, overlap=args.overlap)
         n_strip = sum(1 for x in grid if x.row == 0)
         b = WindowBatches(fn, memory_budget=budget, max_batch=n_strip * MAX_STRIPS)
-        sizing[name] = dict(windows_per_strip=n_strip, strips=len({x.row for x in grid}),
+        n_strips = len({x.row for x in grid})  # a group never passes the last strip
+        sizing[name] = dict(windows_per_strip=n_strip, strips=n_strips,
                             windows_per_call=b.windows_per_call((key,), example),
-                            strips_per_call=b.strips_per_call((key,), example, n_strip))
+                            strips_per_call=min(n_strips, b.strips_per_call((key,), example,
+                                                                            n_strip)))
     med = {g: float(np.median(v)) for g, v in pipe.items()}
     loop = {g: float(np.median(v)) for g, v in rate.items()}
     return {"strips_per_call": k, "devices": len(jax.local_devices()),
