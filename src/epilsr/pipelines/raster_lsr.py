@@ -358,7 +358,8 @@ def lsr_raster(
         over. Other settings or a changed input raise ``ValueError``.
       window_batch, memory_budget, mesh: the windows run in batched calls
         (:class:`~epilsr.pipelines.batching.WindowBatches`), ``window_batch`` per call (None =
-        one per device on CPU, else as many as fit ``memory_budget`` bytes per device, at most
+        one per device on CPU unless ``memory_budget`` is given, else as many as fit
+        ``memory_budget`` bytes per device, at most
         :data:`~epilsr.pipelines.batching.MAX_STRIPS` strips), the window axis sharded over
         ``mesh`` (default: the local devices). The outputs do not depend on these.
       strips_per_call: the windows of this many consecutive strips are computed together
