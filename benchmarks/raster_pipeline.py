@@ -18,7 +18,16 @@ For each size, a synthetic scene (``make_scene(seed, size, block=32)``) is writt
    and again batched;
 5. reports ``pipeline / compute`` (1.0 = the pipeline costs nothing beyond its windows), the
    batched vs unbatched window rate and the peak RSS (``VmHWM``), which must not grow with the
-   raster size.
+   raster size;
+6. **several strips per call** (``--strips-per-call K``, default 2): the pipeline end to end
+   with one strip per call and with ``K`` (the library's window batch), alternated, and the
+   windows alone as one looped call per strip (``window_batch`` = a strip, rounded up to
+   ``2^k``) vs one call per ``K`` strips -> ``multi_over_one`` rates (about 1 on CPU);
+7. the windows per call and strips per call that
+   :meth:`~epilsr.pipelines.batching.WindowBatches.strips_per_call` picks for a GPU-sized
+   budget (``--gpu-budget-gib``, default 40: half an 80 GB card), for this raster and for a
+   6000 x 7500 LILA tile, from the compiled call's memory analysis (on CPU: XLA:CPU's sizes
+   stand in for the accelerator's).
 
 Both rates come from the same process, so their ratio holds on a busy machine; absolute rates
 depend on the load (the 2 CPU cores are shared). Writes JSON (``--out``).
@@ -65,8 +74,8 @@ def worker(args: argparse.Namespace) -> None:
                                 max_batch=per_strip, window_batch=args.window_batch)
         classes = raster_lsr._Classes(cls, None, raster_lsr._check_table(table),
                                       np.zeros(0), False)
-        plan, read_strip, _ = raster_lsr._lsr_strips(key, batches, img, classes, windows,
-                                                     args.overlap, height, width)
+        plan, read_strip, _, _ = raster_lsr._lsr_strips(key, batches, img, classes, windows,
+                                                        args.overlap, height, width)
 
         def compute(inputs):
             group = [(np.int32(i), x, got[0], got[1]) for i, _, got, x in inputs]
@@ -106,6 +115,8 @@ def worker(args: argparse.Namespace) -> None:
         for inputs in few:
             compute(inputs)
         per_window_few = (time.perf_counter() - t0) / sum(len(s) for s in few)
+        multi = _multi_strip(args, raster_lsr, kw, key, img, cls, table, windows, strips,
+                             compute)
     mpx = height * width / 1e6
     compute_s = per_window * run.computed
     print(json.dumps({
@@ -119,10 +130,77 @@ def worker(args: argparse.Namespace) -> None:
         "seconds_per_window": per_window, "seconds_per_window_unbatched": per_window_single,
         "batched_over_unbatched": per_window_single / per_window_few,
         "peak_rss_mb_before": rss_before,
-        "peak_rss_mb": rss_pipeline, "backend": jax.default_backend(),
+        "peak_rss_mb": rss_pipeline, "backend": jax.default_backend(), **multi,
         "device_peak_mb": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
         / 2**20,
     }))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _multi_strip(args, raster_lsr, kw, key, img, cls, table, windows, strips, compute) -> dict:
+    """Items 6 and 7 of the module doc (same process, same windows)."""
+    import jax
+
+    from epilsr.pipelines.batching import MAX_STRIPS, WindowBatches
+    from epilsr.windows import tile_grid
+
+    k, per_strip = max(1, args.strips_per_call), len(strips[0])
+    mpx = img.shape[0] * img.shape[1] / 1e6
+    pipe = {1: [], k: []}
+    for rep in range(args.repeats):  # alternated: the machine's load hits both alike
+        for g in (1, k) if rep % 2 == 0 else (k, 1):
+            t0 = time.perf_counter()
+            raster_lsr.lsr_raster(key, img, cls, table, out_dir=Path(args.work) / f"multi_{g}",
+                                  tile=args.tile, overlap=args.overlap, lsr_kwargs=kw,
+                                  progress=False, resume=False, preview=None,
+                                  window_batch=args.window_batch, strips_per_call=g)
+            pipe[g].append(mpx / ((time.perf_counter() - t0) / 60))
+    fn = raster_lsr._window_fn(raster_lsr._lsr_fn(kw))
+    looped = {1: WindowBatches(fn, window_batch=_pow2(per_strip)),
+              k: WindowBatches(fn, window_batch=_pow2(k * per_strip))}
+
+    def flat(group):
+        return [(np.int32(i), x, got[0], got[1]) for inputs in group
+                for i, _, got, x in inputs if got is not None]
+
+    groups = {g: [strips[a : a + g] for a in range(0, len(strips), g)] for g in looped}
+    for g, b in looped.items():  # compile both shapes first
+        b((key,), flat(groups[g][0]))
+    rate = {g: [] for g in looped}
+    for rep in range(args.repeats):
+        for g in (1, k) if rep % 2 == 0 else (k, 1):
+            t0 = time.perf_counter()
+            n = 0
+            for group in groups[g]:
+                n += len(looped[g]((key,), flat(group)))
+            rate[g].append(n / (time.perf_counter() - t0))
+    budget = int(args.gpu_budget_gib * 2**30)
+    sizing = {}
+    probe = raster_lsr._Classes(cls, None, raster_lsr._check_table(table), np.zeros(0), False)
+    th, tw = windows[0].height, windows[0].width
+    example = raster_lsr._example_window(img, probe, th, tw)
+    for name, (h, w) in (("this_raster", img.shape[:2]), ("lila_6000x7500", (7500, 6000))):
+        grid = tile_grid(h, w, tile=args.tile, overlap=args.overlap)
+        n_strip = sum(1 for x in grid if x.row == 0)
+        b = WindowBatches(fn, memory_budget=budget, max_batch=n_strip * MAX_STRIPS)
+        n_strips = len({x.row for x in grid})  # a group never passes the last strip
+        sizing[name] = dict(windows_per_strip=n_strip, strips=n_strips,
+                            windows_per_call=b.windows_per_call((key,), example),
+                            strips_per_call=min(n_strips, b.strips_per_call((key,), example,
+                                                                            n_strip)))
+    med = {g: float(np.median(v)) for g, v in pipe.items()}
+    loop = {g: float(np.median(v)) for g, v in rate.items()}
+    return {"strips_per_call": k, "devices": len(jax.local_devices()),
+            "pipeline_mpx_min_one_strip_per_call": med[1],
+            "pipeline_mpx_min_k_strips_per_call": med[k],
+            "pipeline_multi_over_one": med[k] / med[1],
+            "looped_windows_per_s_one_strip_per_call": loop[1],
+            "looped_windows_per_s_k_strips_per_call": loop[k],
+            "looped_multi_over_one": loop[k] / loop[1],
+            "gpu_budget_gib": args.gpu_budget_gib, "gpu_budget_sizing": sizing}
 
 
 def main(argv: list[str] | None = None) -> list[dict] | None:
@@ -135,6 +213,12 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window-batch", type=int, default=None,
                    help="windows per call (default: the library's choice; 1 per device on CPU)")
+    p.add_argument("--strips-per-call", type=int, default=2,
+                   help="strips per call compared with one strip per call (item 6)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="alternated repeats of the multi-strip comparison (median)")
+    p.add_argument("--gpu-budget-gib", type=float, default=40.0,
+                   help="per-device budget for the GPU-sized batch choice (item 7)")
     p.add_argument("--out", default="benchmarks/results/raster_pipeline.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -152,7 +236,10 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                 cmd = [sys.executable, "-m", "benchmarks.raster_pipeline", "--worker",
                        "--work", str(work), "--setting", setting, "--tile", str(args.tile),
                        "--overlap", str(args.overlap), "--seed", str(args.seed),
-                       "--compute-strips", str(args.compute_strips)] + (
+                       "--compute-strips", str(args.compute_strips),
+                       "--strips-per-call", str(args.strips_per_call),
+                       "--repeats", str(args.repeats),
+                       "--gpu-budget-gib", str(args.gpu_budget_gib)] + (
                            [] if args.window_batch is None else
                            ["--window-batch", str(args.window_batch)])
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
@@ -164,6 +251,16 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                       f"{r['pipeline_over_compute']:.3f}  batched/unbatched windows "
                       f"{r['batched_over_unbatched']:.2f}x  peak RSS {r['peak_rss_mb']:.0f} MiB "
                       f"(after compile {r['peak_rss_mb_before']:.0f})", flush=True)
+                lila = r["gpu_budget_sizing"]["lila_6000x7500"]
+                print(f"      {r['strips_per_call']} strips/call vs 1: pipeline "
+                      f"{r['pipeline_mpx_min_k_strips_per_call']:.1f} vs "
+                      f"{r['pipeline_mpx_min_one_strip_per_call']:.1f} Mpx/min "
+                      f"({r['pipeline_multi_over_one']:.2f}x); looped calls "
+                      f"{r['looped_multi_over_one']:.2f}x; {r['gpu_budget_gib']:g} GiB budget: "
+                      f"{r['gpu_budget_sizing']['this_raster']['windows_per_call']} windows "
+                      f"({r['gpu_budget_sizing']['this_raster']['strips_per_call']} strips)"
+                      f"/call here, {lila['windows_per_call']} ({lila['strips_per_call']} "
+                      f"strips of {lila['windows_per_strip']}) on a LILA tile", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     path = Path(args.out)

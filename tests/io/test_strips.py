@@ -273,3 +273,119 @@ def test_plan_and_counter_errors(tmp_path, image):
         run_strips(plan._replace(buffer_rows=30), add_strip, state_dir=tmp_path / "a", **kw)
     with pytest.raises(ValueError, match="'complete' is reserved"):
         run_strips(plan, lambda *a: {"complete": 1}, state_dir=tmp_path / "b", **kw)
+
+
+# ------------------------------------------------------------------ groups of strips per call
+
+
+def _grouped(reader, *, compute_crash=None, add_crash=None, log=None):
+    """The pointwise model split into ``read_strip``, ``compute_strips`` (a group of strips at
+    once) and ``add_strip``: the same float32 window results, added in the same order.
+
+    ``compute_crash = s`` raises computing the group that holds strip ``s``; ``add_crash = s``
+    raises adding strip ``s`` (its group, and later strips, already computed). ``log`` records
+    ``("read", s)`` / ``("add", s)`` events (reader and main thread)."""
+    plan, _, _ = _fake(reader)
+    windows = tile_grid(H, W, tile=TILE, overlap=OVERLAP)
+    th, tw = windows[0].height, windows[0].width
+    weights = blend_weights((th, tw), OVERLAP)
+    by_strip = [[w for w in windows if w.row == r] for r in plan.row_starts]
+    groups = []
+
+    def read_strip(s):
+        if log is not None:
+            log.append(("read", s))
+        return [(win, read_window("image", reader, *win)) for win in by_strip[s]]
+
+    def compute_strips(items):
+        groups.append([s for s, _ in items])
+        if compute_crash in groups[-1]:
+            raise Crash(f"crash computing strips {groups[-1]}")
+        return [[(win, _softmax64(x).astype(np.float32)) for win, x in inputs]
+                for _, inputs in items]
+
+    def add_strip(s, acc, wsum, tick, results):
+        if add_crash == s:
+            raise Crash(f"crash adding strip {s}")
+        for win, p in results:
+            acc[:, win.col : win.col + tw] += p * weights[..., None]
+            wsum[:, win.col : win.col + tw] += weights
+            tick()
+        if log is not None:
+            log.append(("add", s))
+        return {"windows": len(results)}
+
+    return plan, read_strip, compute_strips, add_strip, groups
+
+
+def _run_grouped(out, image, group, **kw):
+    reader = array_reader(image)
+    plan, read_strip, compute_strips, add_strip, groups = _grouped(reader, **kw)
+    run = run_strips(plan, add_strip, who="fake", state_dir=out / ".state",
+                     outputs=label_outputs(out, "", N, probs=True, entropy=True),
+                     settings={"tile": TILE}, inputs={"image": reader},
+                     progress_key="windows", read_strip=read_strip,
+                     compute_strips=compute_strips, strips_per_call=group)
+    return run, groups
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 6, 9])
+def test_groups_of_strips_equal_one_strip_at_a_time(tmp_path, image, reference, group):
+    """Several strips per compute call: the same bytes as the per-strip runner (6 strips)."""
+    run, groups = _run_grouped(tmp_path, image, group)
+    assert groups == [list(g) for g in strips.strip_groups(0, 6, group)]
+    assert run.counts == reference[1].counts
+    assert _bytes(tmp_path) == _bytes(reference[0])
+
+
+@pytest.mark.parametrize("crash", [dict(add_crash=3), dict(add_crash=5), dict(compute_crash=4),
+                                   dict(add_crash=2)])
+def test_crash_mid_group_resumes_bit_identically(tmp_path, image, reference, crash):
+    """Groups of 3 strips (0-2, 3-5): a crash adding strip 3 or 5 (strips 4-5 / none computed
+    but unwritten) or computing the group of strip 4; the checkpoint is the last strip
+    written, and a rerun with other groups recomputes from there: same bytes."""
+    with pytest.raises(Crash):
+        _run_grouped(tmp_path, image, 3, **crash)
+    s = crash.get("add_crash", 3)  # the compute crash happens before strip 3 is added
+    assert _state(tmp_path)["next_strip"] == s and not _state(tmp_path)["complete"]
+    run, groups = _run_grouped(tmp_path, image, 2)
+    assert run.first_strip == s and groups[0][0] == s
+    assert _bytes(tmp_path) == _bytes(reference[0])
+
+
+def test_strips_in_flight_are_bounded(tmp_path):
+    """A 40-strip raster, groups of 3, a slow add: at most g + max(2, g) + 1 strips are ever
+    read and not yet added (the bound does not grow with the height)."""
+    tall = np.random.default_rng(2).normal(size=(48 * 40 + 16, 40, N)).astype(np.float32)
+    windows = tile_grid(*tall.shape[:2], tile=TILE, overlap=OVERLAP)
+    rows = tuple(sorted({w.row for w in windows}))
+    assert len(rows) == 40
+    events, group = [], 3
+
+    def read_strip(s):
+        events.append(("read", s))
+        return s
+
+    def add_strip(s, acc, wsum, tick, result):
+        import time
+
+        time.sleep(0.002)  # the reader gets every chance to run ahead
+        acc[:, : tall.shape[1]] += 1.0
+        wsum[:, : tall.shape[1]] += 1.0
+        events.append(("add", s))
+        return {}
+
+    plan = StripPlan(tall.shape[0], tall.shape[1], N, rows, TILE)
+    outs = label_outputs(tmp_path, "", N, probs=False, entropy=False)
+    run_strips(plan, add_strip, who="fake", state_dir=tmp_path / ".state", outputs=outs,
+               settings={}, inputs={}, read_strip=read_strip,
+               compute_strips=lambda items: [s for s, _ in items], strips_per_call=group)
+    ahead = held = 0
+    for kind, _ in list(events):
+        held += 1 if kind == "read" else -1
+        ahead = max(ahead, held)
+    assert sorted(s for k, s in events if k == "read") == list(range(40))
+    assert group <= ahead <= group + max(2, group) + 1, ahead
+    with pytest.raises(ValueError, match="strips_per_call: expected a positive integer"):
+        run_strips(plan, add_strip, who="fake", state_dir=tmp_path / ".s2", outputs=outs,
+                   settings={}, inputs={}, strips_per_call=0)

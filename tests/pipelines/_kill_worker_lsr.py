@@ -2,11 +2,12 @@
 
 Usage::
 
-    python tests/_kill_worker_lsr.py --out DIR [--sleep S]
+    python tests/_kill_worker_lsr.py --out DIR [--sleep S] [--strips-per-call G]
 
 Runs :func:`epilsr.pipelines.raster_lsr.lsr_raster` (resume on) over the synthetic scene of
 :func:`scene`, writing into ``DIR``; every window read sleeps ``S`` seconds so that a parent
-can SIGKILL the run between checkpoints. The sleep changes no output. Prints one JSON line
+can SIGKILL the run between checkpoints; ``G`` strips are computed per call (default: the
+library's). Neither changes the output. Prints one JSON line
 with the :class:`~epilsr.pipelines.raster_lsr.RasterRun` counters when done.
 """
 
@@ -26,7 +27,7 @@ def scene():
     return make_scene(0, size=SIZE, block=BLOCK)
 
 
-def run(out: str, sleep: float) -> dict:
+def run(out: str, sleep: float, strips_per_call: int | None = None) -> dict:
     import jax
 
     from epilsr.pipelines.raster_lsr import array_reader, lsr_raster
@@ -52,6 +53,7 @@ def run(out: str, sleep: float) -> dict:
         write_entropy=True,
         preview=None,
         progress=False,
+        strips_per_call=strips_per_call,
     )
     return {
         "windows": result.windows,
@@ -65,8 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--strips-per-call", type=int, default=None)
     args = parser.parse_args()
-    print(json.dumps(run(args.out, args.sleep)), flush=True)
+    print(json.dumps(run(args.out, args.sleep, args.strips_per_call)), flush=True)
 
 
 if __name__ == "__main__":

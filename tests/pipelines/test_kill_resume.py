@@ -30,9 +30,11 @@ SLEEP = 0.25  # seconds per window read in the killed run: widens the window for
 TIMEOUT = 240.0  # per subprocess
 
 
-def _start(out: Path, sleep: float = 0.0) -> subprocess.Popen:
+def _start(out: Path, sleep: float = 0.0, group: int | None = None) -> subprocess.Popen:
+    more = [] if group is None else ["--strips-per-call", str(group)]
     return subprocess.Popen(
-        [sys.executable, os.fspath(WORKER), "--out", os.fspath(out), "--sleep", str(sleep)],
+        [sys.executable, os.fspath(WORKER), "--out", os.fspath(out), "--sleep", str(sleep),
+         *more],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -63,12 +65,16 @@ def _progress(folder: Path) -> dict | None:
         return None
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_lsr_raster_survives_sigkill(tmp_path, seed):
+@pytest.mark.parametrize("seed, group", [(0, None), pytest.param(0, 2, marks=pytest.mark.slow)])
+def test_lsr_raster_survives_sigkill(tmp_path, seed, group):
+    """``group = 2``: the victim computes 2 strips per call (killed with strip 1 computed and
+    perhaps unwritten); the rerun computes one strip per call: the same bytes."""
     ref_dir, out = tmp_path / "uninterrupted", tmp_path / "killed"
     reference = _start(ref_dir)  # runs alongside the victim
-    victim = _start(out, sleep=SLEEP)
+    victim = _start(out, sleep=SLEEP, group=group)
     delay = random.Random(seed).uniform(0.0, 6 * SLEEP)  # strips 2-3 take >= 6 * SLEEP
+    if group is not None:  # at the first checkpoint: strip 1 computed with strip 0, unwritten
+        delay = 0.0
     finals = [out / name for name in OUTPUTS]
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -104,6 +110,10 @@ def test_lsr_raster_survives_sigkill(tmp_path, seed):
 
     # State at the kill: a consistent checkpoint of at least one strip.
     state = _progress(out)
+    if state is not None and state["complete"]:  # killed while exiting: nothing to resume
+        _finish(reference)
+        pytest.skip(f"the run completed {delay:.2f} s after its first checkpoint, before the "
+                    "SIGKILL")
     assert state is not None and not state["complete"]
     assert 1 <= state["next_strip"] <= N_STRIPS
     assert state["windows_done"] == 3 * state["next_strip"]

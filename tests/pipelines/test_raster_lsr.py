@@ -179,9 +179,11 @@ def test_stitching_is_exact_for_pixelwise_model(tmp_path, monkeypatch, rng):
     assert run.computed == run.windows == len(tile_grid(h, w, tile=128, overlap=48))
 
 
-def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng):
+@pytest.mark.parametrize("group", [None, pytest.param(4, marks=pytest.mark.slow)])
+def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng, group):
     """NumPy allocations (strip buffer, writer rows, the bounded reader/writer queues) stay flat
-    when the raster gets 2x taller (both long enough to fill the thread queues)."""
+    when the raster gets 2x taller (both long enough to fill the thread queues); also with 4
+    strips per call (the reader runs 4 strips ahead, a group's results wait to be added)."""
     import tracemalloc
 
     monkeypatch.setattr(raster_lsr, "_lsr_fn", lambda kw: _pointwise)
@@ -192,15 +194,16 @@ def test_peak_memory_does_not_grow_with_height(tmp_path, monkeypatch, rng):
     def periodic(arr):  # a raster of any height without materialising it
         return lambda r, c, h, w: np.take(arr, np.arange(r, r + h) % 256, axis=0)[:, c : c + w]
 
-    peaks = []
-    for height in (256, 2048, 4096):  # the first run warms up (tracing, imports)
+    peaks, heights = [], (256, 2048, 4096) if group is None else (256, 4096, 8192)
+    for height in heights:  # the first run warms up (tracing, imports)
         tracemalloc.start()
         lsr_raster(jax.random.key(0), periodic(tile_image), periodic(tile_classes), table,
                    out_dir=tmp_path / str(height), height=height, width=width, tile=128,
-                   overlap=32, write_probs=True, progress=False, preview=256)
+                   overlap=32, write_probs=True, progress=False, preview=256,
+                   strips_per_call=group)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    full_probs = 4096 * width * 3 * 4  # float32 [H, W, 3]
+    full_probs = heights[2] * width * 3 * 4  # float32 [H, W, 3]
     assert peaks[2] < 1.3 * peaks[1] and peaks[2] < full_probs, peaks  # naive: grows 2x
 
 

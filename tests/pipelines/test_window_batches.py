@@ -78,22 +78,79 @@ def _run(scene, out, **kw):
     return [tifffile.imread(p) for p in (run.labels, run.probs, run.entropy)], run
 
 
-def test_lsr_raster_sharded_equals_one_device_and_unbatched(tmp_path, scene):
-    """4 devices x batches of 8, 1 device x 4, 1 device x 1 window: identical outputs
-    (the no-data class gives windows of two table shapes: two programs)."""
+@pytest.fixture(scope="module")
+def nodata_scene(scene):
     image, classes, table = scene
     classes = classes.copy()
     classes[:40, :50] = 99  # no data: some windows get the extra neutral class
-    scene = (image, classes, table)
-    four, run = _run(scene, tmp_path / "four", window_batch=8)  # 2 per device: a loop
-    one, _ = _run(scene, tmp_path / "one", mesh=data_mesh(jax.local_devices()[:1]),
-                  window_batch=4)
-    single, _ = _run(scene, tmp_path / "single", mesh=data_mesh(jax.local_devices()[:1]),
-                     window_batch=1)
-    assert run.computed == run.windows
-    for a, b, c in zip(four, one, single, strict=True):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a, c)
+    return image, classes, table
+
+
+@pytest.fixture(scope="module")
+def unbatched(tmp_path_factory, nodata_scene):
+    """1 device, one window per call, one strip per call: the reference bytes."""
+    out = tmp_path_factory.mktemp("single")
+    got, run = _run(nodata_scene, out, mesh=data_mesh(jax.local_devices()[:1]), window_batch=1,
+                    strips_per_call=1)
+    assert run.computed == run.windows == 20  # 4 strips of 5 windows
+    return [p.read_bytes() for p in sorted(out.glob("*.tif"))], got
+
+
+def _spy_groups(monkeypatch, module):
+    """Records the ``strips_per_call`` each run of ``module`` hands its strip runner."""
+    seen = []
+    for name in ("run_strips", "iter_strips"):
+        real = getattr(module, name, None)
+        if real is not None:
+            def spy(*a, real=real, **kw):
+                seen.append(kw.get("strips_per_call", 1))
+                return real(*a, **kw)
+
+            monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_lsr_raster_sharded_equals_one_device_and_unbatched(tmp_path, nodata_scene, unbatched,
+                                                            monkeypatch):
+    """4 devices x batches of 8 (one strip per call), 4 devices x 3 strips per call (15 + 5
+    windows), 1 device x 4, 1 device sized by a big budget (several strips per call): outputs
+    identical to one window per call (the no-data class gives windows of two table shapes:
+    two programs, across strips)."""
+    from epilsr.pipelines import raster_lsr
+
+    groups = _spy_groups(monkeypatch, raster_lsr)
+    one = data_mesh(jax.local_devices()[:1])
+    runs = [dict(window_batch=8), dict(window_batch=16, strips_per_call=3),
+            dict(mesh=one, window_batch=4), dict(mesh=one, memory_budget=2**30)]
+    for i, kw in enumerate(runs):
+        got, _ = _run(nodata_scene, tmp_path / str(i), **kw)
+        for a, b in zip(got, unbatched[1], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert [p.read_bytes() for p in sorted((tmp_path / str(i)).glob("*.tif"))] == \
+            unbatched[0]
+    assert groups == [1, 3, 1, 6]  # budget: 32 per call fit (max 8 strips x 5): 6 strips
+
+
+def test_lsr_raster_resumes_a_crash_mid_group(tmp_path, nodata_scene, unbatched):
+    """3 strips per call: a crash adding the 8th window (strip 1; strips 1-2 computed, not
+    written) resumes from strip 1, here with one strip per call: the same bytes."""
+    class Crash(Exception):
+        pass
+
+    ticks = {"n": 0}
+
+    def crash():
+        ticks["n"] += 1
+        if ticks["n"] == 8:
+            raise Crash("killed mid-group")
+
+    with pytest.raises(Crash):
+        _run(nodata_scene, tmp_path, window_batch=16, strips_per_call=3, on_window=crash)
+    progress = (tmp_path / ".lsr_state" / "progress.json").read_text()
+    assert '"next_strip": 1' in progress
+    _, run = _run(nodata_scene, tmp_path, window_batch=4, strips_per_call=1)
+    assert run.resumed_from == 5 and run.computed == 15
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("*.tif"))] == unbatched[0]
 
 
 def test_predict_raster_sharded_equals_one_device_and_unbatched(rng):
@@ -110,10 +167,84 @@ def test_predict_raster_sharded_equals_one_device_and_unbatched(rng):
     one = data_mesh(jax.local_devices()[:1])
     runs = [predict_raster(epi, lp, image, window_batch=8, **kw).probs,
             predict_raster(epi, lp, image, mesh=one, window_batch=3, **kw).probs,
-            predict_raster(epi, lp, image, mesh=one, window_batch=1, **kw).probs]
-    np.testing.assert_array_equal(runs[0], runs[1])
-    np.testing.assert_array_equal(runs[0], runs[2])
+            predict_raster(epi, lp, image, mesh=one, window_batch=1, strips_per_call=1,
+                           **kw).probs,
+            predict_raster(epi, lp, image, window_batch=16, strips_per_call=3, **kw).probs,
+            predict_raster(epi, lp, image, mesh=one, memory_budget=2**30, **kw).probs]
+    for other in runs[1:]:  # several strips per call (explicit, or by the budget): same bits
+        np.testing.assert_array_equal(runs[0], other)
     want = np.asarray(predict(epi, lp, image, patch_size=3, temperature=9.0, stride=2))
     np.testing.assert_allclose(runs[0], want, atol=2e-5)
     lanes = predict_raster(epi, lp, image, window_batch=8, window_lanes=2, **kw).probs
     np.testing.assert_allclose(lanes, runs[0], atol=1e-5)  # vmapped: float32 rounding only
+
+
+def test_predict_raster_files_multi_strip_resume_and_grouping(rng, tmp_path, monkeypatch):
+    """Dense Eq. 2 into files, 4 strips per call on 4 devices: equal bytes to one tile per
+    call; a crash adding strip 2 (strips 2-3 computed, unwritten) resumes from strip 2 with
+    other groups, same bytes. The budget picks several strips; a tiny one, one strip."""
+    from epilsr import Epitome
+    from epilsr.pipelines import raster_predict
+
+    mean = rng.normal(size=(1, 9, 9, 3)).astype(np.float32)
+    epi = Epitome(mean, np.full_like(mean, -3.0), np.zeros((1, 9, 9), np.float32))
+    lp = rng.dirichlet(np.full(3, 0.5), size=(1, 9, 9)).astype(np.float32)
+    image = rng.normal(size=(31, 17, 3)).astype(np.float32)
+    kw = dict(patch_size=3, temperature=9.0, stride=2, tile=5, probs=True)
+    one = data_mesh(jax.local_devices()[:1])
+
+    def files(out, **more):
+        run = raster_predict.predict_raster_files(epi, lp, image, out_dir=out, **kw, **more)
+        return run, [p.read_bytes() for p in sorted(out.glob("*.tif"))]
+
+    _, ref = files(tmp_path / "ref", mesh=one, window_batch=1, strips_per_call=1)
+    groups = _spy_groups(monkeypatch, raster_predict)
+    assert files(tmp_path / "multi", window_batch=16, strips_per_call=4)[1] == ref
+    assert files(tmp_path / "budget", mesh=one, memory_budget=2**30)[1] == ref
+    assert files(tmp_path / "tiny", mesh=one, memory_budget=1)[1] == ref
+    assert groups == [4, 5, 1]  # 6 strips of 3 tiles: 16 fit (max 8 x 3) -> 5; tiny: 1
+
+    class Crash(Exception):
+        pass
+
+    real, calls = raster_predict.check_window, {"n": 0}
+
+    def crash(*a):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the first tile of strip 2 (3 tiles a strip)
+            raise Crash("killed mid-group")
+        return real(*a)
+
+    monkeypatch.setattr(raster_predict, "check_window", crash)
+    with pytest.raises(Crash):
+        files(tmp_path / "crash", window_batch=8, strips_per_call=2)
+    monkeypatch.undo()
+    run, got = files(tmp_path / "crash", window_batch=4, strips_per_call=3)
+    assert run.resumed_from == 2 and got == ref
+
+
+def test_strips_per_call_follows_the_budget():
+    """A tiny budget: one window per call (one per device on 4), one strip per call; a big
+    one: several strips (at most MAX_STRIPS); the CPU default: one window per device."""
+    from epilsr.pipelines.batching import MAX_STRIPS
+
+    def fn(x):
+        return x * 2.0
+
+    win = (jax.ShapeDtypeStruct((64, 64), np.float32),)
+    one = data_mesh(jax.local_devices()[:1])
+    tiny = WindowBatches(fn, mesh=one, memory_budget=1, max_batch=40)
+    assert tiny.windows_per_call((), win) == 1 and tiny.strips_per_call((), win, 5) == 1
+    tiny4 = WindowBatches(fn, memory_budget=1, max_batch=40)
+    assert tiny4.windows_per_call((), win) == 4 and tiny4.strips_per_call((), win, 5) == 1
+    big = WindowBatches(fn, mesh=one, memory_budget=2**30, max_batch=5 * MAX_STRIPS)
+    assert big.windows_per_call((), win) == 32 and big.strips_per_call((), win, 5) == 6
+    assert big.strips_per_call((), win, 1) == MAX_STRIPS  # bounded strips in flight
+    assert big.strips_per_call((), win, 40) == 1  # a strip larger than the batch
+    mid = WindowBatches(fn, mesh=one, memory_budget=100_000, max_batch=40)  # 32 KiB/window
+    assert mid.windows_per_call((), win) == 2 and mid.strips_per_call((), win, 1) == 2
+    cpu = WindowBatches(fn, max_batch=40)  # no budget on CPU: one window per device
+    assert cpu.windows_per_call((), win) == 4
+    assert cpu.strips_per_call((), win, 5) == 1 and cpu.strips_per_call((), win, 2) == 2
+    with pytest.raises(ValueError, match="per_strip >= 1"):
+        cpu.strips_per_call((), win, 0)

@@ -17,12 +17,23 @@ weights ``wsum [B, W]`` into a buffer of ``B`` raster rows starting at row ``R_s
   the settings and one per input) is written atomically (:mod:`epilsr.io.atomic`), so it always
   describes a consistent checkpoint. Files of older checkpoints are deleted after it.
 * **Threads.** An optional ``read_strip(s)`` (window reads, class alignment) runs in a reader
-  thread up to two strips ahead of ``add_strip``; the finished rows (copied) are normalised,
-  encoded and written, and the checkpoint taken, in a writer thread behind it
+  thread up to two strips (``strips_per_call`` with groups) ahead of ``add_strip``; the
+  finished rows (copied) are normalised, encoded and written, and the checkpoint taken, in a
+  writer thread behind it
   (:mod:`epilsr.io.threads`, bounded queues), in strip order, so each checkpoint follows its
   strip's writes. The accumulation order is unchanged: outputs are byte-identical to a
   single-threaded run. An exception in a thread is re-raised by the caller with its message;
   on any error the strips already handed to the writer are finished, both threads joined.
+* **Groups of strips.** With ``compute_strips`` the work of a strip is split into a pure,
+  batched part and its accumulation: ``compute_strips([(s, inputs_s), ...])`` runs on up to
+  ``strips_per_call`` consecutive strips at once (one device call can span several strips; the
+  reader thread then runs that many strips ahead) and returns one result per strip, which
+  ``add_strip`` adds into the buffer strip by strip, in strip order, as without groups. At most
+  ``g + max(2, g) + 1`` strips are read and not yet added (``g = strips_per_call``: the group
+  being computed, the queue, the one being read), whatever the raster height. Groups start
+  at the first strip not yet done, so a crash after a group was computed but before all its
+  strips were written loses at most that group: the rerun recomputes it (window results must
+  not depend on the grouping; checkpoints still follow every strip).
 * **Resume.** A rerun with the same settings truncates each ``.partial`` to its recorded
   length, restores the carry and continues with the next strip. Window randomness must
   depend on the window index only (``fold_in(key, i)``) and the accumulation order is the
@@ -58,6 +69,7 @@ __all__ = [
     "StripPlan",
     "OutputSpec",
     "StripRun",
+    "strip_groups",
     "array_digest",
     "array_reader",
     "raster_size",
@@ -81,6 +93,8 @@ Reader = Callable[[int, int, int, int], ArrayLike]
 AddStrip = Callable[..., Mapping[str, int]]
 #: ``read_strip(s) -> inputs`` of strip ``s``, run in the reader thread ahead of ``add_strip``.
 ReadStrip = Callable[[int], Any]
+#: ``compute_strips([(s, inputs), ...]) -> [result, ...]``: a group of consecutive strips at once.
+ComputeStrips = Callable[[Sequence[tuple[int, Any]]], Sequence[Any]]
 
 
 # ------------------------------------------------------------------------------ readers
@@ -300,17 +314,75 @@ def _adder(add_strip: AddStrip, reader: ReadAhead | None) -> AddStrip:
     return lambda s, acc, wsum, tick: add_strip(s, acc, wsum, tick, reader.get(s))
 
 
+def strip_groups(first: int, n: int, size: int) -> list[range]:
+    """Consecutive groups of at most ``size`` strips covering ``first .. n - 1``."""
+    return [range(a, min(a + size, n)) for a in range(first, n, size)]
+
+
+class _Grouped:
+    """``add_strip`` fed one strip at a time from groups computed together: at the first strip
+    of a group, its inputs are taken from the reader, ``compute_strips`` runs on the whole
+    group and the results wait (at most one group) until their strip is added."""
+
+    def __init__(self, add_strip: AddStrip, read: Callable[[int], Any],
+                 compute: ComputeStrips, first: int, n: int, size: int):
+        self._add, self._read, self._compute = add_strip, read, compute
+        self._starts = {g.start: g for g in strip_groups(first, n, size)}
+        self._ready: dict[int, Any] = {}
+
+    def __call__(self, s: int, acc: np.ndarray, wsum: np.ndarray, tick: Callable) -> Any:
+        if s in self._starts:
+            group = self._starts[s]
+            items = [(t, self._read(t)) for t in group]
+            results = list(self._compute(items))
+            if len(results) != len(items):
+                raise ValueError(f"compute_strips: expected {len(items)} results (one per "
+                                 f"strip), got {len(results)}")
+            self._ready = dict(zip(group, results, strict=True))
+        return self._add(s, acc, wsum, tick, self._ready.pop(s))
+
+
+def _strip_adder(add_strip: AddStrip, reader: ReadAhead | None,
+                 read_strip: ReadStrip | None, compute: ComputeStrips | None, first: int,
+                 n: int, size: int) -> AddStrip:
+    """The per-strip adder of the runners: plain, fed by the reader, or by groups."""
+    if compute is None:
+        return _adder(add_strip, reader)
+    read = reader.get if reader is not None else (
+        read_strip if read_strip is not None else lambda s: None)
+    return _Grouped(add_strip, read, compute, first, n, size)
+
+
+def _check_group(strips_per_call: int) -> int:
+    if int(strips_per_call) != strips_per_call or strips_per_call < 1:
+        raise ValueError(f"strips_per_call: expected a positive integer, got "
+                         f"{strips_per_call!r}")
+    return int(strips_per_call)
+
+
+def _read_ahead(read_strip: ReadStrip | None, first: int, n: int,
+                group: int) -> ReadAhead | None:
+    """The reader thread: ``max(2, group)`` strips ahead (the next group while one computes)."""
+    if read_strip is None:
+        return None
+    return ReadAhead(read_strip, first, n, depth=max(_DEPTH, group))
+
+
 def iter_strips(plan: StripPlan, add_strip: AddStrip, *, progress: bool = False,
                 total: int = 0, desc: str = "", unit: str = "tile",
                 valid: Reader | None = None,
-                read_strip: ReadStrip | None = None) -> Iterator[tuple[int, np.ndarray,
-                                                                   np.ndarray, dict]]:
+                read_strip: ReadStrip | None = None,
+                compute_strips: ComputeStrips | None = None,
+                strips_per_call: int = 1) -> Iterator[tuple[int, np.ndarray, np.ndarray,
+                                                             dict]]:
     """Without files: ``(row0, probs [r, W, n], nodata [r, W], counters)`` per strip, in
-    raster order (``probs`` is a fresh array). ``read_strip`` runs in a thread ahead."""
+    raster order (``probs`` is a fresh array). ``read_strip`` runs in a thread ahead;
+    ``compute_strips`` / ``strips_per_call`` as for :func:`run_strips`."""
+    group = _check_group(strips_per_call)
     buf, bar = _Buffer(plan), _bar(progress, total, 0, desc, unit)
     n = len(plan.row_starts)
-    reader = None if read_strip is None else ReadAhead(read_strip, 0, n, depth=_DEPTH)
-    add = _adder(add_strip, reader)
+    reader = _read_ahead(read_strip, 0, n, group)
+    add = _strip_adder(add_strip, reader, read_strip, compute_strips, 0, n, group)
     try:
         for s, row0 in enumerate(plan.row_starts):
             counts = dict(add(s, buf.acc, buf.wsum, bar.update))
@@ -456,6 +528,8 @@ def run_strips(
     finish: Callable[[], Any] | None = None,
     read_strip: ReadStrip | None = None,
     initial_carry: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+    compute_strips: ComputeStrips | None = None,
+    strips_per_call: int = 1,
 ) -> StripRun:
     """Run (or resume) every strip of ``plan`` into ``outputs`` (see module doc).
 
@@ -475,10 +549,16 @@ def run_strips(
         done.
       finish: called once all outputs are closed, before the run is marked complete.
       read_strip: ``read_strip(s) -> inputs`` (window reads, alignment), run in a reader thread
-        up to two strips ahead; ``add_strip`` then gets ``inputs`` as a fifth argument.
+        up to two strips ahead; ``add_strip`` then gets ``inputs`` as a fifth argument
+        (without ``compute_strips``).
       initial_carry: ``() -> (acc [k, W, n], wsum [k, W])``, the buffer's first rows before strip 0
         of a fresh run (a band of a larger raster, rebuilt from the strips above it); a
         resumed run restores its checkpointed carry instead.
+      compute_strips, strips_per_call: ``compute_strips([(s, inputs_s), ...]) -> [result_s,
+        ...]`` on groups of up to ``strips_per_call`` consecutive strips (e.g. one batched
+        device call over all their windows; ``inputs_s = read_strip(s)``, None without a
+        ``read_strip``); ``add_strip`` then gets ``result_s`` as its fifth argument. The reader
+        runs ``max(2, strips_per_call)`` strips ahead (see module doc).
 
     Normalising, writing and checkpointing run in a writer thread behind ``add_strip`` (a
     strip's checkpoint follows its writes, in order), so reads and writes overlap the
@@ -486,6 +566,7 @@ def run_strips(
     handed to the writer are written and checkpointed, the threads are joined and the writers
     released.
     """
+    group = _check_group(strips_per_call)
     current = {name: reader_fingerprint(r) for name, r in inputs.items()}
     state = _State(Path(state_dir) / "progress.json", fingerprint(
         settings=dict(settings), checked={k: v is not None for k, v in current.items()},
@@ -513,8 +594,9 @@ def run_strips(
         buf = _Buffer(plan, carry)
     resumed = dict(counts)
     bar = _bar(progress, total, counts.get(progress_key, 0), desc or who, unit)
-    reader = None if read_strip is None else ReadAhead(read_strip, first, n, depth=_DEPTH)
-    add, behind = _adder(add_strip, reader), WriteBehind(depth=_DEPTH)
+    reader = _read_ahead(read_strip, first, n, group)
+    add = _strip_adder(add_strip, reader, read_strip, compute_strips, first, n, group)
+    behind = WriteBehind(depth=_DEPTH)
     try:
         for s in range(first, n):
             counts = _add_counts(counts, add(s, buf.acc, buf.wsum, bar.update))

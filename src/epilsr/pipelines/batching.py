@@ -14,6 +14,14 @@ XLA compiles the batched dots and reductions differently and float32 results cha
 last bits (measured on CPU for self-epitomic LSR, 48^2 windows). ``lanes > 1`` vmaps that many
 windows per step of the map (``lax.map(..., batch_size=lanes)``): more parallel work per step
 on an accelerator, results equal up to float32 rounding only.
+
+**Several strips per call.** The raster pipelines hand a call the windows of
+:meth:`WindowBatches.strips_per_call` consecutive strips (``compute_strips`` of
+:func:`epilsr.io.strips.run_strips`): on an accelerator one strip of a small raster is too
+little work for a call, so the batch that fits the memory budget is filled with whole strips
+(at most :data:`MAX_STRIPS`, so the strips in flight stay bounded). On CPU the default batch is
+one window per device, so a call spans one strip (several only when a strip has fewer windows
+than there are devices). The windows' results do not depend on the grouping.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epilsr.parallel import data_mesh
 
-__all__ = ["WindowBatches", "default_budget"]
+__all__ = ["MAX_STRIPS", "WindowBatches", "default_budget"]
 
+#: At most this many strips per call (:meth:`WindowBatches.strips_per_call`): bounds the strips
+#: read ahead and held, whatever the budget and the raster height.
+MAX_STRIPS = 8
 _CPU_BUDGET = 2**30  # bytes per device when the device does not report its memory
 _CACHE_SIZE = 32
 #: Compiled calls shared by every WindowBatches of the same per-window function object (the
@@ -67,11 +78,12 @@ class WindowBatches:
       mesh: 1-D mesh with axis ``"data"``; default :func:`epilsr.parallel.data_mesh` over
         ``jax.local_devices()``.
       window_batch: windows per call (rounded up to a multiple of the device count); None =
-        one window per device on CPU (a loop of windows in one call ran at 0.6-0.7x the rate
-        of separate calls there, ``benchmarks/raster_pipeline.py``), else the largest
-        ``D * 2^k`` (at most ``max_batch``) whose compiled call fits ``memory_budget`` bytes
-        per device.
-      memory_budget: bytes per device; default :func:`default_budget`.
+        one window per device on CPU when no ``memory_budget`` is given (a loop of windows in
+        one call ran at 0.6-0.7x the rate of separate calls there,
+        ``benchmarks/raster_pipeline.py``), else the largest ``D * 2^k`` (at most
+        ``max_batch``) whose compiled call fits ``memory_budget`` bytes per device.
+      memory_budget: bytes per device; default :func:`default_budget` (given explicitly, it
+        sizes the batch on CPU too).
       max_batch: cap of the automatic batch (e.g. the windows of a strip).
       lanes: windows vmapped together per step on a device (1 = exact, see module doc).
     """
@@ -84,7 +96,8 @@ class WindowBatches:
         self.devices = int(self.mesh.devices.size)
         self.budget = (default_budget(self.mesh.devices.flat[0]) if memory_budget is None
                        else int(memory_budget))
-        if window_batch is None and self.mesh.devices.flat[0].platform == "cpu":
+        if (window_batch is None and memory_budget is None
+                and self.mesh.devices.flat[0].platform == "cpu"):
             window_batch = 1
         self.fixed = None if window_batch is None else self._round(int(window_batch))
         self.max_batch = max(1, int(max_batch))
@@ -146,6 +159,23 @@ class WindowBatches:
         while size < min(n, self._size[key]):
             size *= 2
         return min(size, self._size[key])
+
+    def windows_per_call(self, shared: Sequence, window: Sequence) -> int:
+        """Windows per call for a long run of windows shaped like ``window`` (arrays or
+        ``jax.ShapeDtypeStruct`` s): ``window_batch``, or the budget's choice (compiles)."""
+        return self._batch_size(shared, window, 1 << 62)
+
+    def strips_per_call(self, shared: Sequence, window: Sequence, per_strip: int,
+                        max_strips: int = MAX_STRIPS) -> int:
+        """Whole strips of ``per_strip`` windows per call: ``windows_per_call // per_strip``,
+        at least 1, at most ``max_strips``. One on CPU by default (one window per device),
+        unless a strip has fewer windows than devices; several on an accelerator when the
+        budget's batch holds several strips."""
+        if int(per_strip) < 1 or int(max_strips) < 1:
+            raise ValueError(f"strips_per_call: expected per_strip >= 1 and max_strips >= 1, "
+                             f"got {per_strip} and {max_strips}")
+        fit = self.windows_per_call(shared, window)
+        return max(1, min(int(max_strips), fit // int(per_strip)))
 
     def __call__(self, shared: Sequence, windows: Sequence[Sequence[np.ndarray]]) -> list:
         """Results of ``fn(*shared, *w)`` for each ``w`` of ``windows`` (equal shapes), as

@@ -43,7 +43,7 @@ from epilsr.io.strips import (
     run_strips,
 )
 from epilsr.metrics import NODATA_LABEL
-from epilsr.pipelines.batching import WindowBatches
+from epilsr.pipelines.batching import MAX_STRIPS, WindowBatches
 from epilsr.self_epitomic import self_epitomic_lsr
 from epilsr.windows import Window, blend_weights, tile_grid
 
@@ -159,10 +159,13 @@ def _window_fn(fn: Callable) -> Callable:
 
 def _lsr_strips(key, batches: WindowBatches, image_reader: Reader, classes: _Classes,
                 windows: list[Window], overlap: int, height: int, width: int):
-    """The strip plan, ``read_strip`` and ``add_strip`` of :func:`epilsr.io.strips.run_strips`.
+    """The strip plan, ``read_strip``, ``compute_strips`` and ``add_strip`` of
+    :func:`epilsr.io.strips.run_strips`.
 
-    ``read_strip`` (reader thread) reads and aligns a strip's windows; ``add_strip`` runs
-    them in batches (windows with equal table shapes together) and adds them in window order.
+    ``read_strip`` (reader thread) reads and aligns a strip's windows; ``compute_strips`` runs
+    the windows of a group of strips in batched calls (windows with equal table shapes
+    together, across strips) and returns per strip ``[(i, window, aligned, probs | None)]``;
+    ``add_strip`` adds one strip's results in window order.
     """
     th, tw = windows[0].height, windows[0].width
     weights = blend_weights((th, tw), overlap)
@@ -182,43 +185,62 @@ def _lsr_strips(key, batches: WindowBatches, image_reader: Reader, classes: _Cla
             out.append((i, win, got, img))
         return out
 
-    def add_strip(s, acc, wsum, tick, inputs):
+    def compute_strips(items):
         groups: dict[tuple, list] = {}  # windows by table shape: one batched program each
-        for i, _, got, img in inputs:
-            if got is not None:
-                groups.setdefault(got[1].shape, []).append((np.int32(i), img, got[0], got[1]))
+        for _, inputs in items:
+            for i, _, got, img in inputs:
+                if got is not None:
+                    groups.setdefault(got[1].shape, []).append((np.int32(i), img, got[0],
+                                                                 got[1]))
         probs = {}
         for group in groups.values():
             for w, p in zip(group, batches((key,), group), strict=True):
                 probs[int(w[0])] = p
-        for i, win, got, _ in inputs:  # accumulation in window order, as unbatched
+        return [[(i, win, got, probs.get(i)) for i, win, got, _ in inputs]
+                for _, inputs in items]
+
+    def add_strip(s, acc, wsum, tick, results):
+        computed = 0
+        for _, win, got, p in results:  # accumulation in window order, as unbatched
             if got is not None:
-                p = check_window("lsr_raster", win, probs[i]).astype(np.float32)
+                p = check_window("lsr_raster", win, p).astype(np.float32)
                 wgt = weights if got[2] is None else weights * got[2]
                 acc[:, win.col : win.col + tw] += p * wgt[..., None]
                 wsum[:, win.col : win.col + tw] += wgt
+                computed += 1
             tick()
-        n, computed = len(inputs), len(probs)
+        n = len(results)
         return {"windows_done": n, "skipped": n - computed, "computed": computed}
 
     plan = StripPlan(height, width, classes.table.shape[1], row_starts, th)
-    return plan, read_strip, add_strip
+    return plan, read_strip, compute_strips, add_strip
+
+
+def _example_window(image_reader: Reader, classes: _Classes, th: int, tw: int) -> tuple:
+    """Shapes of one LSR window's arguments (for the budget's batch size): one pixel read."""
+    px = read_window("image_reader", image_reader, 0, 0, 1, 1)
+    channels = px.shape[-1] if px.ndim == 3 else 1
+    rows = classes.table.shape[0] + int(classes.use_nodata)  # the no-data class, if any
+    return (jax.ShapeDtypeStruct((), np.int32),
+            jax.ShapeDtypeStruct((th, tw, channels), px.dtype),
+            jax.ShapeDtypeStruct((th, tw), np.int32),
+            jax.ShapeDtypeStruct((rows, classes.table.shape[1]), np.float32))
 
 
 def _also_ticking(add_strip: Callable, on_window: Callable[[], Any]) -> Callable:
     """``add_strip`` whose per-window tick also calls ``on_window()``."""
 
-    def add(s, acc, wsum, tick, *inputs):
+    def add(s, acc, wsum, tick, *results):
         def both():
             tick()
             on_window()
 
-        return add_strip(s, acc, wsum, both, *inputs)
+        return add_strip(s, acc, wsum, both, *results)
 
     return add
 
 
-def _band(plan: StripPlan, read_strip: Callable, add_strip: Callable,
+def _band(plan: StripPlan, read_strip: Callable, compute_strips: Callable, add_strip: Callable,
           strips: tuple[int, int]) -> tuple[StripPlan, Callable, Callable, Callable | None]:
     """The band of strips ``a .. b - 1`` of ``plan``: its plan (rows from ``R_a``), reader and
     adder with global strip numbers, and the carry rebuilt from the strips above that reach
@@ -237,8 +259,9 @@ def _band(plan: StripPlan, read_strip: Callable, add_strip: Callable,
     def initial_carry():
         acc = np.zeros((plan.buffer_rows, plan.width, plan.n_labels), np.float32)
         wsum = np.zeros((plan.buffer_rows, plan.width), np.float32)
-        for s in warm:  # as run_strips: add, then shift the finished rows out
-            add_strip(s, acc, wsum, lambda: None, read_strip(s))
+        results = compute_strips([(s, read_strip(s)) for s in warm])
+        for s, res in zip(warm, results, strict=True):  # as run_strips: add, shift rows out
+            add_strip(s, acc, wsum, lambda: None, res)
             rows = plan.finished_rows(s)
             acc[:-rows], wsum[:-rows] = acc[rows:].copy(), wsum[rows:].copy()
             acc[-rows:], wsum[-rows:] = 0.0, 0.0
@@ -294,6 +317,7 @@ def lsr_raster(
     mesh: Mesh | None = None,
     window_lanes: int = 1,
     strips: tuple[int, int] | None = None,
+    strips_per_call: int | None = None,
 ) -> RasterRun:
     """Self-epitomic LSR (Sec. 5.1) over a raster of any size, tile by tile (see module doc).
 
@@ -332,10 +356,17 @@ def lsr_raster(
       resume: continue from the last checkpoint of an interrupted run with the same settings
         and unchanged inputs (or return at once when that run completed); ``False`` starts
         over. Other settings or a changed input raise ``ValueError``.
-      window_batch, memory_budget, mesh: the windows of a strip run in batched calls
+      window_batch, memory_budget, mesh: the windows run in batched calls
         (:class:`~epilsr.pipelines.batching.WindowBatches`), ``window_batch`` per call (None =
-        as many as fit ``memory_budget`` bytes per device, at most a strip), the window axis
-        sharded over ``mesh`` (default: the local devices). The outputs do not depend on these.
+        one per device on CPU unless ``memory_budget`` is given, else as many as fit
+        ``memory_budget`` bytes per device, at most
+        :data:`~epilsr.pipelines.batching.MAX_STRIPS` strips), the window axis sharded over
+        ``mesh`` (default: the local devices). The outputs do not depend on these.
+      strips_per_call: the windows of this many consecutive strips are computed together
+        (the reader runs as far ahead; see :func:`~epilsr.io.strips.run_strips`); None =
+        :meth:`~epilsr.pipelines.batching.WindowBatches.strips_per_call`: the strips that fill
+        one call, so 1 on CPU (one window per device per call) and several on an accelerator
+        when a strip is less than the memory budget's batch. The outputs do not depend on it.
       window_lanes: windows vmapped together per step on a device (accelerators); 1 keeps the
         outputs bit-identical to unbatched calls, more changes them by float32 rounding only.
       strips: ``(a, b)``: only the band of window strips ``a .. b - 1`` (one process's share,
@@ -365,13 +396,18 @@ def lsr_raster(
     per_strip = max(sum(1 for w in windows if w.row == windows[0].row), 1)
     batches = WindowBatches(_window_fn(_lsr_fn(lsr_kwargs)), mesh=mesh,
                             window_batch=window_batch, memory_budget=memory_budget,
-                            max_batch=per_strip, lanes=window_lanes)
-    plan, read_strip, add_strip = _lsr_strips(key, batches, image_reader, classes, windows,
-                                              overlap, height, width)
+                            max_batch=per_strip * MAX_STRIPS, lanes=window_lanes)
+    plan, read_strip, compute_strips, add_strip = _lsr_strips(
+        key, batches, image_reader, classes, windows, overlap, height, width)
+    if strips_per_call is None:
+        example = None if batches.fixed is not None else _example_window(
+            image_reader, classes, windows[0].height, windows[0].width)
+        strips_per_call = batches.strips_per_call((key,), example, per_strip)
     initial_carry, n_windows = None, len(windows)
     if strips is not None:
         row0 = plan.row_starts[strips[0]] if 0 <= strips[0] < len(plan.row_starts) else 0
-        plan, read_strip, add_strip, initial_carry = _band(plan, read_strip, add_strip, strips)
+        plan, read_strip, add_strip, initial_carry = _band(plan, read_strip, compute_strips,
+                                                           add_strip, strips)
         geo, preview, n_windows = geo.window(row0, 0), None, per_strip * len(plan.row_starts)
     if on_window is not None:
         add_strip = _also_ticking(add_strip, on_window)
@@ -397,7 +433,8 @@ def lsr_raster(
         inputs={"image_reader": image_reader, "classes_reader": classes_reader,
                 "valid_reader": valid_reader},
         resume=resume, progress=progress, total=n_windows, progress_key="windows_done",
-        finish=finish, read_strip=read_strip, initial_carry=initial_carry)
+        finish=finish, read_strip=read_strip, initial_carry=initial_carry,
+        compute_strips=compute_strips, strips_per_call=strips_per_call)
     done, before = run.counts, run.resumed
     return RasterRun(
         outputs["labels"].path, outputs["probs"].path if write_probs else None,

@@ -54,7 +54,7 @@ from epilsr.io.strips import (
     run_strips,
     write_outputs,
 )
-from epilsr.pipelines.batching import WindowBatches
+from epilsr.pipelines.batching import MAX_STRIPS, WindowBatches
 from epilsr.predict import check_predict_inputs, window_sums
 from epilsr.windows import grid_starts, tile_grid
 
@@ -109,13 +109,16 @@ class _Predictor(NamedTuple):
     plan: StripPlan
     add_strip: Callable  # run_strips' add_strip
     read_strip: Callable  # run_strips' read_strip (reader thread)
+    compute_strips: Callable  # run_strips' compute_strips (a group of strips' tiles at once)
+    strips_per_call: int
     n_tiles: int
     image_reader: Reader
 
 
 def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, stride,
                label_size, tile, height, width, mask, chunk, route, window_batch=None,
-               memory_budget=None, mesh=None, window_lanes=1) -> _Predictor:
+               memory_budget=None, mesh=None, window_lanes=1,
+               strips_per_call=None) -> _Predictor:
     """Validated inputs, the tile grid and the strip function (Eq. 2, exact)."""
     if not callable(image_reader):
         image_reader = array_reader(image_reader)
@@ -149,9 +152,15 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
         per_tile = _tile_fn(fn, temperature, mask)
     except TypeError:  # an array temperature or mask: this call's own function
         per_tile = _tile_fn.__wrapped__(fn, temperature, mask)
+    per_strip = len(col_starts)
     batches = WindowBatches(per_tile, mesh=mesh, window_batch=window_batch,
-                            memory_budget=memory_budget, max_batch=len(col_starts),
+                            memory_budget=memory_budget, max_batch=per_strip * MAX_STRIPS,
                             lanes=window_lanes)
+    if strips_per_call is None:  # the strips that fill one call (1 on CPU)
+        example = (jax.ShapeDtypeStruct((img_h, img_w, epitome.channels), np.float32),
+                   jax.ShapeDtypeStruct((n_chunks * chunk, 2), np.int32),
+                   jax.ShapeDtypeStruct((n_chunks * chunk,), np.float32))
+        strips_per_call = batches.strips_per_call((epitome, label_probs), example, per_strip)
 
     def read_strip(si):
         """The strip's tiles: image blocks (float32) and padded window corners."""
@@ -173,18 +182,25 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
             tiles.append((c0, m, np.asarray(as_float_image(block)), st, wt))
         return tiles
 
-    def add_strip(si, acc, cnt, tick, tiles):
+    def compute_strips(items):
+        """The tiles of a group of strips in batched calls: per strip ``[(c0, m, sums,
+        counts)]`` (the image blocks dropped)."""
+        flat = [t for _, tiles in items for t in tiles]
+        sums = iter(batches((epitome, label_probs), [t[2:] for t in flat]))
+        return [[(t[0], t[1], *next(sums)) for t in tiles] for _, tiles in items]
+
+    def add_strip(si, acc, cnt, tick, results):
         r0 = strip_rows[si]
-        sums = batches((epitome, label_probs), [t[2:] for t in tiles])
-        for (c0, *_), (a, c) in zip(tiles, sums, strict=True):  # in tile order
+        for c0, _, a, c in results:  # in tile order
             a = check_window("predict_raster", (r0, c0, th, tw), a[o : o + out_h, o : o + out_w])
             acc[:, c0 : c0 + out_w] += a
             cnt[:, c0 : c0 + out_w] += c[o : o + out_h, o : o + out_w]
             tick()
-        return {"tiles": len(col_starts), "windows": sum(t[1] for t in tiles)}
+        return {"tiles": len(col_starts), "windows": sum(r[1] for r in results)}
 
     plan = StripPlan(height, width, label_probs.shape[-1], tuple(strip_rows), out_h)
-    return _Predictor(plan, add_strip, read_strip, len(wins), image_reader)
+    return _Predictor(plan, add_strip, read_strip, compute_strips, int(strips_per_call),
+                      len(wins), image_reader)
 
 
 def predict_raster(
@@ -209,6 +225,7 @@ def predict_raster(
     memory_budget: int | None = None,
     mesh: Mesh | None = None,
     window_lanes: int = 1,
+    strips_per_call: int | None = None,
 ) -> RasterPrediction:
     """Dense Eq. 2 over a raster of any size, tile by tile (exact; see module doc).
 
@@ -230,9 +247,14 @@ def predict_raster(
       height, width: raster size (default ``image_reader.shape``).
       on_rows: row sink; None = return the ``[H, W, n]`` array.
       progress: tqdm bar over tiles.
-      window_batch, memory_budget, mesh: the tiles of a strip run in batched calls
+      window_batch, memory_budget, mesh: the tiles run in batched calls
         (:class:`~epilsr.pipelines.batching.WindowBatches`), the tile axis sharded over
         ``mesh`` (default: the local devices); the result does not depend on them.
+      strips_per_call: the tiles of this many consecutive strips are computed together (the
+        reader runs as far ahead); None = the strips that fill one call
+        (:meth:`~epilsr.pipelines.batching.WindowBatches.strips_per_call`): 1 on CPU (one tile
+        per device per call), several on an accelerator when a strip is less than the memory
+        budget's batch. The result does not depend on it.
       window_lanes: tiles vmapped together per step on a device (1 = bit-identical to
         unbatched calls; more: equal up to float32 rounding).
 
@@ -245,14 +267,16 @@ def predict_raster(
                       temperature=temperature, stride=stride, label_size=label_size,
                       tile=tile, height=height, width=width, mask=mask, chunk=chunk,
                       route=resolve_route(route, method), window_batch=window_batch,
-                      memory_budget=memory_budget,
-                      mesh=mesh, window_lanes=window_lanes)
+                      memory_budget=memory_budget, mesh=mesh, window_lanes=window_lanes,
+                      strips_per_call=strips_per_call)
     plan, full, n_windows = pred.plan, None, 0
     if on_rows is None:
         full = np.zeros((plan.height, plan.width, plan.n_labels), np.float32)
     for row0, probs, _, counts in iter_strips(plan, pred.add_strip, progress=progress,
                                               total=pred.n_tiles, desc="predict_raster",
-                                              read_strip=pred.read_strip):
+                                              read_strip=pred.read_strip,
+                                              compute_strips=pred.compute_strips,
+                                              strips_per_call=pred.strips_per_call):
         if full is not None:
             full[row0 : row0 + len(probs)] = probs
         else:
@@ -300,6 +324,7 @@ def predict_raster_files(
     memory_budget: int | None = None,
     mesh: Mesh | None = None,
     window_lanes: int = 1,
+    strips_per_call: int | None = None,
 ) -> RasterFiles:
     """:func:`predict_raster` into GeoTIFFs, checkpointed after every strip and resumable.
 
@@ -322,8 +347,8 @@ def predict_raster_files(
                       temperature=temperature, stride=stride, label_size=label_size,
                       tile=tile, height=height, width=width, mask=mask, chunk=chunk,
                       route=resolve_route(route, method), window_batch=window_batch,
-                      memory_budget=memory_budget,
-                      mesh=mesh, window_lanes=window_lanes)
+                      memory_budget=memory_budget, mesh=mesh, window_lanes=window_lanes,
+                      strips_per_call=strips_per_call)
     out_dir = Path(out_dir)
     outputs = label_outputs(out_dir, prefix, pred.plan.n_labels, probs=probs, entropy=entropy)
     settings = dict(
@@ -338,7 +363,8 @@ def predict_raster_files(
                      state_dir=out_dir / f".{prefix}predict_state", settings=settings,
                      inputs={"image_reader": pred.image_reader, "valid": valid}, geo=geo,
                      valid=valid, resume=resume, progress=progress, total=pred.n_tiles,
-                     progress_key="tiles", desc="predict_raster", read_strip=pred.read_strip)
+                     progress_key="tiles", desc="predict_raster", read_strip=pred.read_strip,
+                     compute_strips=pred.compute_strips, strips_per_call=pred.strips_per_call)
     return RasterFiles(outputs["labels"].path, outputs["probs"].path if probs else None,
                        outputs["entropy"].path if entropy else None, pred.n_tiles,
                        run.counts.get("windows", 0) - run.resumed.get("windows", 0),
