@@ -5,7 +5,8 @@
 For each size, a synthetic scene (``make_scene(seed, size, block=32)``) is written as GeoTIFFs
 (imagery uint8 LZW, classes) by :func:`benchmarks.raster_8192.make_inputs`. For each setting
 (``paper``: ``downsample=2``, 7 x 7, ``sample_fraction=0.05``; ``default``: the library default,
-``downsample=1``) a *separate process* (so its peak RSS is the pipeline's own):
+``downsample=1``; ``paper-approx`` / ``default-approx``: the same with the approximate route
+``rank=16, position_stride=2``, see ``docs/approx_route.md``) a *separate process* (so its peak RSS is the pipeline's own):
 
 1. compiles the batched window call (the same :class:`~epilsr.pipelines.batching.WindowBatches`
    object the pipeline will use; compiled calls are shared) on the first strip's windows;
@@ -51,6 +52,10 @@ from benchmarks.raster_8192 import _peak_rss_mb, make_inputs
 SETTINGS = {
     "paper": dict(patch_size=7, downsample=2, sample_fraction=0.05),
     "default": dict(),
+    # the optional approximate route (docs/approx_route.md): opt-in, not the default
+    "paper-approx": dict(patch_size=7, downsample=2, sample_fraction=0.05, rank=16,
+                         position_stride=2),
+    "default-approx": dict(rank=16, position_stride=2),
 }
 
 
