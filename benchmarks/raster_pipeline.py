@@ -6,7 +6,8 @@ For each size, a synthetic scene (``make_scene(seed, size, block=32)``) is writt
 (imagery uint8 LZW, classes) by :func:`benchmarks.raster_8192.make_inputs`. For each setting
 (``paper``: ``downsample=2``, 7 x 7, ``sample_fraction=0.05``; ``default``: the library default,
 ``downsample=1``; ``paper-approx`` / ``default-approx``: the same with the approximate route
-``rank=16, position_stride=2``, see ``docs/approx_route.md``) a *separate process* (so its peak RSS is the pipeline's own):
+``rank=16, position_stride=2``, see ``docs/approx_route.md``) a *separate process* (so its
+peak RSS is the pipeline's own):
 
 1. compiles the batched window call (the same :class:`~epilsr.pipelines.batching.WindowBatches`
    object the pipeline will use; compiled calls are shared) on the first strip's windows;
