@@ -121,7 +121,8 @@ LAYOUTS = {
     (layout, bands) for layout in LAYOUTS for bands in (None, 4)
     if bands or not layout.startswith("separate")  # one band has no planar configuration
 ])
-def test_read_window_equals_slice(tmp_path, rng, layout, bands):
+@pytest.mark.parametrize("cache_bytes", [0, 32 * 2**20])
+def test_read_window_equals_slice(tmp_path, rng, layout, bands, cache_bytes):
     kwargs = dict(LAYOUTS[layout])
     shape = (150, 130) + ((bands,) if bands else ())
     data = rng.integers(0, 60000, shape, dtype=np.uint16)
@@ -131,10 +132,10 @@ def test_read_window_equals_slice(tmp_path, rng, layout, bands):
     if kwargs.get("planarconfig") == "separate":
         full = np.moveaxis(full, 0, -1)
     np.testing.assert_array_equal(full, data)
-    with RasterReader(path) as reader:
+    with RasterReader(path, cache_bytes=cache_bytes) as reader:
         assert reader.shape == shape and reader.dtype == np.uint16
-        for row, col, h, w in [(0, 0, 150, 130), (13, 29, 50, 77), (149, 129, 1, 1),
-                               (100, 0, 50, 130), (31, 47, 33, 49)]:
+        for row, col, h, w in [(13, 29, 50, 77), (0, 0, 150, 130), (149, 129, 1, 1),
+                               (100, 0, 50, 130), (31, 47, 33, 49), (13, 29, 50, 77)]:
             win = reader(row, col, h, w)
             assert win.dtype == np.uint16
             np.testing.assert_array_equal(win, full[row : row + h, col : col + w])
@@ -161,6 +162,35 @@ def test_read_window_decodes_only_needed_segments(tmp_path, rng, monkeypatch):
     requested.clear()
     np.testing.assert_array_equal(read_window(tiled, 60, 60, 10, 10), data[60:70, 60:70])
     assert requested == [4]  # the 2 x 2 tiles around (64, 64)
+
+
+def test_overlapping_windows_decode_each_segment_once(tmp_path, rng):
+    """The pipelines' windows overlap (strips of windows, tile overlap): with the decoded-segment
+    cache each tile is decoded once; values equal the uncached reads; a cache too small for a
+    tile row still returns the right pixels (evicting), decoding more."""
+    data = rng.integers(0, 255, (200, 190, 4), dtype=np.uint8)
+    path = _write_input(tmp_path / "t.tif", data, compression="lzw", tile=(32, 32))
+    n_tiles = -(-200 // 32) * -(-190 // 32)
+    windows = [(r, c, 64, 64) for r in range(0, 137, 48) for c in range(0, 127, 48)]
+    counts = {}
+    for cache in (0, 1 << 20, 3 * 32 * 32 * 4):  # none, all tiles, three tiles
+        with RasterReader(path, cache_bytes=cache) as reader:
+            for r, c, h, w in windows:
+                win = reader(r, c, h, w)
+                np.testing.assert_array_equal(win, data[r : r + h, c : c + w])
+                assert not np.shares_memory(win, reader._cache[next(iter(reader._cache))][3]) \
+                    if reader._cache else True
+                win[:] = 0  # the caller's copy: the cached tiles stay intact
+            counts[cache] = reader.decoded
+    touched = sum((-(-(r + h) // 32) - r // 32) * (-(-(c + w) // 32) - c // 32)
+                  for r, c, h, w in windows)
+    assert counts[0] == touched  # no cache: every window decodes every tile it touches
+    assert counts[1 << 20] == len({(i, j) for r, c, h, w in windows
+                                   for i in range(r // 32, -(-(r + h) // 32))
+                                   for j in range(c // 32, -(-(c + w) // 32))}) <= n_tiles
+    assert counts[1 << 20] < counts[3 * 32 * 32 * 4] <= counts[0]
+    with pytest.raises(ValueError, match="cache_bytes"):
+        RasterReader(path, cache_bytes=-1)
 
 
 def test_read_window_rejects_outside(tmp_path, rng):

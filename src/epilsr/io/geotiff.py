@@ -27,6 +27,8 @@ import hashlib
 import math
 import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -256,8 +258,11 @@ class RasterReader:
     memory-mapped. A compressed file stored as one strip can only be decoded whole: prefer
     tiled or multi-strip inputs for big rasters: a window whose strips/tiles would decode to
     more than ``max_segment_bytes`` (2 GiB) is refused with a clear error before any decoding.
-    Samples are returned last whatever the planar configuration. Use as a context manager or
-    call :meth:`close`.
+    Decoded strips/tiles are kept in a least-recently-used cache of at most ``cache_bytes``
+    (default 32 MiB; 0 = none), so overlapping windows read in raster order (the pipelines'
+    strips of windows) decode each segment once instead of once per window that touches it;
+    :attr:`decoded` counts the segments decoded. Samples are returned last whatever the planar
+    configuration. Use as a context manager or call :meth:`close`.
 
     Attributes:
       height, width: raster size; ``shape`` is ``(H, W)`` or ``(H, W, C)``.
@@ -265,9 +270,17 @@ class RasterReader:
       geo: the page's :class:`GeoInfo`.
     """
 
-    def __init__(self, path: PathLike, *, page: int = 0, max_segment_bytes: int = 2**31):
+    def __init__(self, path: PathLike, *, page: int = 0, max_segment_bytes: int = 2**31,
+                 cache_bytes: int = 32 * 2**20):
         self.path = Path(path)
         self.max_segment_bytes = int(max_segment_bytes)
+        if int(cache_bytes) < 0:
+            raise ValueError(f"RasterReader: cache_bytes must be >= 0, got {cache_bytes}")
+        self.cache_bytes = int(cache_bytes)
+        self.decoded = 0  # strips/tiles decoded so far (cache misses)
+        self._cache: OrderedDict[int, tuple] = OrderedDict()  # index -> (s, y0, x0, seg)
+        self._cached = 0  # bytes held by _cache
+        self._cache_lock = threading.Lock()
         self._tif = tifffile.TiffFile(self.path)
         try:
             self._page = self._tif.pages[page]
@@ -356,22 +369,9 @@ class RasterReader:
             for r in range(r0, r1 + 1)
             for c in range(c0, c1 + 1)
         ]
-        offsets = [p.dataoffsets[i] for i in indices]
-        counts = [p.databytecounts[i] for i in indices]
-        fh = self._tif.filehandle
-        decodeargs = {}
-        if p.compression in {6, 7, 34892, 33007}:  # JPEG flavours
-            decodeargs = {"jpegtables": p.jpegtables,
-                          "jpegheader": getattr(p, "jpegheader", None)}
-        for data, index in fh.read_segments(offsets, counts, indices, lock=fh.lock, sort=True):
-            try:
-                seg, (s, _, y0, x0, _), _ = p.decode(data, index, **decodeargs)
-            except MemoryError:
-                raise MemoryError(f"{self.path}: out of memory decoding a "
-                                  f"{self.segment_bytes / 2**20:.0f} MiB segment") from None
+        for s, y0, x0, seg in self._segments(indices):
             if seg is None:  # empty segment: stays zero
                 continue
-            seg = seg[0]  # [h, w, contig]
             ys, ye = max(row, y0), min(row + height, y0 + seg.shape[0], self.height)
             xs, xe = max(col, x0), min(col + width, x0 + seg.shape[1], self.width)
             if ys >= ye or xs >= xe:
@@ -381,6 +381,50 @@ class RasterReader:
                 ys - y0 : ye - y0, xs - x0 : xe - x0
             ]
         return out[..., 0] if self._samples == 1 else out
+
+    def _segments(self, indices: list[int]) -> list[tuple]:
+        """``(s, y0, x0, seg [h, w, contig] | None)`` of each segment in ``indices``: from the
+        cache, else read and decoded (and cached while it fits ``cache_bytes``)."""
+        with self._cache_lock:
+            found = {i: self._cache[i] for i in indices if i in self._cache}
+            for i in found:
+                self._cache.move_to_end(i)
+        missing = [i for i in indices if i not in found]
+        if missing:
+            p = self._page
+            fh = self._tif.filehandle
+            decodeargs = {}
+            if p.compression in {6, 7, 34892, 33007}:  # JPEG flavours
+                decodeargs = {"jpegtables": p.jpegtables,
+                              "jpegheader": getattr(p, "jpegheader", None)}
+            offsets = [p.dataoffsets[i] for i in missing]
+            counts = [p.databytecounts[i] for i in missing]
+            for data, index in fh.read_segments(offsets, counts, missing, lock=fh.lock,
+                                                sort=True):
+                try:
+                    seg, (s, _, y0, x0, _), _ = p.decode(data, index, **decodeargs)
+                except MemoryError:
+                    raise MemoryError(f"{self.path}: out of memory decoding a "
+                                      f"{self.segment_bytes / 2**20:.0f} MiB segment") from None
+                if seg is not None:
+                    seg = seg[0]
+                    seg.flags.writeable = False  # shared by later windows: read only
+                found[index] = (s, y0, x0, seg)
+                self._store(index, found[index])
+        return [found[i] for i in indices]
+
+    def _store(self, index: int, item: tuple) -> None:
+        """Counts a decode; caches ``item`` (evicting the least recently used) if it fits."""
+        nbytes = 0 if item[3] is None else item[3].nbytes
+        with self._cache_lock:
+            self.decoded += 1
+            if nbytes > self.cache_bytes:
+                return
+            self._cache[index] = item
+            self._cached += nbytes
+            while self._cached > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= 0 if old[3] is None else old[3].nbytes
 
     def fingerprint(self, *, samples: int = 8) -> str:
         """A cheap identity of the file's content, to refuse resuming over a changed input.
@@ -407,6 +451,9 @@ class RasterReader:
 
     def close(self) -> None:
         self._mmap = None
+        with self._cache_lock:
+            self._cache.clear()
+            self._cached = 0
         self._tif.close()
 
     def __enter__(self) -> RasterReader:

@@ -265,7 +265,7 @@ class PatchStream:
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: no such raster")
                 try:
-                    r = RasterReader(path)
+                    r = RasterReader(path, cache_bytes=0)  # windows cached above
                 except Exception as err:  # tifffile parse errors of every kind
                     raise ValueError(f"{path}: not a readable TIFF ({type(err).__name__}: "
                                      f"{err})") from err
