@@ -88,7 +88,8 @@ def worker(args: argparse.Namespace) -> None:
                 acc = np.zeros((plan.buffer_rows, width, plan.n_labels), np.float32)
                 cnt = np.zeros((plan.buffer_rows, width), np.float32)
                 if hasattr(pred, "compute_strips"):  # read / compute / add split
-                    tiles = pred.compute_strips([(si, tiles)])[0]
+                    got = pred.compute_strips([(si, tiles)])
+                    tiles = (got() if callable(got) else got)[0]  # deferred (head) or list
                 return pred.add_strip(si, acc, cnt, lambda: None, tiles)
 
             t0 = time.perf_counter()

@@ -278,13 +278,14 @@ def test_plan_and_counter_errors(tmp_path, image):
 # ------------------------------------------------------------------ groups of strips per call
 
 
-def _grouped(reader, *, compute_crash=None, add_crash=None, log=None):
+def _grouped(reader, *, compute_crash=None, add_crash=None, log=None, deferred=False):
     """The pointwise model split into ``read_strip``, ``compute_strips`` (a group of strips at
     once) and ``add_strip``: the same float32 window results, added in the same order.
 
     ``compute_crash = s`` raises computing the group that holds strip ``s``; ``add_crash = s``
     raises adding strip ``s`` (its group, and later strips, already computed). ``log`` records
-    ``("read", s)`` / ``("add", s)`` events (reader and main thread)."""
+    ``("read", s)`` / ``("add", s)`` events (reader and main thread). ``deferred``:
+    ``compute_strips`` returns ``result()`` (dispatched work), the crash raised when resolved."""
     plan, _, _ = _fake(reader)
     windows = tile_grid(H, W, tile=TILE, overlap=OVERLAP)
     th, tw = windows[0].height, windows[0].width
@@ -299,10 +300,19 @@ def _grouped(reader, *, compute_crash=None, add_crash=None, log=None):
 
     def compute_strips(items):
         groups.append([s for s, _ in items])
-        if compute_crash in groups[-1]:
+        if log is not None:
+            log.append(("dispatch", groups[-1][0]))
+        crash = compute_crash in groups[-1]
+        if crash and not deferred:
             raise Crash(f"crash computing strips {groups[-1]}")
-        return [[(win, _softmax64(x).astype(np.float32)) for win, x in inputs]
-                for _, inputs in items]
+
+        def result():
+            if crash:
+                raise Crash(f"crash computing strips {[s for s, _ in items]}")
+            return [[(win, _softmax64(x).astype(np.float32)) for win, x in inputs]
+                    for _, inputs in items]
+
+        return result if deferred else result()
 
     def add_strip(s, acc, wsum, tick, results):
         if add_crash == s:
@@ -329,23 +339,44 @@ def _run_grouped(out, image, group, **kw):
     return run, groups
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("group", [1, 2, 4, 6, 9])
-def test_groups_of_strips_equal_one_strip_at_a_time(tmp_path, image, reference, group):
-    """Several strips per compute call: the same bytes as the per-strip runner (6 strips)."""
-    run, groups = _run_grouped(tmp_path, image, group)
+def test_groups_of_strips_equal_one_strip_at_a_time(tmp_path, image, reference, group,
+                                                     deferred):
+    """Several strips per compute call, results returned or deferred: the same bytes as the
+    per-strip runner (6 strips)."""
+    run, groups = _run_grouped(tmp_path, image, group, deferred=deferred)
     assert groups == [list(g) for g in strips.strip_groups(0, 6, group)]
     assert run.counts == reference[1].counts
     assert _bytes(tmp_path) == _bytes(reference[0])
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_deferred_results_dispatch_the_next_group_before_adding(tmp_path, image, group):
+    """A deferred ``compute_strips``: group ``k + 1`` is dispatched before the first strip of
+    group ``k`` is added (the device is never idle while the host adds); each group once."""
+    log = []
+    _, groups = _run_grouped(tmp_path, image, group, deferred=True, log=log)
+    order = [e for e in log if e[0] != "read"]
+    starts = [g[0] for g in groups]
+    assert sorted(starts) == starts and len(set(starts)) == len(starts)
+    for k, start in enumerate(starts[:-1]):
+        assert order.index(("dispatch", starts[k + 1])) < order.index(("add", start))
+    plain = []
+    _run_grouped(tmp_path / "plain", image, group, log=plain)
+    order = [e for e in plain if e[0] != "read"]  # returned results: no look-ahead
+    assert order.index(("dispatch", starts[1])) > order.index(("add", starts[0]))
+
+
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("crash", [dict(add_crash=3), dict(add_crash=5), dict(compute_crash=4),
                                    dict(add_crash=2)])
-def test_crash_mid_group_resumes_bit_identically(tmp_path, image, reference, crash):
+def test_crash_mid_group_resumes_bit_identically(tmp_path, image, reference, crash, deferred):
     """Groups of 3 strips (0-2, 3-5): a crash adding strip 3 or 5 (strips 4-5 / none computed
     but unwritten) or computing the group of strip 4; the checkpoint is the last strip
     written, and a rerun with other groups recomputes from there: same bytes."""
     with pytest.raises(Crash):
-        _run_grouped(tmp_path, image, 3, **crash)
+        _run_grouped(tmp_path, image, 3, deferred=deferred, **crash)
     s = crash.get("add_crash", 3)  # the compute crash happens before strip 3 is added
     assert _state(tmp_path)["next_strip"] == s and not _state(tmp_path)["complete"]
     run, groups = _run_grouped(tmp_path, image, 2)
@@ -353,9 +384,11 @@ def test_crash_mid_group_resumes_bit_identically(tmp_path, image, reference, cra
     assert _bytes(tmp_path) == _bytes(reference[0])
 
 
-def test_strips_in_flight_are_bounded(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_strips_in_flight_are_bounded(tmp_path, deferred):
     """A 40-strip raster, groups of 3, a slow add: at most g + max(2, g) + 1 strips are ever
-    read and not yet added (the bound does not grow with the height)."""
+    read and not yet added, 2 g + max(2, g) + 1 with deferred results (the next group
+    dispatched ahead); the bound does not grow with the height."""
     tall = np.random.default_rng(2).normal(size=(48 * 40 + 16, 40, N)).astype(np.float32)
     windows = tile_grid(*tall.shape[:2], tile=TILE, overlap=OVERLAP)
     rows = tuple(sorted({w.row for w in windows}))
@@ -379,13 +412,14 @@ def test_strips_in_flight_are_bounded(tmp_path):
     outs = label_outputs(tmp_path, "", N, probs=False, entropy=False)
     run_strips(plan, add_strip, who="fake", state_dir=tmp_path / ".state", outputs=outs,
                settings={}, inputs={}, read_strip=read_strip,
-               compute_strips=lambda items: [s for s, _ in items], strips_per_call=group)
+               compute_strips=lambda items: (lambda: [s for s, _ in items]) if deferred
+               else [s for s, _ in items], strips_per_call=group)
     ahead = held = 0
     for kind, _ in list(events):
         held += 1 if kind == "read" else -1
         ahead = max(ahead, held)
     assert sorted(s for k, s in events if k == "read") == list(range(40))
-    assert group <= ahead <= group + max(2, group) + 1, ahead
+    assert group <= ahead <= (2 if deferred else 1) * group + max(2, group) + 1, ahead
     with pytest.raises(ValueError, match="strips_per_call: expected a positive integer"):
         run_strips(plan, add_strip, who="fake", state_dir=tmp_path / ".s2", outputs=outs,
                    settings={}, inputs={}, strips_per_call=0)

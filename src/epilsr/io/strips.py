@@ -28,9 +28,12 @@ weights ``wsum [B, W]`` into a buffer of ``B`` raster rows starting at row ``R_s
   batched part and its accumulation: ``compute_strips([(s, inputs_s), ...])`` runs on up to
   ``strips_per_call`` consecutive strips at once (one device call can span several strips; the
   reader thread then runs that many strips ahead) and returns one result per strip, which
-  ``add_strip`` adds into the buffer strip by strip, in strip order, as without groups. At most
-  ``g + max(2, g) + 1`` strips are read and not yet added (``g = strips_per_call``: the group
-  being computed, the queue, the one being read), whatever the raster height. Groups start
+  ``add_strip`` adds into the buffer strip by strip, in strip order, as without groups. A
+  ``compute_strips`` that returns a deferred result (a callable: device calls dispatched, not
+  awaited) gets the next group dispatched before this one is resolved and added, so the device
+  never waits for the host's accumulation. At most ``2 g + max(2, g) + 1`` strips are read and
+  not yet added (``g = strips_per_call``: the group being added, the next one computing, the
+  queue, the one being read), whatever the raster height. Groups start
   at the first strip not yet done, so a crash after a group was computed but before all its
   strips were written loses at most that group: the rerun recomputes it (window results must
   not depend on the grouping; checkpoints still follow every strip).
@@ -70,6 +73,7 @@ __all__ = [
     "OutputSpec",
     "StripRun",
     "strip_groups",
+    "resolved",
     "array_digest",
     "array_reader",
     "raster_size",
@@ -93,8 +97,15 @@ Reader = Callable[[int, int, int, int], ArrayLike]
 AddStrip = Callable[..., Mapping[str, int]]
 #: ``read_strip(s) -> inputs`` of strip ``s``, run in the reader thread ahead of ``add_strip``.
 ReadStrip = Callable[[int], Any]
-#: ``compute_strips([(s, inputs), ...]) -> [result, ...]``: a group of consecutive strips at once.
-ComputeStrips = Callable[[Sequence[tuple[int, Any]]], Sequence[Any]]
+#: ``compute_strips([(s, inputs), ...]) -> [result, ...]``: a group of consecutive strips at once;
+#: or a deferred ``() -> [result, ...]`` (work dispatched, e.g. asynchronous device calls), which
+#: lets the runner start the next group before adding this one.
+ComputeStrips = Callable[[Sequence[tuple[int, Any]]], Sequence[Any] | Callable[[], Sequence[Any]]]
+
+
+def resolved(results: Sequence[Any] | Callable[[], Sequence[Any]]) -> list:
+    """The results of ``compute_strips``: called when deferred (a callable), as a list."""
+    return list(results() if callable(results) else results)
 
 
 # ------------------------------------------------------------------------------ readers
@@ -322,21 +333,38 @@ def strip_groups(first: int, n: int, size: int) -> list[range]:
 class _Grouped:
     """``add_strip`` fed one strip at a time from groups computed together: at the first strip
     of a group, its inputs are taken from the reader, ``compute_strips`` runs on the whole
-    group and the results wait (at most one group) until their strip is added."""
+    group and the results wait (at most one group) until their strip is added. A deferred
+    result (``compute_strips`` returned a callable: work dispatched, not awaited) makes the
+    runner dispatch the next group before resolving and adding this one, so the device
+    computes group ``g + 1`` while the host adds group ``g`` (at most two groups in flight)."""
 
     def __init__(self, add_strip: AddStrip, read: Callable[[int], Any],
                  compute: ComputeStrips, first: int, n: int, size: int):
         self._add, self._read, self._compute = add_strip, read, compute
-        self._starts = {g.start: g for g in strip_groups(first, n, size)}
+        self._groups = strip_groups(first, n, size)
+        self._starts = {g.start: k for k, g in enumerate(self._groups)}
+        self._ahead: tuple[int, Any] | None = None  # (group number, dispatched results)
         self._ready: dict[int, Any] = {}
+
+    def _dispatch(self, k: int) -> Any:
+        return self._compute([(t, self._read(t)) for t in self._groups[k]])
 
     def __call__(self, s: int, acc: np.ndarray, wsum: np.ndarray, tick: Callable) -> Any:
         if s in self._starts:
-            group = self._starts[s]
-            items = [(t, self._read(t)) for t in group]
-            results = list(self._compute(items))
-            if len(results) != len(items):
-                raise ValueError(f"compute_strips: expected {len(items)} results (one per "
+            k = self._starts[s]
+            group = self._groups[k]
+            out = self._ahead[1] if self._ahead and self._ahead[0] == k else self._dispatch(k)
+            self._ahead = None
+            if isinstance(out, Exception):  # reading or dispatching it failed, one group ago
+                raise out
+            if callable(out) and k + 1 < len(self._groups):
+                try:  # the device stays busy; a failure surfaces at its own group, as before
+                    self._ahead = (k + 1, self._dispatch(k + 1))
+                except Exception as err:  # noqa: BLE001 - re-raised at group k + 1
+                    self._ahead = (k + 1, err)
+            results = resolved(out)
+            if len(results) != len(group):
+                raise ValueError(f"compute_strips: expected {len(group)} results (one per "
                                  f"strip), got {len(results)}")
             self._ready = dict(zip(group, results, strict=True))
         return self._add(s, acc, wsum, tick, self._ready.pop(s))

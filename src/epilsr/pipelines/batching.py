@@ -180,20 +180,34 @@ class WindowBatches:
     def __call__(self, shared: Sequence, windows: Sequence[Sequence[np.ndarray]]) -> list:
         """Results of ``fn(*shared, *w)`` for each ``w`` of ``windows`` (equal shapes), as
         NumPy (pytrees of NumPy arrays when ``fn`` returns several)."""
+        return self.dispatch(shared, windows)()
+
+    def dispatch(self, shared: Sequence, windows: Sequence[Sequence[np.ndarray]]
+                 ) -> Callable[[], list]:
+        """Starts every call of :meth:`__call__` without waiting for one (JAX dispatches
+        asynchronously) and returns ``result() -> list`` (NumPy, blocking). The host can do
+        other work, e.g. add the previous strips, while the device computes these."""
         if not windows:
-            return []
+            return list
         first = [np.asarray(a) for a in windows[0]]
         size = self._batch_size(shared, first, len(windows))
-        out: list = []
+        pending: list = []
         for a in range(0, len(windows), size):
             part = list(windows[a : a + size])
             part += [part[-1]] * (size - len(part))  # pad: repeat the last window
             stacked = [np.stack([np.asarray(w[j]) for w in part]) for j in range(len(first))]
-            res = jax.tree.map(np.asarray, self._compile(shared, first, size)(*shared, *stacked))
+            pending.append((self._compile(shared, first, size)(*shared, *stacked),
+                            min(size, len(windows) - a)))
             self.calls += 1
-            out.extend(jax.tree.map(lambda x, j=j: x[j], res)
-                       for j in range(min(size, len(windows) - a)))
-        return out
+
+        def result() -> list:
+            out: list = []
+            for res, n in pending:
+                res = jax.tree.map(np.asarray, res)
+                out.extend(jax.tree.map(lambda x, j=j: x[j], res) for j in range(n))
+            return out
+
+        return result
 
 
 def _spec(a: Any) -> tuple:

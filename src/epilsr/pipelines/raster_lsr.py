@@ -40,6 +40,7 @@ from epilsr.io.strips import (
     label_outputs,
     raster_size,
     read_window,
+    resolved,
     run_strips,
 )
 from epilsr.metrics import NODATA_LABEL
@@ -186,18 +187,24 @@ def _lsr_strips(key, batches: WindowBatches, image_reader: Reader, classes: _Cla
         return out
 
     def compute_strips(items):
+        """Dispatches the group's batched calls; returns ``result()`` (see ``run_strips``)."""
         groups: dict[tuple, list] = {}  # windows by table shape: one batched program each
         for _, inputs in items:
             for i, _, got, img in inputs:
                 if got is not None:
                     groups.setdefault(got[1].shape, []).append((np.int32(i), img, got[0],
                                                                  got[1]))
-        probs = {}
-        for group in groups.values():
-            for w, p in zip(group, batches((key,), group), strict=True):
-                probs[int(w[0])] = p
-        return [[(i, win, got, probs.get(i)) for i, win, got, _ in inputs]
-                for _, inputs in items]
+        pending = [(group, batches.dispatch((key,), group)) for group in groups.values()]
+
+        def result():
+            probs = {}
+            for group, got_probs in pending:
+                for w, p in zip(group, got_probs(), strict=True):
+                    probs[int(w[0])] = p
+            return [[(i, win, got, probs.get(i)) for i, win, got, _ in inputs]
+                    for _, inputs in items]
+
+        return result
 
     def add_strip(s, acc, wsum, tick, results):
         computed = 0
@@ -259,7 +266,7 @@ def _band(plan: StripPlan, read_strip: Callable, compute_strips: Callable, add_s
     def initial_carry():
         acc = np.zeros((plan.buffer_rows, plan.width, plan.n_labels), np.float32)
         wsum = np.zeros((plan.buffer_rows, plan.width), np.float32)
-        results = compute_strips([(s, read_strip(s)) for s in warm])
+        results = resolved(compute_strips([(s, read_strip(s)) for s in warm]))
         for s, res in zip(warm, results, strict=True):  # as run_strips: add, shift rows out
             add_strip(s, acc, wsum, lambda: None, res)
             rows = plan.finished_rows(s)

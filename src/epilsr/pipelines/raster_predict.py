@@ -183,11 +183,16 @@ def _predictor(epitome, label_probs, image_reader, *, patch_size, temperature, s
         return tiles
 
     def compute_strips(items):
-        """The tiles of a group of strips in batched calls: per strip ``[(c0, m, sums,
-        counts)]`` (the image blocks dropped)."""
+        """The tiles of a group of strips in batched calls, dispatched; ``result()`` gives per
+        strip ``[(c0, m, sums, counts)]`` (the image blocks dropped)."""
         flat = [t for _, tiles in items for t in tiles]
-        sums = iter(batches((epitome, label_probs), [t[2:] for t in flat]))
-        return [[(t[0], t[1], *next(sums)) for t in tiles] for _, tiles in items]
+        pending = batches.dispatch((epitome, label_probs), [t[2:] for t in flat])
+
+        def result():
+            sums = iter(pending())
+            return [[(t[0], t[1], *next(sums)) for t in tiles] for _, tiles in items]
+
+        return result
 
     def add_strip(si, acc, cnt, tick, results):
         r0 = strip_rows[si]
