@@ -54,7 +54,8 @@ def _counts(rng, shape, n_classes, zero_frac=0.2):
 
 
 @pytest.mark.parametrize(
-    "shape,n_classes,n", [((1, 5, 7), 3, 4), ((2, 7, 7), 4, 3), ((3, 3, 5), 2, 5), ((9,), 3, 2)]
+    "shape,n_classes,n", [((1, 5, 7), 3, 4), ((2, 7, 7), 4, 3), ((3, 3, 5), 2, 5), ((9,), 3, 2),
+                          ((1, 97, 91), 4, 3)]  # S = 8827: three EM blocks, the last padded
 )
 @pytest.mark.parametrize("explicit_prior", [False, True])
 def test_super_resolve_vs_bruteforce(rng, shape, n_classes, n, explicit_prior):

@@ -99,21 +99,44 @@ def _em_prep(counts, table, prior):
     return counts.shape[:-1], p_s_given_c, _normalise(table, axis=1), prior
 
 
+#: Positions per block of the EM's pass over ``S``: each iteration updates ``q`` and
+#: accumulates the next ``z`` block by block in a ``[Cc, blk]`` / ``[n, blk]`` layout, one pass
+#: over ``p(s|c)`` and ``q`` that stays in cache (instead of two matrix products over the
+#: whole ``[S, Cc]`` and ``[S, n]``): 1.6x faster at ``S = 256^2``, 3.7x at ``128^2`` (CPU).
+_EM_BLOCK = 4096
+
+
 def _em(p_sc: jax.Array, table: jax.Array, prior: jax.Array, iters) -> jax.Array:
     """Eqs. 8-9 from a uniform start: ``[S, Cc], [Cc, n], [Cc] -> [S, n]`` (one compiled loop;
-    ``iters`` may be traced)."""
+    ``iters`` may be traced). Iteration ``t``: ``z = p(s|c)^T q_t`` ``[Cc, n]``, then
+    ``q_{t+1}(s) ∝ q_t(s) * sum_c p(s|c) p(c) p(l|c) / z[c]`` where ``s`` has class mass;
+    ``z`` of ``q_{t+1}`` is summed in the same blocked pass (``_EM_BLOCK``)."""
+    s, n_classes = p_sc.shape
     n = table.shape[1]
+    blk = min(_EM_BLOCK, s)
+    nb = -(-s // blk)
+    p = jnp.pad(p_sc, ((0, nb * blk - s), (0, 0)))  # padded positions: no mass, no effect
+    p = p.reshape(nb, blk, n_classes).transpose(0, 2, 1)  # [nb, Cc, blk]
     weight = prior[:, None] * table  # [Cc, n]
-    seen = jnp.sum(p_sc, axis=1, keepdims=True) > 0  # [S, 1]
+    seen = jnp.sum(p, axis=1, keepdims=True) > 0  # [nb, 1, blk]
 
-    def step(_, q):
-        z = jnp.matmul(p_sc.T, q, precision="highest")  # [Cc, n]
+    def step(_, carry):
+        q, z = carry  # [nb, n, blk], [Cc, n]
         ratio = jnp.where(weight > 0, weight / jnp.maximum(z, _TINY), 0.0)
-        q_new = q * jnp.matmul(p_sc, ratio, precision="highest")  # [S, n]
-        return jnp.where(seen, _normalise(q_new, axis=1), q)
 
-    q0 = jnp.full((p_sc.shape[0], n), 1.0 / n, jnp.float32)
-    return jax.lax.fori_loop(0, iters, step, q0)
+        def block(z_next, xs):
+            pb, qb, sb = xs
+            qn = qb * jnp.matmul(ratio.T, pb, precision="highest")  # [n, blk]
+            qn = jnp.where(sb, _normalise(qn, axis=0), qb)
+            return z_next + jnp.matmul(pb, qn.T, precision="highest"), qn
+
+        z_next, q = jax.lax.scan(block, jnp.zeros_like(z), (p, q, seen))
+        return q, z_next
+
+    q0 = jnp.full((nb, n, blk), 1.0 / n, jnp.float32)
+    z0 = jnp.einsum("bcs,bns->cn", p, q0, precision="highest")
+    q, _ = jax.lax.fori_loop(0, iters, step, (q0, z0))
+    return q.transpose(0, 2, 1).reshape(nb * blk, n)[:s]
 
 
 def _adapt(p_sc, table, prior, evidence, alpha, rounds, iters):
