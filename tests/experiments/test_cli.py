@@ -69,3 +69,42 @@ def test_help_lists_main_keys_from_any_folder(tmp_path, name, keys):
         assert len(hits) == 1 and len(hits[0].split(maxsplit=1)) == 2, (key, hits)
     assert "== Configuration groups" in proc.stdout and f"epilsr-{name} --cfg job" in proc.stdout
     assert not list(tmp_path.iterdir())  # --help writes nothing
+
+
+def test_route_keys_name_the_library_routes():
+    """``train.route`` / ``segment.route`` (formerly ``method``): null/auto or a route name."""
+    from hydra import compose, initialize_config_module
+
+    from epilsr.correlate import ROUTES
+
+    with initialize_config_module("epilsr.cli.conf", version_base="1.3"):
+        cfg = compose("segment")
+    assert "method" not in cfg.train and "method" not in cfg.segment
+    assert cfg.train.route is None and cfg.segment.route == "auto"
+    text = (PACKAGE / "cli" / "conf" / "train.yaml").read_text()
+    assert all(r in text for r in ROUTES)
+
+
+def test_old_method_keys_are_renamed_with_a_warning(capsys):
+    from epilsr.cli.common import rename_overrides, renamed_settings
+
+    argv = ["prog", "train.method=fft", "+segment.method=direct", "~train.method",
+            "train.methods=x", "data.method=y", "seed=1"]
+    assert rename_overrides(argv) == ["prog", "train.route=fft", "+segment.route=direct",
+                                      "~train.route", "train.methods=x", "data.method=y",
+                                      "seed=1"]
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: train.method is deprecated; use train.route",
+        "warning: segment.method is deprecated; use segment.route",
+        "warning: train.method is deprecated; use train.route"]
+    old = {"seed": 0, "train": {"steps": 4, "method": None}, "data": {"kind": "synthetic"}}
+    assert renamed_settings(old) == {"seed": 0, "train": {"steps": 4, "route": None},
+                                     "data": {"kind": "synthetic"}}
+    assert old["train"] == {"steps": 4, "method": None}  # not modified
+
+
+def test_old_method_override_still_works_on_the_command_line(tmp_path):
+    proc = _installed_command("train", "train.method=direct", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "route: direct" in proc.stdout and "method" not in proc.stdout
+    assert "warning: train.method is deprecated; use train.route" in proc.stderr

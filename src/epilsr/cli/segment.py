@@ -37,6 +37,7 @@ from epilsr.cli.common import (
     iter_tiles,
     one_line_errors,
     read_limits,
+    renamed_keys,
 )
 from epilsr.cli.train import run_stage
 from epilsr.data import chesapeake
@@ -125,7 +126,7 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
     """``{"hr_counts", "hr", "class_counts_<m>", "<m>"}`` for one fold; ``class_tiles`` maps
     a method name (``lsr``, ``lsr_train``) to the tiles whose NLCD it embeds."""
     hr, lr = cfg.segment.hr, cfg.segment.lr
-    method = "direct" if mesh is not None and cfg.segment.method == "auto" else cfg.segment.method
+    route = "direct" if mesh is not None and cfg.segment.route == "auto" else cfg.segment.route
     n_labels = train_tiles[0].table.shape[1]
     if any(t.labels is None for t in train_tiles):
         raise ValueError("data: the training tiles need high-resolution labels (<tile>_lc.tif)")
@@ -134,7 +135,7 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
         jax.random.fold_in(key, 0), epitome, np.stack([t.image for t in train_tiles]),
         np.stack([t.labels for t in train_tiles]), n_labels=n_labels,
         patch_size=int(hr.patch_size), label_size=int(hr.label_size), batch=int(hr.batch),
-        num_batches=int(hr.num_batches), temperature=_temperature(hr), mesh=mesh, method=method,
+        num_batches=int(hr.num_batches), temperature=_temperature(hr), mesh=mesh, route=route,
         progress=True)
     out["hr"] = embed.label_probs_from_counts(out["hr_counts"],
                                                 pseudo_count=float(hr.pseudo_count))
@@ -144,7 +145,7 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
             jax.random.fold_in(key, 1 + i), epitome, np.stack([t.image for t in tiles]),
             np.stack([t.classes for t in tiles]), n_classes=table.shape[0],
             patch_size=int(lr.patch_size), batch=int(lr.batch), num_batches=int(lr.num_batches),
-            temperature=_temperature(lr), mesh=mesh, method=method, progress=True)
+            temperature=_temperature(lr), mesh=mesh, route=route, progress=True)
         out[f"class_counts_{name}"] = counts
         out[name] = embedding.all_tile_lsr(counts, table, min_share=float(lr.min_share),
                                          iters=int(lr.iters))
@@ -172,7 +173,7 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
     kw = dict(patch_size=int(group.patch_size), temperature=_temperature(group),
               label_size=None if p.label_size is None else int(p.label_size),
               stride=int(p.stride), tile=int(cfg.segment.predict.tile),
-              chunk=int(cfg.segment.predict.chunk), method=cfg.segment.method)
+              chunk=int(cfg.segment.predict.chunk), route=cfg.segment.route)
     if out is None:
         return raster_predict.predict_raster(epitome, label_probs, tile.image, **kw).probs
     # GeoTIFFs written strip by strip, checkpointed: an interrupted run resumes where it stopped.
@@ -182,6 +183,7 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
     return tifffile.imread(files.probs)
 
 
+@renamed_keys
 @hydra.main(config_path="conf", config_name="segment", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:

@@ -52,6 +52,8 @@ from epilsr.cli.common import (
     load_training_images,
     one_line_errors,
     open_patch_stream,
+    renamed_keys,
+    renamed_settings,
     streams,
 )
 from epilsr.io import checkpoint
@@ -176,7 +178,7 @@ def prepare_run_folder(out: Path, cfg, resume) -> str | Path | None:
     result = None
     if resume is True:
         if has_ckpts and saved.exists():
-            changed = _changed(json.loads(saved.read_text()), settings)
+            changed = _changed(renamed_settings(json.loads(saved.read_text())), settings)
             if changed:
                 raise ValueError(
                     f"resume: {out} holds a run with other settings ({'; '.join(changed[:4])}); "
@@ -256,7 +258,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         hyper["temperature"] = float(tcfg.temperature)
     n_proc, proc = jax.process_count(), jax.process_index()
     n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
-    hyper["method"] = tcfg.method or "auto"  # sharded steps shard_map the likelihood
+    hyper["route"] = tcfg.route or "auto"  # sharded steps shard_map the likelihood
     if n_proc > 1:  # one global mesh over every process's devices; each feeds its own share
         mesh = parallel.data_mesh(jax.devices())
         n_dev = len(jax.devices())
@@ -342,6 +344,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     return state, stats
 
 
+@renamed_keys
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
