@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from epilsr.cli import hosts
 from epilsr.cli.lsr_geotiff import _units, combine_bands
 from epilsr.pipelines import partition
 from epilsr.pipelines.raster_bands import split_strips, strip_row_starts
@@ -90,6 +91,40 @@ def test_complete_bands_needs_every_band():
         ["a/band-0", "a/band-1"], ["b/band-0", "b/band-1", "b/band-2"]]
     one_missing = partition.Report(6, 5, [partition.Problem("b/band-1", 1, "not done")])
     assert list(partition.complete_bands(plan, one_missing)) == ["a"]
+
+
+def test_summary_counts_rasters_and_bands_apart():
+    """lsr_check's head line: a raster in bands counts once; its bands are counted apart."""
+    plan = {"count": 2, "items": [{"name": "x", "raster": "x"}, *_band_items("a", 4),
+                                  {"name": "y"}]}
+    assert hosts.summary(plan, partition.Report(6, 6, [])) == "3 rasters (1 in 4 bands): complete"
+    two = {"items": [*_band_items("a", 2), *_band_items("b", 3)]}
+    assert hosts.summary(two, partition.Report(5, 5, [])) == "2 rasters (2 in 5 bands): complete"
+    assert hosts.summary({"items": [{"name": "x"}]}, partition.Report(1, 1, [])) == \
+        "1 raster: complete"
+    missing = [partition.Problem("a/band-1", 1, "not done"), partition.Problem("y", 0, "stale")]
+    lines = hosts.summary(plan, partition.Report(6, 4, missing)).splitlines()
+    assert lines == ["1/3 rasters complete (1 in 4 bands, 3/4 bands complete); 2 not:",
+                     "  a/band-1 (process 1): not done", "  y (process 0): stale",
+                     "rerun process(es) [0, 1] with the same settings to complete the set"]
+    no_bands = hosts.summary({"items": [{"name": "x"}, {"name": "y"}]},
+                             partition.Report(2, 1, missing[1:]))
+    assert no_bands.splitlines()[0] == "1/2 rasters complete; 1 not:"
+
+
+def test_lsr_check_prints_the_summary(tmp_path, capsys):
+    """``python -m epilsr.cli.lsr_check`` on a run whose processes recorded nothing yet."""
+    from epilsr.cli import lsr_check
+
+    units = [{"raster": "x"}, *({k: v for k, v in i.items() if k in ("raster", "band", "bands")}
+                                for i in _band_items("a", 3))]
+    names = ["x", "a/band-0", "a/band-1", "a/band-2"]
+    partition.write_plan(tmp_path, partition.make_plan(names, [4, 1, 1, 1], list("fghi"), 2,
+                                                       units))
+    assert lsr_check.main([str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "0/2 rasters complete (1 in 3 bands, 0/3 bands complete); 4 not:"
+    assert "a/band-2 (process 1): not done" in out and "error:" in err and "0/2 rasters" in err
 
 
 def test_combine_bands_adds_confusion_exactly():
@@ -213,7 +248,8 @@ def test_killed_band_rerun_completes_the_raster(scene, tmp_path):
     _wait(p0)
     check = _check(tmp_path)
     assert check.returncode == 1, check.stdout + check.stderr
-    assert "1/2 inputs complete" in check.stdout and "big/band-1 (process 1)" in check.stdout
+    assert "0/1 raster complete (1 in 2 bands, 1/2 bands complete)" in check.stdout
+    assert "big/band-1 (process 1)" in check.stdout
     assert "rerun process(es) [1]" in check.stdout
     assert not list((tmp_path / "big").glob("*.vrt"))  # not before every band is done
     _wait(_start(tmp_path, args, *dist, "distributed.process_id=1"))  # resumes its band
