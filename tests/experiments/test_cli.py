@@ -10,8 +10,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PACKAGE = REPO / "src" / "epilsr"
@@ -53,21 +51,46 @@ def test_shims_are_the_cli_modules():
     assert experiments.common is epilsr.cli.common
 
 
-@pytest.mark.parametrize("name, keys", [
-    ("lsr", ["data=geotiff", "data.image=", "data.coarse=", "data.table=", "data.truth=",
-             "output.probs=", "resume=", "seed=", "hydra.run.dir="]),
-    ("train", ["+exp=", "model.size=", "train.steps=", "resume=", "seed="]),
-    ("segment", ["segment.epitome=", "segment.folds=", "seed="]),
-    ("til", ["+til=", "data.root=", "seed="]),
-])
-def test_help_lists_main_keys_from_any_folder(tmp_path, name, keys):
-    proc = _installed_command(name, "--help", cwd=tmp_path)
+HELP_KEYS = {
+    "lsr": ["data=geotiff", "data.image=", "data.coarse=", "data.table=", "data.truth=",
+            "output.probs=", "resume=", "seed=", "hydra.run.dir="],
+    "train": ["+exp=", "model.size=", "train.steps=", "resume=", "seed="],
+    "segment": ["segment.epitome=", "segment.folds=", "seed="],
+    "til": ["+til=", "data.root=", "seed="],
+}
+
+
+def _helps(cwd: Path) -> dict[str, str]:
+    """``{name: stdout of epilsr-<name> --help}`` as the console scripts run it, every driver
+    in one process (one interpreter start instead of four)."""
+    code = ("import sys\nfrom hydra.core.global_hydra import GlobalHydra\n"
+            f"for name in {list(DRIVERS)!r}:\n"
+            "    sys.argv = [f'epilsr-{name}', '--help']\n"
+            "    print(f'=== epilsr-{name}', flush=True)\n"
+            "    try:\n"
+            "        __import__(f'epilsr.cli.{name}', fromlist=['main']).main()\n"
+            "    except SystemExit as e:\n"
+            "        assert not e.code, (name, e.code)\n"
+            "    sys.stdout.flush()\n"
+            "    GlobalHydra.instance().clear()\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(PACKAGE.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    for key in keys:  # one line each: the key, then what it does
-        hits = [ln for ln in lines if ln.startswith(key)]
-        assert len(hits) == 1 and len(hits[0].split(maxsplit=1)) == 2, (key, hits)
-    assert "== Configuration groups" in proc.stdout and f"epilsr-{name} --cfg job" in proc.stdout
+    parts = [part.split("\n", 1) for part in proc.stdout.split("=== epilsr-")[1:]]
+    return {name: text for name, text in parts}
+
+
+def test_help_lists_main_keys_from_any_folder(tmp_path):
+    helps = _helps(tmp_path)
+    assert sorted(helps) == sorted(DRIVERS)
+    for name, keys in HELP_KEYS.items():
+        lines = helps[name].splitlines()
+        for key in keys:  # one line each: the key, then what it does
+            hits = [ln for ln in lines if ln.startswith(key)]
+            assert len(hits) == 1 and len(hits[0].split(maxsplit=1)) == 2, (name, key, hits)
+        assert "== Configuration groups" in helps[name], name
+        assert f"epilsr-{name} --cfg job" in helps[name], name
     assert not list(tmp_path.iterdir())  # --help writes nothing
 
 

@@ -238,12 +238,34 @@ def test_train_driver_two_processes(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-def test_lsr_driver_on_lila_north(tmp_path):
-    """+exp=chesapeake runs LSR on the North test split of a LILA-style tree (raster.states)."""
+def _north_and_south(root: Path) -> None:
     from tests.data.test_chesapeake import _fake_lila
 
-    _fake_lila(tmp_path / "lila", state="wv", split="train")  # South: must not be read
-    _fake_lila(tmp_path / "lila", state="pa", year=2013, split="test", names=("m_9_sw_18_1",))
+    _fake_lila(root, state="wv", split="train")  # South: must not be read
+    _fake_lila(root, state="pa", year=2013, split="test", names=("m_9_sw_18_1",))
+
+
+def test_lsr_driver_reads_lila_north(tmp_path):
+    """+exp=chesapeake: the LSR driver's tiles are the North test split of a LILA-style tree
+    (raster.states), loaded as the driver loads them (the run itself: the slow test below)."""
+    from hydra import compose, initialize_config_module
+
+    from epilsr.cli.common import iter_tiles
+    from epilsr.cli.lsr import tile_data
+
+    _north_and_south(tmp_path / "lila")
+    with initialize_config_module("epilsr.cli.conf", version_base="1.3"):
+        cfg = compose("config", ["+exp=chesapeake", f"data.root={tmp_path / 'lila'}"])
+    tiles = list(iter_tiles(tile_data(cfg)))
+    assert [t.name for t in tiles] == ["m_9_sw_18_1"]
+    assert tiles[0].classes.shape == tiles[0].image.shape[:2] and tiles[0].labels is not None
+    assert [t.name for t in iter_tiles(cfg.data)] == ["m_1_nw_17_1", "m_2_ne_17_1"]  # South
+
+
+@pytest.mark.slow  # LSR runs on tiles: the two driver tests above; the North tiles: just above
+def test_lsr_driver_on_lila_north(tmp_path):
+    """+exp=chesapeake runs LSR on the North test split of a LILA-style tree (raster.states)."""
+    _north_and_south(tmp_path / "lila")
     out = tmp_path / "out"
     proc = run("experiments.lsr", "+exp=chesapeake", f"data.root={tmp_path / 'lila'}",
                "lsr.patch_size=3", "baselines.notebook=false", "raster.tile_sizes=[32]",

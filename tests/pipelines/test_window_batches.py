@@ -30,6 +30,9 @@ def test_four_devices_are_forced():
     assert len(jax.local_devices()) == 4
 
 
+@pytest.mark.slow  # covered in the default suite through lsr_raster: 4 devices, padded
+# batches == one window per call (test_lsr_raster_sharded_equals_one_device_and_unbatched) and
+# one window == self_epitomic_lsr (tests/pipelines/test_raster_lsr.py)
 def test_batches_equal_per_window_calls(scene):
     """Real LSR windows: 7 windows in a padded batch of 8 on 4 devices, and one by one."""
     image, classes, table = scene

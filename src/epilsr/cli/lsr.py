@@ -164,6 +164,14 @@ def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str,
     return tifffile.imread(run.labels)
 
 
+def tile_data(cfg: DictConfig) -> DictConfig:
+    """The ``data`` group whose tiles LSR runs on: on a LILA tree, ``raster.states`` /
+    ``raster.split`` (+exp=chesapeake: the North test split) replace the training ones."""
+    if cfg.data.kind == "chesapeake_lila" and cfg.raster.states is not None:
+        return OmegaConf.merge(cfg.data, {"states": cfg.raster.states, "split": cfg.raster.split})
+    return cfg.data
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
@@ -183,8 +191,7 @@ def main(cfg: DictConfig) -> dict:
     if (cfg.get("distributed") or {}).get("band_mpx") is not None:
         raise ValueError(f"distributed.band_mpx: bands of one raster apply to data=geotiff; the "
                          f"{data.kind} tiles are divided among processes whole (set it to null)")
-    if data.kind == "chesapeake_lila" and cfg.raster.states is not None:
-        data = OmegaConf.merge(data, {"states": cfg.raster.states, "split": cfg.raster.split})
+    data = tile_data(cfg)
     windows = sorted({int(w) for w in cfg.raster.tile_sizes})
     if not windows or min(windows) < 1:
         raise ValueError(f"raster.tile_sizes: expected positive window sides, got {windows}")
