@@ -91,6 +91,7 @@ def test_help_lists_main_keys_from_any_folder(tmp_path):
             assert len(hits) == 1 and len(hits[0].split(maxsplit=1)) == 2, (name, key, hits)
         assert "== Configuration groups" in helps[name], name
         assert f"epilsr-{name} --cfg job" in helps[name], name
+    assert "exp:" in helps["lsr"] and "chesapeake_wv" in helps["lsr"]  # the experiments
     assert not list(tmp_path.iterdir())  # --help writes nothing
 
 

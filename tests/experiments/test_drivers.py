@@ -88,12 +88,6 @@ def test_lsr_driver_bad_input_is_one_line(tmp_path):
     assert "is not a folder" in proc.stderr
 
 
-def test_driver_help_lists_experiments():
-    proc = run("experiments.lsr", "--help")
-    assert proc.returncode == 0
-    assert "exp:" in proc.stdout and "chesapeake_wv" in proc.stdout
-
-
 TRAIN = (
     "+exp=demo",
     "model.size=24",
