@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +24,15 @@ from epilsr.pipelines.raster_bands import split_strips, strip_row_starts
 
 rasterio = pytest.importorskip("rasterio")
 
-from tests.experiments.test_hosts import FAST, _check, _port, _start, _wait  # noqa: E402
+from tests.experiments.test_hosts import (  # noqa: E402
+    FAST,
+    _check,
+    _kill_process_1_mid,
+    _one_process_run,
+    _port,
+    _start,
+    _wait,
+)
 from tests.geo_scene import IMG_T, UTM, make_geo_scene, write_tif  # noqa: E402
 
 H, W = 320, 96
@@ -183,10 +189,7 @@ def _same_as_one(two: Path, one: Path) -> None:
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bands")
-    args = _inputs(folder / "in")
-    one = folder / "one"
-    _wait(_start(one, args))
+    args, one = _one_process_run(tmp_path_factory, "bands", _inputs)
     assert sorted(p.name for p in (one / "big").glob("*.tif")) == [
         "entropy.tif", "labels.tif", "paint_labels.tif", "probs.tif"]  # one process: no bands
     return args, one
@@ -221,31 +224,12 @@ def test_band_mpx_one_process_writes_the_vrts(scene, tmp_path):
     _same_as_one(tmp_path, one)
 
 
-def _band_state(out: Path, band: int) -> int:
-    try:
-        state = json.loads((out / "big" / f"band-{band}" / ".lsr_state" / "progress.json")
-                           .read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return -1 if state.get("complete") else int(state["next_strip"])
-
-
 @pytest.mark.slow
 def test_killed_band_rerun_completes_the_raster(scene, tmp_path):
     """Independent processes: process 1 killed inside its band; lsr_check names the band and
     writes no VRT; rerunning process 1 resumes the band and lsr_check writes the VRTs."""
     args, one = scene
-    dist = ["distributed.num_processes=2"]
-    p0 = _start(tmp_path, args, *dist, "distributed.process_id=0")
-    p1 = _start(tmp_path, args, *dist, "distributed.process_id=1")
-    deadline = time.monotonic() + 240
-    while _band_state(tmp_path, 1) < 1 and p1.poll() is None:
-        assert time.monotonic() < deadline, "process 1 never checkpointed a strip"
-        time.sleep(0.01)
-    assert p1.poll() is None, "process 1 finished before it could be killed"
-    p1.send_signal(signal.SIGKILL)
-    p1.communicate()
-    _wait(p0)
+    dist = _kill_process_1_mid(tmp_path, args, tmp_path / "big" / "band-1")
     check = _check(tmp_path)
     assert check.returncode == 1, check.stdout + check.stderr
     assert "0/1 raster complete (1 in 2 bands, 1/2 bands complete)" in check.stdout
