@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PACKAGE = REPO / "src" / "epilsr"
@@ -132,3 +134,15 @@ def test_old_method_override_still_works_on_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "route: direct" in proc.stdout and "method" not in proc.stdout
     assert "warning: train.method is deprecated; use train.route" in proc.stderr
+
+
+def test_bad_route_is_one_line_naming_the_key(tmp_path):
+    from epilsr.cli.common import check_route
+
+    assert check_route(None, "train.route") == "auto" and check_route("fft", "k") == "fft"
+    assert check_route("hybrid", "k") == "hybrid"  # an old name: the library maps it, warning
+    with pytest.raises(ValueError, match=r"^segment.route: expected auto \| direct .*'bogus'"):
+        check_route("bogus", "segment.route")
+    proc = _installed_command("train", "train.route=bogus", f"hydra.run.dir={tmp_path / 'o'}",
+                              cwd=tmp_path)
+    assert proc.returncode == 2 and "error: train.route: expected auto | direct" in proc.stderr

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from epilsr.cli.tables import format_table  # noqa: F401 - re-exported for the drivers
+from epilsr.correlate import ROUTES, resolve_route
 from epilsr.data import chesapeake, synthetic
 from epilsr.epitome import as_float_image
 from epilsr.io.atomic import atomic_write_path
@@ -167,6 +169,20 @@ def renamed_keys(hydra_main: Callable) -> Callable:
         return hydra_main(*args, **kwargs)
 
     return wrapper
+
+
+def check_route(value, key: str) -> str:
+    """A config's correlation route (null: ``"auto"``), checked up front: a one-line error
+    naming ``key`` unless it is ``auto`` or one of :data:`epilsr.correlate.ROUTES` (the old
+    names ``hybrid``/``dft`` pass; the library warns where it uses them)."""
+    route = "auto" if value is None else str(value)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            resolve_route(route)
+    except ValueError:
+        raise ValueError(f"{key}: expected auto | {' | '.join(ROUTES)}, got {value!r}") from None
+    return route
 
 
 def renamed_settings(settings: dict) -> dict:

@@ -33,6 +33,7 @@ from epilsr import embed, metrics, viz
 from epilsr.cli.common import (
     LabelledTile,
     atomic_write,
+    check_route,
     format_table,
     iter_tiles,
     one_line_errors,
@@ -191,6 +192,7 @@ def main(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
+    check_route(cfg.segment.route, "segment.route")
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(int(cfg.seed))
     mesh = _mesh(cfg)

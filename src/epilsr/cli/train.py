@@ -49,6 +49,7 @@ import epilsr
 from epilsr import parallel, samplers, train, viz
 from epilsr.cli.common import (
     atomic_write,
+    check_route,
     load_training_images,
     one_line_errors,
     open_patch_stream,
@@ -258,7 +259,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         hyper["temperature"] = float(tcfg.temperature)
     n_proc, proc = jax.process_count(), jax.process_index()
     n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
-    hyper["route"] = tcfg.route or "auto"  # sharded steps shard_map the likelihood
+    hyper["route"] = check_route(tcfg.route, "train.route")  # sharded: shard_map'd likelihood
     if n_proc > 1:  # one global mesh over every process's devices; each feeds its own share
         mesh = parallel.data_mesh(jax.devices())
         n_dev = len(jax.devices())
@@ -351,6 +352,7 @@ def main(cfg: DictConfig) -> dict:
     dist = cfg.distributed  # before any other JAX call
     parallel.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
     out = Path(HydraConfig.get().runtime.output_dir)
+    check_route(cfg.train.route, "train.route")  # before reading any data
     if streams(cfg.data):
         max_size = max([int(k) for k in cfg.train.patch_sizes] + [int(cfg.eval.patch_size)])
         index = out / "stream_index.npz"  # the label index, reused by a resume
