@@ -217,15 +217,8 @@ def _restore(state, name: str, resume):
     return restored, found
 
 
-def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None, resume=None):
-    """Trains one epitome; returns (final state, heldout stats).
-
-    ``images``: ``[T, H, W, C]`` in memory (``labels`` ``[T, H, W]`` or None), or a
-    :class:`PatchStream` over the whole region (``labels`` unused)."""
-    tcfg = cfg.train
-    streamed = isinstance(images, PatchStream)
-    channels = images.channels if streamed else images.shape[-1]
-    key_init, key_data, key_sizes, key_eval = jax.random.split(key, 4)
+def _init_state(cfg, images, streamed: bool, key_init, key_data):
+    """``(optimizer, state)`` of a new epitome whose means start at the data's mean colour."""
     if streamed:  # the region's mean, estimated from uniform patches of the whole region
         mean = jnp.asarray(images.mean(jax.random.fold_in(key_init, 1)))
     else:
@@ -233,22 +226,17 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     epitome = epilsr.init_epitome(
         key_init,
         size=int(cfg.model.size),
-        channels=channels,
+        channels=images.channels if streamed else images.shape[-1],
         layers=int(cfg.model.layers),
         mean=mean,
         var=float(cfg.model.init_var),
     )
-    optimizer = optax.adam(float(tcfg.lr))
-    state = train.train_init(key_data, epitome, optimizer)
-    ckpt_dir = out / "checkpoints" / name
-    if resume is not None:
-        state, path = _restore(state, name, resume)
-        if path is not None:
-            log.info("resumed %s from %s at step %d", name, path, int(state.step))
-        _truncate_log(out / "metrics.jsonl", name, int(state.step))
-    base_key = state.key  # host-local copy (before any replication over a mesh)
-    steps = int(tcfg.steps)
-    sizes = samplers.patch_sizes(key_sizes, num_steps=steps, sizes=tuple(tcfg.patch_sizes))
+    optimizer = optax.adam(float(cfg.train.lr))
+    return optimizer, train.train_init(key_data, epitome, optimizer)
+
+
+def _hyper(tcfg, epitome) -> dict:
+    """The train step's static hyperparameters from ``train.*``."""
     hyper = dict(
         quantile=float(tcfg.quantile),
         promotion=bool(tcfg.promotion),
@@ -257,25 +245,30 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     )
     if tcfg.temperature is not None:
         hyper["temperature"] = float(tcfg.temperature)
-    n_proc, proc = jax.process_count(), jax.process_index()
-    n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
     hyper["route"] = check_route(tcfg.route, "train.route")  # sharded: shard_map'd likelihood
-    if n_proc > 1:  # one global mesh over every process's devices; each feeds its own share
+    return hyper
+
+
+def _step_function(tcfg, state, optimizer, hyper: dict):
+    """``(step, mesh or None, state placed for it, devices)``: one global mesh over every
+    process's devices (several processes; each feeds its own share), a local mesh over
+    ``train.devices`` (several devices), else the one-device jitted step."""
+    n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
+    if jax.process_count() > 1:
         mesh = parallel.data_mesh(jax.devices())
         n_dev = len(jax.devices())
-        step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
-        state = parallel.replicate(state, mesh)
     elif n_dev > 1:
         mesh = parallel.data_mesh(jax.local_devices()[:n_dev])
-        step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
-        state = parallel.replicate(state, mesh)
     else:
-        mesh = None
-        step_fn = train.make_train_step(optimizer=optimizer, **hyper)
-    batch = int(tcfg.batch)
-    if batch % n_dev:
-        raise ValueError(f"train.batch: {batch} is not divisible by the {n_dev} devices")
-    local_batch = batch // n_proc  # patches are sampled where the data is: per process
+        return train.make_train_step(optimizer=optimizer, **hyper), None, state, n_dev
+    step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
+    return step_fn, mesh, parallel.replicate(state, mesh), n_dev
+
+
+def _patch_source(images, labels, *, sizes, base_key, batch: int, label, streamed: bool):
+    """``draw(step) -> patches [batch, K, K, C]`` of this process: step-indexed randomness
+    (``fold_in(base_key, step)``, and the process index when there are several)."""
+    n_proc, proc = jax.process_count(), jax.process_index()
 
     def draw(step: int):
         k = int(sizes[step])
@@ -283,26 +276,63 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         if n_proc > 1:
             skey = jax.random.fold_in(skey, proc)
         if streamed:  # windows of every tile, read on this (prefetch) thread
-            return images.sample(skey, size=k, batch=local_batch, label=label)
+            return images.sample(skey, size=k, batch=batch, label=label)
         if label is None:
-            return samplers.sample_patches(skey, images, size=k, batch=local_batch)
+            return samplers.sample_patches(skey, images, size=k, batch=batch)
         return samplers.sample_labelled_patches(
-            skey, images, labels, label=label, patch_size=k, batch=local_batch
+            skey, images, labels, label=label, patch_size=k, batch=batch
         )[0]
 
-    k_eval = int(cfg.eval.patch_size)
+    return draw
+
+
+def _eval_patches(cfg, images, key_eval, streamed: bool):
+    """The held-out patches every evaluation scores (``eval.patches`` of ``eval.patch_size``)."""
+    k_eval, n = int(cfg.eval.patch_size), int(cfg.eval.patches)
     if streamed:
-        eval_patches = jnp.asarray(
-            images.sample(key_eval, size=k_eval, batch=int(cfg.eval.patches))
-        )
-    else:
-        eval_patches = samplers.sample_patches(
-            key_eval, images, size=k_eval, batch=int(cfg.eval.patches)
-        )
-    t_eval = train.default_temperature(k_eval)
+        return jnp.asarray(images.sample(key_eval, size=k_eval, batch=n))
+    return samplers.sample_patches(key_eval, images, size=k_eval, batch=n)
+
+
+def _save_checkpoint(cfg, out: Path, name: str, state, step: int) -> None:
+    """Checkpoint ``step`` of stage ``name`` (the newest ``checkpoint.keep`` kept) and the
+    picture of its epitome."""
+    ckpt_dir = out / "checkpoints" / name
+    checkpoint.save(checkpoint.checkpoint_path(ckpt_dir, step), state)
+    for old in sorted(ckpt_dir.glob("checkpoint_*.npz"))[: -int(cfg.checkpoint.keep)]:
+        old.unlink()
+    viz.save_png(out / f"{name}_epitome.png", epitome_picture(state.params, state.counters))
+
+
+def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None, resume=None):
+    """Trains one epitome; returns (final state, heldout stats).
+
+    ``images``: ``[T, H, W, C]`` in memory (``labels`` ``[T, H, W]`` or None), or a
+    :class:`PatchStream` over the whole region (``labels`` unused)."""
+    tcfg = cfg.train
+    streamed = isinstance(images, PatchStream)
+    key_init, key_data, key_sizes, key_eval = jax.random.split(key, 4)
+    optimizer, state = _init_state(cfg, images, streamed, key_init, key_data)
+    epitome = state.params
+    if resume is not None:
+        state, path = _restore(state, name, resume)
+        if path is not None:
+            log.info("resumed %s from %s at step %d", name, path, int(state.step))
+        _truncate_log(out / "metrics.jsonl", name, int(state.step))
+    base_key = state.key  # host-local copy (before any replication over a mesh)
+    steps = int(tcfg.steps)
+    sizes = samplers.patch_sizes(key_sizes, num_steps=steps, sizes=tuple(tcfg.patch_sizes))
+    step_fn, mesh, state, n_dev = _step_function(tcfg, state, optimizer, _hyper(tcfg, epitome))
+    batch = int(tcfg.batch)
+    if batch % n_dev:
+        raise ValueError(f"train.batch: {batch} is not divisible by the {n_dev} devices")
+    draw = _patch_source(images, labels, sizes=sizes, base_key=base_key, label=label,
+                         batch=batch // jax.process_count(), streamed=streamed)  # per process
+    eval_patches = _eval_patches(cfg, images, key_eval, streamed)
+    t_eval = train.default_temperature(int(cfg.eval.patch_size))
     start = int(state.step)
     stream = prefetch((draw(s) for s in range(start, steps)), size=int(tcfg.prefetch))
-    writer = proc == 0  # process 0 writes logs, pictures and checkpoints
+    writer = jax.process_index() == 0  # process 0 writes logs, pictures and checkpoints
     metrics_file = (out / "metrics.jsonl").open("a") if writer else open(os.devnull, "w")
     bar = tqdm(
         range(start, steps), desc=name, unit="step", initial=start, total=steps, disable=not writer
@@ -331,12 +361,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
             metrics_file.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3g}", cover=f"{rec['coverage']:.2f}")
             if writer and ((step + 1) % int(cfg.checkpoint.every) == 0 or step + 1 == steps):
-                checkpoint.save(checkpoint.checkpoint_path(ckpt_dir, step + 1), state)
-                for old in sorted(ckpt_dir.glob("checkpoint_*.npz"))[: -int(cfg.checkpoint.keep)]:
-                    old.unlink()
-                viz.save_png(
-                    out / f"{name}_epitome.png", epitome_picture(state.params, state.counters)
-                )
+                _save_checkpoint(cfg, out, name, state, step + 1)
     finally:
         stream.close()
         metrics_file.close()
