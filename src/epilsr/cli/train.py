@@ -378,75 +378,91 @@ def main(cfg: DictConfig) -> dict:
     parallel.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
     out = Path(HydraConfig.get().runtime.output_dir)
     check_route(cfg.train.route, "train.route")  # before reading any data
+    images, labels, n_labels = _training_data(cfg, out)
+    key = jax.random.key(int(cfg.seed))
+    resume = _resume_from(cfg, out)
+    if not cfg.train.cascade:
+        state, stats = run_stage(
+            cfg, "E", images, labels, out, key=key, label=cfg.train.label, resume=resume
+        )
+        final, results = state.params, {"E": stats}
+    else:
+        final, results = _cascade(cfg, images, labels, n_labels, out, key=key, resume=resume)
+    if isinstance(images, PatchStream):
+        images.close()
+    if jax.process_index() != 0:
+        return results
+    _write_results(cfg, out, final, results)
+    return results
+
+
+def _training_data(cfg, out: Path):
+    """``(images, labels, n_labels)``: a :class:`PatchStream` over every tile (``data.stream``;
+    labels None, its label index kept in ``<out>/stream_index.npz``) or the in-memory
+    ``[T, H, W, C]`` images and ``[T, H, W]`` labels (or None)."""
     if streams(cfg.data):
         max_size = max([int(k) for k in cfg.train.patch_sizes] + [int(cfg.eval.patch_size)])
         index = out / "stream_index.npz"  # the label index, reused by a resume
-        images, labels = open_patch_stream(cfg.data, max_size=max_size, index_file=index), None
-        n_labels = images.n_labels
+        images = open_patch_stream(cfg.data, max_size=max_size, index_file=index)
         log.info(
             "training on %s data streamed from all %d tiles (%.1f Mpx; windows of %d^2 "
             "positions, cache %.0f MiB); outputs in %s", cfg.data.kind, len(images.tiles),
             float(images.shapes.prod(axis=1).sum()) / 1e6, images.block,
             images.cache.max_bytes / 2**20, out,
         )
-    else:
-        images, labels, n_labels = load_training_images(cfg.data)
-        log.info(
-            "training on %s data: %d image(s) %s; outputs in %s",
-            cfg.data.kind,
-            images.shape[0],
-            tuple(images.shape[1:]),
-            out,
-        )
-    key = jax.random.key(int(cfg.seed))
+        return images, None, images.n_labels
+    images, labels, n_labels = load_training_images(cfg.data)
+    log.info(
+        "training on %s data: %d image(s) %s; outputs in %s",
+        cfg.data.kind,
+        images.shape[0],
+        tuple(images.shape[1:]),
+        out,
+    )
+    return images, labels, n_labels
+
+
+def _resume_from(cfg, out: Path):
+    """What the stages resume from: process 0 decides (:func:`prepare_run_folder`); the other
+    processes take their own folder's checkpoints, if any, with ``resume=true``."""
     resume = cfg.get("resume", True)
     if jax.process_index() == 0:
-        resume = prepare_run_folder(out, cfg, resume)
-    elif resume is True:  # other processes: their own folder's checkpoints, if any
-        resume = out / "checkpoints" if (out / "checkpoints").is_dir() else None
-    elif resume is False:
-        resume = None
-    results = {}
-    if not cfg.train.cascade:
-        state, stats = run_stage(
-            cfg, "E", images, labels, out, key=key, label=cfg.train.label, resume=resume
-        )
-        final = state.params
-        results["E"] = stats
-    else:  # Sec. 5.1: per label, E0 -> E1 (worst quarter under E0) -> E2; mixture of E1, E2
-        streamed = isinstance(images, PatchStream)
-        if not (images.has_labels if streamed else labels is not None):
-            raise ValueError("train.cascade: needs label maps for label-conditioned sampling")
-        parts = []
-        wanted = range(n_labels) if cfg.train.label is None else [int(cfg.train.label)]
-        for lab in wanted:
-            present = images.has_label(lab) if streamed else bool(jnp.any(labels == lab))
-            if not present:  # streamed: decided over every tile of the region
-                log.info("label %d absent from the data; skipping its cascade", lab)
-                continue
-            reference = None
-            for stage in range(3):
-                name = f"label{lab}_E{stage}"
-                state, stats = run_stage(
-                    cfg,
-                    name,
-                    images,
-                    labels,
-                    out,
-                    key=jax.random.fold_in(key, 10 * lab + stage),
-                    reference=reference,
-                    label=lab,
-                    resume=resume,
-                )
-                results[name] = stats
-                reference = state.params
-                if stage > 0:
-                    parts.append(state.params)
-        final = train.mixture(*parts)
-    if isinstance(images, PatchStream):
-        images.close()
-    if jax.process_index() != 0:
-        return results
+        return prepare_run_folder(out, cfg, resume)
+    if resume is True:
+        return out / "checkpoints" if (out / "checkpoints").is_dir() else None
+    return None if resume is False else resume
+
+
+def _cascade(cfg, images, labels, n_labels: int, out: Path, *, key, resume):
+    """Sec. 5.1: per label, E0 -> E1 (worst quarter under E0) -> E2; ``(uniform mixture of
+    every E1 and E2, held-out stats per stage)``. Labels absent from the data (streamed:
+    from every tile of the region) are skipped."""
+    streamed = isinstance(images, PatchStream)
+    if not (images.has_labels if streamed else labels is not None):
+        raise ValueError("train.cascade: needs label maps for label-conditioned sampling")
+    parts, results = [], {}
+    wanted = range(n_labels) if cfg.train.label is None else [int(cfg.train.label)]
+    for lab in wanted:
+        present = images.has_label(lab) if streamed else bool(jnp.any(labels == lab))
+        if not present:  # streamed: decided over every tile of the region
+            log.info("label %d absent from the data; skipping its cascade", lab)
+            continue
+        reference = None
+        for stage in range(3):
+            name = f"label{lab}_E{stage}"
+            state, stats = run_stage(
+                cfg, name, images, labels, out, key=jax.random.fold_in(key, 10 * lab + stage),
+                reference=reference, label=lab, resume=resume,
+            )
+            results[name] = stats
+            reference = state.params
+            if stage > 0:
+                parts.append(state.params)
+    return train.mixture(*parts), results
+
+
+def _write_results(cfg, out: Path, final, results: dict) -> None:
+    """``epitome.npz``, ``epitome.png`` and ``results.json`` (process 0)."""
     checkpoint.save_epitome(out / "epitome.npz", final)
     viz.save_png(out / "epitome.png", epitome_picture(final))
     summary = {"heldout": results, "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -459,7 +475,6 @@ def main(cfg: DictConfig) -> dict:
             stats["loglik_per_pixel"],
         )
     log.info("wrote %s and %s", out / "epitome.npz", out / "epitome.png")
-    return results
 
 
 if __name__ == "__main__":
