@@ -65,12 +65,12 @@ def test_lsr_driver_windows_and_georeferencing(tmp_path):
     write_raster(f"{stem}_lc.tif", (scene.labels + 1).astype(np.uint8), geo=geo)
     out = tmp_path / "out"
     proc = run("experiments.lsr", "+exp=chesapeake_wv", f"data.root={data}", "lsr.patch_size=3",
-               "notebook.patch_size=3", "raster.tile_sizes=[64,128]", "raster.overlap=16",
-               "output.probs=true", f"hydra.run.dir={out}")
+               "baselines.notebook=false", "raster.tile_sizes=[64,128]", "raster.overlap=16",
+               "output.probs=true", f"hydra.run.dir={out}")  # notebook: the demo-scene test
     assert proc.returncode == 0, proc.stderr
     pooled = json.loads((out / "metrics.json").read_text())["pooled"]
     assert {(r["method"], r["window"]) for r in pooled} == {
-        ("paint", None), ("notebook", 64), ("notebook", 128), ("lsr", 64), ("lsr", 128)}
+        ("paint", None), ("lsr", 64), ("lsr", 128)}
     for name in ("lsr_W64_labels.tif", "lsr_W96_labels.tif", "lsr_W96_probs.tif"):
         got = read_geoinfo(out / "tile_a" / name)
         assert got.epsg == 32617 and got.tiepoints == geo.tiepoints, name
@@ -88,12 +88,6 @@ def test_lsr_driver_bad_input_is_one_line(tmp_path):
     assert "is not a folder" in proc.stderr
 
 
-def test_driver_help_lists_experiments():
-    proc = run("experiments.lsr", "--help")
-    assert proc.returncode == 0
-    assert "exp:" in proc.stdout and "chesapeake_wv" in proc.stdout
-
-
 TRAIN = (
     "+exp=demo",
     "model.size=24",
@@ -108,16 +102,37 @@ TRAIN = (
 )
 
 
-def test_train_driver_writes_outputs(tmp_path):
-    proc = run("experiments.train", *TRAIN, f"hydra.run.dir={tmp_path}")
+def _same_epitome(a: Path, b: Path) -> None:
+    a, b = checkpoint.load_epitome(a), checkpoint.load_epitome(b)
+    np.testing.assert_array_equal(np.asarray(a.mean), np.asarray(b.mean))
+    np.testing.assert_array_equal(np.asarray(a.log_var), np.asarray(b.log_var))
+    np.testing.assert_array_equal(np.asarray(a.prior_logits), np.asarray(b.prior_logits))
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_driver_writes_outputs_and_resumes(tmp_path):
+    """A 12-step run writes its outputs; a run resumed from its step-6 checkpoint ends with the
+    same epitome and logs steps 7..12 only (the SIGKILL variant is the slow test below; the
+    kill itself is tests/io/test_checkpoint.py::test_kill_and_resume_matches_uninterrupted_run)."""
+    a = tmp_path / "a"
+    proc = run("experiments.train", *TRAIN, "checkpoint.keep=100", f"hydra.run.dir={a}")
     assert proc.returncode == 0, proc.stderr
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
-    epitome = checkpoint.load_epitome(tmp_path / "epitome.npz")
+    assert _steps(a) == list(range(1, 13))
+    epitome = checkpoint.load_epitome(a / "epitome.npz")
     assert epitome.mean.shape == (1, 24, 24, 4)
-    assert (tmp_path / "epitome.png").exists() and (tmp_path / "E_epitome.png").exists()
+    assert (a / "epitome.png").exists() and (a / "E_epitome.png").exists()
+    ckpt = a / "checkpoints" / "E" / "checkpoint_000000006.npz"
+    b = tmp_path / "b"
+    resumed = run("experiments.train", *TRAIN, f"resume={ckpt}", f"hydra.run.dir={b}")
+    assert resumed.returncode == 0, resumed.stderr
+    _same_epitome(a / "epitome.npz", b / "epitome.npz")
+    assert _steps(b) == list(range(7, 13))
 
 
+@pytest.mark.slow  # 3 runs (~28 s); the default suite resumes from a checkpoint (test above)
 def test_train_driver_kill_and_resume(tmp_path):
     """SIGKILL mid-run, resume from the checkpoints: same final epitome as an uninterrupted run."""
     straight = tmp_path / "straight"
@@ -147,15 +162,8 @@ def test_train_driver_kill_and_resume(tmp_path):
         pytest.skip("the run finished before it could be killed (machine too fast)")
     resumed = run("experiments.train", *TRAIN, f"resume={ckpts}", f"hydra.run.dir={killed}")
     assert resumed.returncode == 0, resumed.stderr
-    a = checkpoint.load_epitome(straight / "epitome.npz")
-    b = checkpoint.load_epitome(killed / "epitome.npz")
-    np.testing.assert_array_equal(np.asarray(a.mean), np.asarray(b.mean))
-    np.testing.assert_array_equal(np.asarray(a.log_var), np.asarray(b.log_var))
-    np.testing.assert_array_equal(np.asarray(a.prior_logits), np.asarray(b.prior_logits))
-    steps = [
-        json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert steps == list(range(1, 13))  # no lost or repeated steps in the log either
+    _same_epitome(straight / "epitome.npz", killed / "epitome.npz")
+    assert _steps(killed) == list(range(1, 13))  # no lost or repeated steps in the log either
 
 
 @pytest.mark.slow  # 4 forced devices on 2 busy cores: XLA's 40 s collective rendezvous can time out
@@ -224,20 +232,42 @@ def test_train_driver_two_processes(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-def test_lsr_driver_on_lila_north(tmp_path):
-    """+exp=chesapeake runs LSR on the North test split of a LILA-style tree (raster.states)."""
+def _north_and_south(root: Path) -> None:
     from tests.data.test_chesapeake import _fake_lila
 
-    _fake_lila(tmp_path / "lila", state="wv", split="train")  # South: must not be read
-    _fake_lila(tmp_path / "lila", state="pa", year=2013, split="test", names=("m_9_sw_18_1",))
+    _fake_lila(root, state="wv", split="train")  # South: must not be read
+    _fake_lila(root, state="pa", year=2013, split="test", names=("m_9_sw_18_1",))
+
+
+def test_lsr_driver_reads_lila_north(tmp_path):
+    """+exp=chesapeake: the LSR driver's tiles are the North test split of a LILA-style tree
+    (raster.states), loaded as the driver loads them (the run itself: the slow test below)."""
+    from hydra import compose, initialize_config_module
+
+    from epilsr.cli.common import iter_tiles
+    from epilsr.cli.lsr import tile_data
+
+    _north_and_south(tmp_path / "lila")
+    with initialize_config_module("epilsr.cli.conf", version_base="1.3"):
+        cfg = compose("config", ["+exp=chesapeake", f"data.root={tmp_path / 'lila'}"])
+    tiles = list(iter_tiles(tile_data(cfg)))
+    assert [t.name for t in tiles] == ["m_9_sw_18_1"]
+    assert tiles[0].classes.shape == tiles[0].image.shape[:2] and tiles[0].labels is not None
+    assert [t.name for t in iter_tiles(cfg.data)] == ["m_1_nw_17_1", "m_2_ne_17_1"]  # South
+
+
+@pytest.mark.slow  # LSR runs on tiles: the two driver tests above; the North tiles: just above
+def test_lsr_driver_on_lila_north(tmp_path):
+    """+exp=chesapeake runs LSR on the North test split of a LILA-style tree (raster.states)."""
+    _north_and_south(tmp_path / "lila")
     out = tmp_path / "out"
     proc = run("experiments.lsr", "+exp=chesapeake", f"data.root={tmp_path / 'lila'}",
-               "lsr.patch_size=3", "notebook.patch_size=3", "raster.tile_sizes=[32,64]",
-               "raster.overlap=8", f"hydra.run.dir={out}")
+               "lsr.patch_size=3", "baselines.notebook=false", "raster.tile_sizes=[32]",
+               "raster.overlap=8", f"hydra.run.dir={out}")  # window sizes: the test above
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["tiles"]) == ["m_9_sw_18_1"]
-    assert {r["window"] for r in results["pooled"] if r["method"] == "lsr"} == {32, 64}
+    assert {r["window"] for r in results["pooled"] if r["method"] == "lsr"} == {32}
     assert (out / "m_9_sw_18_1" / "lsr_W32_labels.tif").exists()
 
 

@@ -159,12 +159,18 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _one_process_run(tmp_path_factory, name: str, inputs) -> tuple[list[str], Path]:
+    """``(driver arguments, folder of their one-process run)`` for the inputs that
+    ``inputs(folder)`` writes (the reference of the multi-process runs)."""
+    folder = tmp_path_factory.mktemp(name)
+    args = inputs(folder / "in")
+    _wait(_start(folder / "one", args))
+    return args, folder / "one"
+
+
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hosts")
-    args = _inputs(folder / "in")
-    ref = folder / "one"
-    _wait(_start(ref, args))
+    args, ref = _one_process_run(tmp_path_factory, "hosts", _inputs)
     assert partition.check(ref).ok
     return args, ref
 
@@ -185,12 +191,31 @@ def test_two_processes_byte_identical_to_one(scene, tmp_path):
     assert _pooled(tmp_path) == _pooled(ref)  # process 0 merged the parts
 
 
-def _strips_done(out: Path, name: str) -> int:
+def _strips_done(folder: Path) -> int:
+    """Strips an output folder (a raster's, or a band's) has checkpointed; -1: complete."""
     try:
-        state = json.loads((out / name / ".lsr_state" / "progress.json").read_text())
+        state = json.loads((folder / ".lsr_state" / "progress.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
     return -1 if state.get("complete") else int(state["next_strip"])
+
+
+def _kill_process_1_mid(out: Path, args, folder: Path) -> list[str]:
+    """Two independent processes (no coordinator) into ``out``: process 1 SIGKILLed once
+    ``folder`` (one of its units) has checkpointed a strip, process 0 run to its end. Returns
+    the ``distributed.*`` overrides of the run (for the reruns)."""
+    dist = ["distributed.num_processes=2"]
+    p0 = _start(out, args, *dist, "distributed.process_id=0")
+    p1 = _start(out, args, *dist, "distributed.process_id=1")
+    deadline = time.monotonic() + TIMEOUT
+    while _strips_done(folder) < 1 and p1.poll() is None:
+        assert time.monotonic() < deadline, "process 1 never checkpointed a strip"
+        time.sleep(0.01)
+    assert p1.poll() is None, "process 1 finished before it could be killed"
+    p1.send_signal(signal.SIGKILL)
+    p1.communicate()
+    _wait(p0)
+    return dist
 
 
 @pytest.mark.slow
@@ -199,17 +224,7 @@ def test_killed_process_rerun_completes_the_set(scene, tmp_path):
     pixels = [h * w for _, _, h, w in CROPS.values()]
     owner = dict(zip(CROPS, partition.assign(pixels, 2), strict=True))
     victim = max((n for n in CROPS if owner[n] == 1), key=lambda n: CROPS[n][2])
-    dist = ["distributed.num_processes=2"]  # no coordinator: independent processes
-    p0 = _start(tmp_path, args, *dist, "distributed.process_id=0")
-    p1 = _start(tmp_path, args, *dist, "distributed.process_id=1")
-    deadline = time.monotonic() + TIMEOUT
-    while _strips_done(tmp_path, victim) < 1 and p1.poll() is None:
-        assert time.monotonic() < deadline, "process 1 never checkpointed a strip"
-        time.sleep(0.01)
-    assert p1.poll() is None, "process 1 finished before it could be killed"
-    p1.send_signal(signal.SIGKILL)
-    p1.communicate()
-    _wait(p0)
+    dist = _kill_process_1_mid(tmp_path, args, tmp_path / victim)
     check = _check(tmp_path)
     assert check.returncode == 1 and victim in check.stdout, check.stdout + check.stderr
     assert "rerun process(es) [1]" in check.stdout

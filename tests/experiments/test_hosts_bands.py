@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from epilsr.cli import hosts
 from epilsr.cli.lsr_geotiff import _units, combine_bands
 from epilsr.pipelines import partition
 from epilsr.pipelines.raster_bands import split_strips, strip_row_starts
 
 rasterio = pytest.importorskip("rasterio")
 
-from tests.experiments.test_hosts import FAST, _check, _port, _start, _wait  # noqa: E402
+from tests.experiments.test_hosts import (  # noqa: E402
+    FAST,
+    _check,
+    _kill_process_1_mid,
+    _one_process_run,
+    _port,
+    _start,
+    _wait,
+)
 from tests.geo_scene import IMG_T, UTM, make_geo_scene, write_tif  # noqa: E402
 
 H, W = 320, 96
@@ -92,6 +99,40 @@ def test_complete_bands_needs_every_band():
     assert list(partition.complete_bands(plan, one_missing)) == ["a"]
 
 
+def test_summary_counts_rasters_and_bands_apart():
+    """lsr_check's head line: a raster in bands counts once; its bands are counted apart."""
+    plan = {"count": 2, "items": [{"name": "x", "raster": "x"}, *_band_items("a", 4),
+                                  {"name": "y"}]}
+    assert hosts.summary(plan, partition.Report(6, 6, [])) == "3 rasters (1 in 4 bands): complete"
+    two = {"items": [*_band_items("a", 2), *_band_items("b", 3)]}
+    assert hosts.summary(two, partition.Report(5, 5, [])) == "2 rasters (2 in 5 bands): complete"
+    assert hosts.summary({"items": [{"name": "x"}]}, partition.Report(1, 1, [])) == \
+        "1 raster: complete"
+    missing = [partition.Problem("a/band-1", 1, "not done"), partition.Problem("y", 0, "stale")]
+    lines = hosts.summary(plan, partition.Report(6, 4, missing)).splitlines()
+    assert lines == ["1/3 rasters complete (1 in 4 bands, 3/4 bands complete); 2 not:",
+                     "  a/band-1 (process 1): not done", "  y (process 0): stale",
+                     "rerun process(es) [0, 1] with the same settings to complete the set"]
+    no_bands = hosts.summary({"items": [{"name": "x"}, {"name": "y"}]},
+                             partition.Report(2, 1, missing[1:]))
+    assert no_bands.splitlines()[0] == "1/2 rasters complete; 1 not:"
+
+
+def test_lsr_check_prints_the_summary(tmp_path, capsys):
+    """``python -m epilsr.cli.lsr_check`` on a run whose processes recorded nothing yet."""
+    from epilsr.cli import lsr_check
+
+    units = [{"raster": "x"}, *({k: v for k, v in i.items() if k in ("raster", "band", "bands")}
+                                for i in _band_items("a", 3))]
+    names = ["x", "a/band-0", "a/band-1", "a/band-2"]
+    partition.write_plan(tmp_path, partition.make_plan(names, [4, 1, 1, 1], list("fghi"), 2,
+                                                       units))
+    assert lsr_check.main([str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "0/2 rasters complete (1 in 3 bands, 0/3 bands complete); 4 not:"
+    assert "a/band-2 (process 1): not done" in out and "error:" in err and "0/2 rasters" in err
+
+
 def test_combine_bands_adds_confusion_exactly():
     rng = np.random.default_rng(0)
     cms = [rng.integers(0, 50, (4, 4)) for _ in range(3)]
@@ -148,10 +189,7 @@ def _same_as_one(two: Path, one: Path) -> None:
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bands")
-    args = _inputs(folder / "in")
-    one = folder / "one"
-    _wait(_start(one, args))
+    args, one = _one_process_run(tmp_path_factory, "bands", _inputs)
     assert sorted(p.name for p in (one / "big").glob("*.tif")) == [
         "entropy.tif", "labels.tif", "paint_labels.tif", "probs.tif"]  # one process: no bands
     return args, one
@@ -186,34 +224,16 @@ def test_band_mpx_one_process_writes_the_vrts(scene, tmp_path):
     _same_as_one(tmp_path, one)
 
 
-def _band_state(out: Path, band: int) -> int:
-    try:
-        state = json.loads((out / "big" / f"band-{band}" / ".lsr_state" / "progress.json")
-                           .read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return -1 if state.get("complete") else int(state["next_strip"])
-
-
 @pytest.mark.slow
 def test_killed_band_rerun_completes_the_raster(scene, tmp_path):
     """Independent processes: process 1 killed inside its band; lsr_check names the band and
     writes no VRT; rerunning process 1 resumes the band and lsr_check writes the VRTs."""
     args, one = scene
-    dist = ["distributed.num_processes=2"]
-    p0 = _start(tmp_path, args, *dist, "distributed.process_id=0")
-    p1 = _start(tmp_path, args, *dist, "distributed.process_id=1")
-    deadline = time.monotonic() + 240
-    while _band_state(tmp_path, 1) < 1 and p1.poll() is None:
-        assert time.monotonic() < deadline, "process 1 never checkpointed a strip"
-        time.sleep(0.01)
-    assert p1.poll() is None, "process 1 finished before it could be killed"
-    p1.send_signal(signal.SIGKILL)
-    p1.communicate()
-    _wait(p0)
+    dist = _kill_process_1_mid(tmp_path, args, tmp_path / "big" / "band-1")
     check = _check(tmp_path)
     assert check.returncode == 1, check.stdout + check.stderr
-    assert "1/2 inputs complete" in check.stdout and "big/band-1 (process 1)" in check.stdout
+    assert "0/1 raster complete (1 in 2 bands, 1/2 bands complete)" in check.stdout
+    assert "big/band-1 (process 1)" in check.stdout
     assert "rerun process(es) [1]" in check.stdout
     assert not list((tmp_path / "big").glob("*.vrt"))  # not before every band is done
     _wait(_start(tmp_path, args, *dist, "distributed.process_id=1"))  # resumes its band

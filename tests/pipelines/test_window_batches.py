@@ -30,6 +30,9 @@ def test_four_devices_are_forced():
     assert len(jax.local_devices()) == 4
 
 
+@pytest.mark.slow  # covered in the default suite through lsr_raster: 4 devices, padded
+# batches == one window per call (test_lsr_raster_sharded_equals_one_device_and_unbatched) and
+# one window == self_epitomic_lsr (tests/pipelines/test_raster_lsr.py)
 def test_batches_equal_per_window_calls(scene):
     """Real LSR windows: 7 windows in a padded batch of 8 on 4 devices, and one by one."""
     image, classes, table = scene
@@ -110,25 +113,40 @@ def _spy_groups(monkeypatch, module):
     return seen
 
 
-def test_lsr_raster_sharded_equals_one_device_and_unbatched(tmp_path, nodata_scene, unbatched,
-                                                            monkeypatch):
-    """4 devices x batches of 8 (one strip per call), 4 devices x 3 strips per call (15 + 5
-    windows), 1 device x 4, 1 device sized by a big budget (several strips per call): outputs
-    identical to one window per call (the no-data class gives windows of two table shapes:
-    two programs, across strips)."""
-    from epilsr.pipelines import raster_lsr
-
-    groups = _spy_groups(monkeypatch, raster_lsr)
-    one = data_mesh(jax.local_devices()[:1])
-    runs = [dict(window_batch=8), dict(window_batch=16, strips_per_call=3),
-            dict(mesh=one, window_batch=4), dict(mesh=one, memory_budget=2**30)]
+def _equal_to_unbatched(tmp_path, nodata_scene, unbatched, runs: list[dict]) -> None:
     for i, kw in enumerate(runs):
         got, _ = _run(nodata_scene, tmp_path / str(i), **kw)
         for a, b in zip(got, unbatched[1], strict=True):
             np.testing.assert_array_equal(a, b)
         assert [p.read_bytes() for p in sorted((tmp_path / str(i)).glob("*.tif"))] == \
             unbatched[0]
-    assert groups == [1, 3, 1, 6]  # budget: 32 per call fit (max 8 strips x 5): 6 strips
+
+
+def test_lsr_raster_sharded_equals_one_device_and_unbatched(tmp_path, nodata_scene, unbatched,
+                                                            monkeypatch):
+    """4 devices x batches of 8 (one strip per call), 4 devices x 3 strips per call (15 + 5
+    windows): outputs identical to one window per call on one device (the no-data class gives
+    windows of two table shapes: two programs, across strips)."""
+    from epilsr.pipelines import raster_lsr
+
+    groups = _spy_groups(monkeypatch, raster_lsr)
+    _equal_to_unbatched(tmp_path, nodata_scene, unbatched,
+                        [dict(window_batch=8), dict(window_batch=16, strips_per_call=3)])
+    assert groups == [1, 3]
+
+
+@pytest.mark.slow  # one device in other batches: the 4-device runs above cover the equality
+def test_lsr_raster_one_device_batches_equal_unbatched(tmp_path, nodata_scene, unbatched,
+                                                       monkeypatch):
+    """1 device x 4, 1 device sized by a big budget (several strips per call): outputs
+    identical to one window per call."""
+    from epilsr.pipelines import raster_lsr
+
+    groups = _spy_groups(monkeypatch, raster_lsr)
+    one = data_mesh(jax.local_devices()[:1])
+    _equal_to_unbatched(tmp_path, nodata_scene, unbatched,
+                        [dict(mesh=one, window_batch=4), dict(mesh=one, memory_budget=2**30)])
+    assert groups == [1, 6]  # budget: 32 per call fit (max 8 strips x 5): 6 strips
 
 
 def test_lsr_raster_resumes_a_crash_mid_group(tmp_path, nodata_scene, unbatched):

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from epilsr.cli.tables import format_table  # noqa: F401 - re-exported for the drivers
+from epilsr.correlate import ROUTES, resolve_route
 from epilsr.data import chesapeake, synthetic
 from epilsr.epitome import as_float_image
 from epilsr.io.atomic import atomic_write_path
@@ -136,6 +138,62 @@ class RunFolderLock(Callback):
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock is not None:
             self.lock.release()
+
+
+#: Config keys renamed since a release (old -> new): old command-line overrides still work.
+RENAMED_KEYS = {"train.method": "train.route", "segment.method": "segment.route"}
+
+
+def rename_overrides(argv: list[str], renamed: dict[str, str] = RENAMED_KEYS) -> list[str]:
+    """``argv`` with renamed keys replaced (``train.method=fft`` -> ``train.route=fft``, also
+    ``+key=...`` and ``~key``), printing a one-line deprecation warning for each."""
+    out = []
+    for arg in argv:
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key, sep, value = arg[len(prefix):].partition("=")
+        if key in renamed:
+            print(f"warning: {key} is deprecated; use {renamed[key]}", file=sys.stderr)
+            arg = f"{prefix}{renamed[key]}{sep}{value}"
+        out.append(arg)
+    return out
+
+
+def renamed_keys(hydra_main: Callable) -> Callable:
+    """Outermost decorator of a ``@hydra.main`` driver: renames deprecated keys in
+    ``sys.argv`` (:func:`rename_overrides`) before Hydra parses the overrides."""
+
+    @functools.wraps(hydra_main)
+    def wrapper(*args, **kwargs):
+        if not args and not kwargs:  # the command line (Hydra reads sys.argv)
+            sys.argv = rename_overrides(sys.argv)
+        return hydra_main(*args, **kwargs)
+
+    return wrapper
+
+
+def check_route(value, key: str) -> str:
+    """A config's correlation route (null: ``"auto"``), checked up front: a one-line error
+    naming ``key`` unless it is ``auto`` or one of :data:`epilsr.correlate.ROUTES` (the old
+    names ``hybrid``/``dft`` pass; the library warns where it uses them)."""
+    route = "auto" if value is None else str(value)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            resolve_route(route)
+    except ValueError:
+        raise ValueError(f"{key}: expected auto | {' | '.join(ROUTES)}, got {value!r}") from None
+    return route
+
+
+def renamed_settings(settings: dict) -> dict:
+    """A run's saved settings (``run_settings.json`` of an older run) with renamed keys
+    (:data:`RENAMED_KEYS`) under their new names, so that it resumes."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
+    for old, new in RENAMED_KEYS.items():
+        (group, key), (_, new_key) = old.split("."), new.split(".")
+        if isinstance(out.get(group), dict) and key in out[group]:
+            out[group].setdefault(new_key, out[group].pop(key))
+    return out
 
 
 def read_limits(data) -> dict:

@@ -84,10 +84,39 @@ def load_parts(out: Path) -> tuple[dict, list[dict]]:
     return plan, parts
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def summary(plan: dict, report: partition.Report) -> str:
+    """The completeness report of ``plan`` (:func:`epilsr.pipelines.partition.check`) with
+    rasters and their bands counted apart: ``3 rasters (1 in 4 bands): complete``, or
+    ``2/3 rasters complete (1 in 4 bands, 3/4 bands complete); 1 not:`` followed by one line
+    per unfinished unit (a raster or a band) and the processes to rerun."""
+    bad = {p.name for p in report.problems}
+    units: dict[str, list[str]] = {}  # raster -> its plan items (itself, or its bands)
+    banded = set()
+    for item in plan["items"]:
+        raster = item["raster"] if "band" in item else item["name"]
+        units.setdefault(raster, []).append(item["name"])
+        if "band" in item:
+            banded.add(raster)
+    done = sum(not bad.intersection(names) for names in units.values())
+    bands = [name for raster in banded for name in units[raster]]
+    split = f"{len(banded)} in {len(bands)} bands" if banded else ""
+    if report.ok:
+        return f"{_plural(len(units), 'raster')}{f' ({split})' if split else ''}: complete"
+    if split:
+        split = f" ({split}, {sum(b not in bad for b in bands)}/{len(bands)} bands complete)"
+    head = f"{done}/{_plural(len(units), 'raster')} complete{split}; {len(report.problems)} not:"
+    return "\n".join([head, *report.text().splitlines()[1:]])  # the units' lines, the rerun
+
+
 def check(out: Path) -> None:
-    """Prints the completeness report of a run folder; raises ``RuntimeError`` with it when
-    an input is missing, unfinished, changed or stale."""
+    """Prints the completeness report of a run folder (:func:`summary`); raises
+    ``RuntimeError`` with it when an input is missing, unfinished, changed or stale."""
     report = partition.check(out)
-    print(report.text())
+    text = summary(partition.read_plan(out), report)
+    print(text)
     if not report.ok:
-        raise RuntimeError(f"{out}: incomplete run: {report.text()}")
+        raise RuntimeError(f"{out}: incomplete run: {text}")

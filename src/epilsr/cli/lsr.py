@@ -164,30 +164,108 @@ def _run_window_lsr(cfg, tile, key, kwargs, window: int, out: Path, prefix: str,
     return tifffile.imread(run.labels)
 
 
+def tile_data(cfg: DictConfig) -> DictConfig:
+    """The ``data`` group whose tiles LSR runs on: on a LILA tree, ``raster.states`` /
+    ``raster.split`` (+exp=chesapeake: the North test split) replace the training ones."""
+    if cfg.data.kind == "chesapeake_lila" and cfg.raster.states is not None:
+        return OmegaConf.merge(cfg.data, {"states": cfg.raster.states, "split": cfg.raster.split})
+    return cfg.data
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     hosts = multi.join(cfg.get("distributed"))  # before any other JAX call
-    data = cfg.data
-    if data.kind == "geotiff":  # your own rasters: one folder per image, baselines when asked
-        ours = OmegaConf.to_container(cfg.lsr, resolve=True)
-        results = lsr_geotiff.run(cfg, out, lsr_kwargs=ours,
-                                  notebook_kwargs=_notebook_kwargs(cfg, cell_size=False),
-                                  process=hosts[:2])
-        if _shared(out, hosts, results):
-            return finish(out) if hosts.index == 0 and hosts.coordinated else results
-        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
-        log.info("wrote %s", out / "metrics.json")
-        return results
+    if cfg.data.kind == "geotiff":  # your own rasters: one folder per image, baselines when asked
+        return _run_geotiff(cfg, out, hosts)
     if (cfg.get("distributed") or {}).get("band_mpx") is not None:
         raise ValueError(f"distributed.band_mpx: bands of one raster apply to data=geotiff; the "
-                         f"{data.kind} tiles are divided among processes whole (set it to null)")
-    if data.kind == "chesapeake_lila" and cfg.raster.states is not None:
-        data = OmegaConf.merge(data, {"states": cfg.raster.states, "split": cfg.raster.split})
+                         f"{cfg.data.kind} tiles are divided among processes whole (set it to "
+                         "null)")
+    return _run_tiles(cfg, out, hosts)
+
+
+def _run_geotiff(cfg: DictConfig, out: Path, hosts: multi.Hosts) -> dict:
+    """``data=geotiff`` (:func:`epilsr.cli.lsr_geotiff.run`), its metrics written or shared."""
+    ours = OmegaConf.to_container(cfg.lsr, resolve=True)
+    results = lsr_geotiff.run(cfg, out, lsr_kwargs=ours,
+                              notebook_kwargs=_notebook_kwargs(cfg, cell_size=False),
+                              process=hosts[:2])
+    if _shared(out, hosts, results):
+        return finish(out) if hosts.index == 0 and hosts.coordinated else results
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+    log.info("wrote %s", out / "metrics.json")
+    return results
+
+
+def _tile_windows(cfg: DictConfig) -> list[int]:
     windows = sorted({int(w) for w in cfg.raster.tile_sizes})
     if not windows or min(windows) < 1:
         raise ValueError(f"raster.tile_sizes: expected positive window sides, got {windows}")
+    return windows
+
+
+def _run_tile(cfg, tile, tile_key, methods, windows: list[int], out: Path, bar,
+              conf: dict) -> tuple[list, dict, dict, list]:
+    """Every method and window size on one tile (confusions added to ``conf``): ``(table row,
+    metrics record, {(method, effective window): labels}, manifest entries)``."""
+    side = max(tile.image.shape[:2])
+    record, row, done, written = {}, [tile.name], {}, []
+    for name, _, kwargs in methods:
+        for w in [0] if kwargs is None else windows:
+            start = time.perf_counter()
+            eff = min(w, side)  # windows at least as large as the tile are the whole tile
+            if (name, eff) in done:
+                pred = done[(name, eff)]
+            elif kwargs is None:
+                pred = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
+            else:
+                kw = _notebook_kwargs(cfg) if kwargs == "notebook" else kwargs
+                pred = _run_window_lsr(cfg, tile, tile_key, kw, w, out / tile.name,
+                                       f"{name}_W{eff}_", bar)
+                folder = out / tile.name
+                written.append(partition.output_entry(
+                    folder / f"{name}_W{eff}_labels.tif", out,
+                    folder / f".{name}_W{eff}_lsr_state" / "progress.json"))
+            done[(name, eff)] = pred
+            seconds = time.perf_counter() - start
+            tag = f"{name}" if not w else f"{name} W={w}"
+            entry = {"seconds": seconds}
+            if tile.labels is not None:
+                cm = metrics.confusion_matrix(tile.labels, pred, n_classes=tile.table.shape[1],
+                                              ignore=255)
+                conf[(name, w)] = conf[(name, w)] + cm if (name, w) in conf else cm
+                entry["accuracy"] = metrics.accuracy_from_confusion(cm)
+                row.append(entry["accuracy"])
+            else:
+                row.append(f"{seconds:.1f}s")
+            record[tag] = entry
+            if name == "lsr" and w == windows[0] and cfg.output.png:
+                viz.save_png(out / f"{tile.name}.png",
+                             _tile_panel(tile, done[("paint", 0)], pred))
+    return row, record, done, written
+
+
+def _eq7_row(cfg, tile, tile_key, done: dict, window: int) -> tuple[dict, list] | None:
+    """Eq. 7 of the paint, LSR (first window size) and truth maps of a tile
+    (:func:`_objective_check`): ``(scores, table row)``, or None when not reported."""
+    if not cfg.report.objective or tile.labels is None:
+        return None
+    maps = {"paint": done[("paint", 0)], "lsr": done[("lsr", min(window, max(
+        tile.image.shape[:2])))], "truth": tile.labels}
+    scores = _objective_check(cfg, tile, tile_key, maps)
+    if scores is None:
+        return None
+    return scores, ([tile.name] + [scores[k] for k in maps]
+                    + ["yes" if scores["truth"] < scores["lsr"] else "no"])
+
+
+def _run_tiles(cfg: DictConfig, out: Path, hosts: multi.Hosts) -> dict:
+    """The benchmark tiles (synthetic, Chesapeake, LILA): every method and window size per
+    tile, per-tile and pooled tables (or this process's part of them)."""
+    data = tile_data(cfg)
+    windows = _tile_windows(cfg)
     methods = _methods(cfg)
     log.info("self-epitomic LSR on %s data, windows %s; outputs in %s", data.kind, windows, out)
     key = jax.random.key(cfg.seed)
@@ -220,51 +298,14 @@ def main(cfg: DictConfig) -> dict:
         if hosts.count == 1:
             listing.append((tile.name, tile.image.shape[0] * tile.image.shape[1], digest))
         names = list(tile.label_names)
-        n_labels = tile.table.shape[1]
         tile_key = jax.random.fold_in(key, i)
-        side = max(tile.image.shape[:2])
-        record, row, done, written = {}, [tile.name], {}, []
-        for name, _, kwargs in methods:
-            for w in [0] if kwargs is None else windows:
-                start = time.perf_counter()
-                eff = min(w, side)  # windows at least as large as the tile are the whole tile
-                if (name, eff) in done:
-                    pred = done[(name, eff)]
-                elif kwargs is None:
-                    pred = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
-                else:
-                    kw = _notebook_kwargs(cfg) if kwargs == "notebook" else kwargs
-                    pred = _run_window_lsr(cfg, tile, tile_key, kw, w, out / tile.name,
-                                           f"{name}_W{eff}_", bar)
-                    folder = out / tile.name
-                    written.append(partition.output_entry(
-                        folder / f"{name}_W{eff}_labels.tif", out,
-                        folder / f".{name}_W{eff}_lsr_state" / "progress.json"))
-                done[(name, eff)] = pred
-                seconds = time.perf_counter() - start
-                tag = f"{name}" if not w else f"{name} W={w}"
-                entry = {"seconds": seconds}
-                if tile.labels is not None:
-                    cm = metrics.confusion_matrix(tile.labels, pred, n_classes=n_labels,
-                                                  ignore=255)
-                    conf[(name, w)] = conf[(name, w)] + cm if (name, w) in conf else cm
-                    entry["accuracy"] = metrics.accuracy_from_confusion(cm)
-                    row.append(entry["accuracy"])
-                else:
-                    row.append(f"{seconds:.1f}s")
-                record[tag] = entry
-                if name == "lsr" and w == windows[0] and cfg.output.png:
-                    viz.save_png(out / f"{tile.name}.png",
-                                 _tile_panel(tile, done[("paint", 0)], pred))
-        if cfg.report.objective and tile.labels is not None:
-            maps = {"paint": done[("paint", 0)], "lsr": done[("lsr", min(windows[0], side))],
-                    "truth": tile.labels}
-            scores = _objective_check(cfg, tile, tile_key, maps)
-            if scores is not None:
-                record["eq7"] = scores
-                objective_rows.append([tile.name] + [scores[k] for k in maps]
-                                      + ["yes" if scores["truth"] < scores["lsr"] else "no"])
-                objective_pixels.append(int(np.sum(tile.labels != 255)))  # scored pixels
+        row, record, done, written = _run_tile(cfg, tile, tile_key, methods, windows, out, bar,
+                                               conf)
+        eq7 = _eq7_row(cfg, tile, tile_key, done, windows[0])
+        if eq7 is not None:
+            record["eq7"] = eq7[0]
+            objective_rows.append(eq7[1])
+            objective_pixels.append(int(np.sum(tile.labels != 255)))  # scored pixels
         rows.append(row)
         per_tile[tile.name] = record
         partition.record_done(out, hosts.index, tile.name, written, digest)

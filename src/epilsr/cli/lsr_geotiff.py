@@ -234,6 +234,158 @@ def _units(scenes, names, fps, *, window: int, overlap: int, count: int,
     return units
 
 
+class _Job(NamedTuple):
+    """What every unit of a ``data=geotiff`` run shares."""
+
+    cfg: DictConfig
+    out: Path
+    table: user.LabelTable
+    window: int
+    overlap: int
+    methods: tuple[tuple[str, str, dict], ...]  # (method, output prefix, lsr kwargs)
+    paint: bool
+    truth: tuple[str, object] | None  # (truth raster, its values -> labels), or None
+
+
+def _input_paths(data: DictConfig) -> tuple[list, str]:
+    """``(imagery rasters of data.image, data.coarse)``, checked to be given and to exist."""
+    images = user.find_images(_required(data, "image", "the imagery GeoTIFF (or a glob)"))
+    coarse = _required(data, "coarse", "the coarse land-cover GeoTIFF")
+    if not Path(coarse).exists() and "://" not in coarse and not coarse.startswith("/vsi"):
+        raise FileNotFoundError(f"data.coarse: {coarse} does not exist")
+    return images, coarse
+
+
+def _open_scenes(data: DictConfig, images, coarse: str,
+                 table: user.LabelTable) -> list[user.Scene]:
+    """Every imagery raster opened against the coarse map and checked (CRS, overlap, codes,
+    dtype, bands) before any work."""
+    bands = None if data.get("bands") is None else [int(b) for b in data.bands]
+    return [user.open_scene(p, coarse, table, bands=bands, bit_depth=data.get("bit_depth"),
+                            cell_size=data.get("cell_size"),
+                            coarse_nodata=data.get("coarse_nodata")) for p in images]
+
+
+def _truth(data: DictConfig, table: user.LabelTable) -> tuple[str | None, tuple | None]:
+    """``(how the truth values are read, (truth raster, values -> labels))``; ``(None, None)``
+    without ``data.truth``."""
+    if not data.get("truth"):
+        return None, None
+    how, to_labels = user.truth_mapping(data.truth, table, str(data.get("truth_codes") or "auto"))
+    log.info("truth %s read as %s", data.truth, how)
+    return how, (str(data.truth), to_labels)
+
+
+def _scene_names(scenes) -> list[str]:
+    """Output folder names: a raster's name, suffixed ``_<i>`` where two rasters share it."""
+    names = [s.name for s in scenes]
+    return [s.name if names.count(s.name) == 1 else f"{s.name}_{i}"
+            for i, s in enumerate(scenes)]
+
+
+def _scene_fingerprint(scene: user.Scene) -> str:
+    return fingerprint(image=reader_fingerprint(scene.image),
+                       classes=reader_fingerprint(scene.classes),
+                       valid=reader_fingerprint(scene.valid))
+
+
+def _plan(job: _Job, scenes, process: tuple[int, int]) -> list[_Unit]:
+    """Writes the run's plan (every process writes the same) and returns this process's
+    units, in plan order."""
+    units = _units(scenes, _scene_names(scenes), [_scene_fingerprint(s) for s in scenes],
+                   window=job.window, overlap=job.overlap, count=process[1],
+                   band_mpx=(job.cfg.get("distributed") or {}).get("band_mpx"))
+    pixels = [u.pixels for u in units]
+    partition.write_plan(job.out, partition.make_plan([u.name for u in units], pixels,
+                                                      [u.input for u in units], process[1],
+                                                      [u.extra() for u in units]))
+    mine = set(partition.owned(pixels, *process))
+    return [u for k, u in enumerate(units) if k in mine]
+
+
+def _unit_windows(scene, unit: _Unit, *, window: int, overlap: int) -> int:
+    """LSR windows of one unit (the raster's, or those of its band's strips)."""
+    per = tile_grid(scene.height, scene.width, tile=window, overlap=overlap)
+    if unit.strips is None:
+        return len(per)
+    starts = strip_row_starts(scene.height, scene.width, tile=window, overlap=overlap)
+    return sum(starts.index(w.row) in range(*unit.strips) for w in per)
+
+
+def _run_methods(job: _Job, unit: _Unit, scene, key, bar) -> tuple[dict, list, dict]:
+    """LSR (and the notebook baseline) over one unit: ``(labels path per method, manifest
+    entries, metrics record)``."""
+    folder = job.out / unit.name
+    runs: dict[str, Path] = {}
+    done: list[dict] = []
+    record: dict = {"cell_size": scene.cell_size, "scale": scene.scale}
+    for method, prefix, kwargs in job.methods:
+        start = time.perf_counter()
+        run = raster_lsr.lsr_raster(
+            jax.random.fold_in(key, unit.scene), scene.image, scene.classes, job.table.table,
+            out_dir=folder, height=scene.height, width=scene.width, tile=job.window,
+            overlap=job.overlap, lsr_kwargs={**kwargs, "cell_size": scene.cell_size},
+            geo=scene.geo, nodata_class=-1, valid_reader=scene.valid,
+            write_probs=bool(job.cfg.output.probs) and method == "lsr",
+            probs_dtype=np.float32, prefix=prefix,
+            preview=1024 if job.cfg.output.png and method == "lsr" else None,
+            label_names=job.table.label_names, label_colors=job.table.label_colors,
+            progress=False, on_window=bar.update, strips=unit.strips,
+            resume=bool(job.cfg.get("resume", True)))
+        bar.update(run.resumed_from)  # done by an earlier, interrupted run
+        runs[method] = run.labels
+        done.append(partition.output_entry(run.labels, job.out,
+                                           folder / f".{prefix}lsr_state/progress.json"))
+        record[method] = {"seconds": time.perf_counter() - start, "windows": run.windows,
+                          "skipped": run.skipped, "labels": str(run.labels)}
+    if job.paint:
+        start = time.perf_counter()
+        runs["paint"] = _paint(scene, job.table, folder / "paint_labels.tif",
+                               unit.rows if unit.strips is not None else None)
+        done.append(partition.output_entry(runs["paint"], job.out))
+        record["paint"] = {"seconds": time.perf_counter() - start,
+                           "labels": str(runs["paint"])}
+    return runs, done, record
+
+
+def _score_runs(job: _Job, unit: _Unit, scene, runs: dict, record: dict,
+                pooled: dict) -> list:
+    """Scores each method's labels against the truth (adds to ``pooled`` and ``record``);
+    returns the unit's accuracies (its seconds without truth), one per method."""
+    if job.truth is None:
+        return [f"{record[m]['seconds']:.1f}s" for m in runs]
+    path, to_labels = job.truth
+    n, accs = len(job.table.label_names), []
+    with AlignedReader(path, crs=scene.image.reader.crs, transform=scene.image.reader.transform,
+                       height=scene.height, width=scene.width, nodata=NODATA_LABEL) as truth:
+        for method, labels in runs.items():
+            cm, scored, total = _score(labels, truth, n, to_labels, unit.rows[0])
+            pooled[method] = pooled.get(method, 0) + cm
+            acc = metrics.accuracy_from_confusion(cm)
+            record[method].update(accuracy=acc, scored=scored, truth_pixels=total)
+            if unit.strips is not None:  # the raster's accuracy: of the bands' summed matrices
+                record[method]["confusion"] = cm.tolist()
+            accs.append(acc)
+    return accs
+
+
+def _run_unit(job: _Job, unit: _Unit, scene, key, bar, process: int,
+              pooled: dict) -> tuple[list, dict]:
+    """One unit end to end (LSR, baselines, scores, its manifest entry): ``(table row,
+    metrics record)``."""
+    banded = unit.strips is not None
+    if banded and not partition.recorded(job.out, process, unit.name, unit.input):
+        _drop_mosaics(job.out / unit.raster)  # its VRTs would show a band being rewritten
+    log.info("%s: %dx%d%s, coarse cell %d px, imagery scale 1/%g; outputs in %s",
+             unit.name, scene.height, scene.width,
+             f" rows {unit.rows[0]}..{unit.rows[1] - 1}" if banded else "",
+             scene.cell_size, round(1 / scene.scale), job.out / unit.name)
+    runs, done, record = _run_methods(job, unit, scene, key, bar)
+    row = [unit.name, *_score_runs(job, unit, scene, runs, record, pooled)]
+    partition.record_done(job.out, process, unit.name, done, unit.input)
+    return row, record
+
+
 def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
         process: tuple[int, int] = (0, 1)) -> dict:
     """The ``data=geotiff`` run: returns the ``metrics.json`` content (with ``confusion``, the
@@ -243,129 +395,38 @@ def run(cfg: DictConfig, out: Path, *, lsr_kwargs: dict, notebook_kwargs: dict,
     in its manifest (``<out>/hosts/``). A band writes ``<out>/<raster>/band-<k>/``; one
     process alone also writes the rasters' VRT mosaics (:func:`write_mosaics`), several leave
     them to the finishing step."""
-    data = cfg.data
-    images = user.find_images(_required(data, "image", "the imagery GeoTIFF (or a glob)"))
-    coarse = _required(data, "coarse", "the coarse land-cover GeoTIFF")
-    if not Path(coarse).exists() and "://" not in coarse and not coarse.startswith("/vsi"):
-        raise FileNotFoundError(f"data.coarse: {coarse} does not exist")
-    table = user.load_label_table(data.get("table") or "nlcd")
-    n = len(table.label_names)
-    bands = None if data.get("bands") is None else [int(b) for b in data.bands]
+    images, coarse = _input_paths(cfg.data)
+    table = user.load_label_table(cfg.data.get("table") or "nlcd")
+    truth_how, truth = _truth(cfg.data, table)
     window = int(sorted(int(w) for w in cfg.raster.tile_sizes)[0])
-    paint = bool(cfg.baselines.get("paint") or False)
     notebook = bool(cfg.baselines.get("notebook") or False)
+    methods = (("lsr", "", lsr_kwargs),) + ((("notebook", "notebook_", notebook_kwargs),)
+                                            if notebook else ())
+    job = _Job(cfg, out, table, window, min(int(cfg.raster.overlap), window // 4), methods,
+               bool(cfg.baselines.get("paint") or False), truth)
     key = jax.random.key(cfg.seed)
-    truth_how, to_labels = None, None
-    if data.get("truth"):
-        truth_how, to_labels = user.truth_mapping(data.truth, table,
-                                                  str(data.get("truth_codes") or "auto"))
-        log.info("truth %s read as %s", data.truth, truth_how)
-    # Open and check every input before any work (CRS, overlap, codes, dtype, bands).
-    scenes = [user.open_scene(p, coarse, table, bands=bands, bit_depth=data.get("bit_depth"),
-                              cell_size=data.get("cell_size"),
-                              coarse_nodata=data.get("coarse_nodata")) for p in images]
-    names = [s.name if [t.name for t in scenes].count(s.name) == 1 else f"{s.name}_{i}"
-             for i, s in enumerate(scenes)]
-    fps = [fingerprint(image=reader_fingerprint(s.image), classes=reader_fingerprint(s.classes),
-                       valid=reader_fingerprint(s.valid)) for s in scenes]
-    overlap = min(int(cfg.raster.overlap), window // 4)
-    units = _units(scenes, names, fps, window=window, overlap=overlap, count=process[1],
-                   band_mpx=(cfg.get("distributed") or {}).get("band_mpx"))
-    pixels = [u.pixels for u in units]
-    partition.write_plan(out, partition.make_plan([u.name for u in units], pixels,
-                                                  [u.input for u in units], process[1],
-                                                  [u.extra() for u in units]))
-    mine = set(partition.owned(pixels, *process))
+    scenes = _open_scenes(cfg.data, images, coarse, table)
+    units = _plan(job, scenes, process)
     results: dict = {"tiles": {}, "table": table.source, "labels": list(table.label_names),
                      "truth_codes": truth_how}
     pooled: dict[str, np.ndarray] = {}
     rows = []
-
-    def windows_of(u: _Unit) -> int:
-        per = tile_grid(scenes[u.scene].height, scenes[u.scene].width, tile=window,
-                        overlap=overlap)
-        if u.strips is None:
-            return len(per)
-        starts = strip_row_starts(scenes[u.scene].height, scenes[u.scene].width, tile=window,
-                                  overlap=overlap)
-        return sum(starts.index(w.row) in range(*u.strips) for w in per)
-
-    bar = tqdm(total=(1 + notebook) * sum(windows_of(u) for k, u in enumerate(units)
-                                          if k in mine),
+    bar = tqdm(total=len(methods) * sum(_unit_windows(scenes[u.scene], u, window=window,
+                                                      overlap=job.overlap) for u in units),
                unit="window", desc="LSR windows")  # one bar: every unit's windows and methods
     try:
-        for k, unit in enumerate(units):
-            if k not in mine:
-                continue
-            i, scene, name = unit.scene, scenes[unit.scene], unit.name
-            folder = out / name
-            banded = unit.strips is not None
-            if banded and not partition.recorded(out, process[0], name, unit.input):
-                _drop_mosaics(out / unit.raster)  # its VRTs would show a band being rewritten
-            log.info("%s: %dx%d%s, coarse cell %d px, imagery scale 1/%g; outputs in %s",
-                     name, scene.height, scene.width,
-                     f" rows {unit.rows[0]}..{unit.rows[1] - 1}" if banded else "",
-                     scene.cell_size, round(1 / scene.scale), folder)
-            runs: dict[str, Path] = {}
-            done: list[dict] = []
-            record: dict = {"cell_size": scene.cell_size, "scale": scene.scale}
-            methods = [("lsr", "", {**lsr_kwargs, "cell_size": scene.cell_size})]
-            if notebook:
-                methods.append(("notebook", "notebook_",
-                                {**notebook_kwargs, "cell_size": scene.cell_size}))
-            for method, prefix, kwargs in methods:
-                start = time.perf_counter()
-                run = raster_lsr.lsr_raster(
-                    jax.random.fold_in(key, i), scene.image, scene.classes, table.table,
-                    out_dir=folder, height=scene.height, width=scene.width, tile=window,
-                    overlap=overlap, lsr_kwargs=kwargs,
-                    geo=scene.geo, nodata_class=-1, valid_reader=scene.valid,
-                    write_probs=bool(cfg.output.probs) and method == "lsr",
-                    probs_dtype=np.float32, prefix=prefix,
-                    preview=1024 if cfg.output.png and method == "lsr" else None,
-                    label_names=table.label_names, label_colors=table.label_colors,
-                    progress=False, on_window=bar.update, strips=unit.strips,
-                    resume=bool(cfg.get("resume", True)))
-                bar.update(run.resumed_from)  # done by an earlier, interrupted run
-                runs[method] = run.labels
-                done.append(partition.output_entry(run.labels, out,
-                                                   folder / f".{prefix}lsr_state/progress.json"))
-                record[method] = {"seconds": time.perf_counter() - start,
-                                  "windows": run.windows, "skipped": run.skipped,
-                                  "labels": str(run.labels)}
-            if paint:
-                start = time.perf_counter()
-                runs["paint"] = _paint(scene, table, folder / "paint_labels.tif",
-                                       unit.rows if banded else None)
-                done.append(partition.output_entry(runs["paint"], out))
-                record["paint"] = {"seconds": time.perf_counter() - start,
-                                   "labels": str(runs["paint"])}
-            row = [name]
-            if data.get("truth"):
-                with AlignedReader(data.truth, crs=scene.image.reader.crs,
-                                   transform=scene.image.reader.transform, height=scene.height,
-                                   width=scene.width, nodata=NODATA_LABEL) as truth:
-                    for method, path in runs.items():
-                        cm, scored, total = _score(path, truth, n, to_labels, unit.rows[0])
-                        pooled[method] = pooled.get(method, 0) + cm
-                        acc = metrics.accuracy_from_confusion(cm)
-                        record[method].update(accuracy=acc, scored=scored, truth_pixels=total)
-                        if banded:  # the raster's accuracy: of the bands' summed matrices
-                            record[method]["confusion"] = cm.tolist()
-                        row.append(acc)
-            else:
-                row += [f"{record[m]['seconds']:.1f}s" for m in runs]
-            rows.append(row)
-            results["tiles"][name] = record  # "tiles" as in the benchmark runs' metrics.json
-            partition.record_done(out, process[0], name, done, unit.input)
+        for unit in units:
+            row, results["tiles"][unit.name] = _run_unit(job, unit, scenes[unit.scene], key,
+                                                         bar, process[0], pooled)
+            rows.append(row)  # "tiles" as in the benchmark runs' metrics.json
     finally:
         bar.close()
         for s in scenes:
             s.close()
     if rows:
+        shown = [m for m, _, _ in methods] + ["paint"] * job.paint
         print(format_table(["image"] + [m if m == "paint" else f"{m} W={window}"
-                                        for m in ("lsr", "notebook", "paint") if m in record],
-                           rows))
+                                        for m in shown], rows))
     if pooled:
         results["pooled"] = pooled_summary(pooled, table.label_names, window)
     results["confusion"] = {m: cm.tolist() for m, cm in pooled.items()}

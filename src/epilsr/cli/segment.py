@@ -33,10 +33,12 @@ from epilsr import embed, metrics, viz
 from epilsr.cli.common import (
     LabelledTile,
     atomic_write,
+    check_route,
     format_table,
     iter_tiles,
     one_line_errors,
     read_limits,
+    renamed_keys,
 )
 from epilsr.cli.train import run_stage
 from epilsr.data import chesapeake
@@ -125,7 +127,7 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
     """``{"hr_counts", "hr", "class_counts_<m>", "<m>"}`` for one fold; ``class_tiles`` maps
     a method name (``lsr``, ``lsr_train``) to the tiles whose NLCD it embeds."""
     hr, lr = cfg.segment.hr, cfg.segment.lr
-    method = "direct" if mesh is not None and cfg.segment.method == "auto" else cfg.segment.method
+    route = "direct" if mesh is not None and cfg.segment.route == "auto" else cfg.segment.route
     n_labels = train_tiles[0].table.shape[1]
     if any(t.labels is None for t in train_tiles):
         raise ValueError("data: the training tiles need high-resolution labels (<tile>_lc.tif)")
@@ -134,7 +136,7 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
         jax.random.fold_in(key, 0), epitome, np.stack([t.image for t in train_tiles]),
         np.stack([t.labels for t in train_tiles]), n_labels=n_labels,
         patch_size=int(hr.patch_size), label_size=int(hr.label_size), batch=int(hr.batch),
-        num_batches=int(hr.num_batches), temperature=_temperature(hr), mesh=mesh, method=method,
+        num_batches=int(hr.num_batches), temperature=_temperature(hr), mesh=mesh, route=route,
         progress=True)
     out["hr"] = embed.label_probs_from_counts(out["hr_counts"],
                                                 pseudo_count=float(hr.pseudo_count))
@@ -144,7 +146,7 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
             jax.random.fold_in(key, 1 + i), epitome, np.stack([t.image for t in tiles]),
             np.stack([t.classes for t in tiles]), n_classes=table.shape[0],
             patch_size=int(lr.patch_size), batch=int(lr.batch), num_batches=int(lr.num_batches),
-            temperature=_temperature(lr), mesh=mesh, method=method, progress=True)
+            temperature=_temperature(lr), mesh=mesh, route=route, progress=True)
         out[f"class_counts_{name}"] = counts
         out[name] = embedding.all_tile_lsr(counts, table, min_share=float(lr.min_share),
                                          iters=int(lr.iters))
@@ -172,7 +174,7 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
     kw = dict(patch_size=int(group.patch_size), temperature=_temperature(group),
               label_size=None if p.label_size is None else int(p.label_size),
               stride=int(p.stride), tile=int(cfg.segment.predict.tile),
-              chunk=int(cfg.segment.predict.chunk), method=cfg.segment.method)
+              chunk=int(cfg.segment.predict.chunk), route=cfg.segment.route)
     if out is None:
         return raster_predict.predict_raster(epitome, label_probs, tile.image, **kw).probs
     # GeoTIFFs written strip by strip, checkpointed: an interrupted run resumes where it stopped.
@@ -182,94 +184,80 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
     return tifffile.imread(files.probs)
 
 
+@renamed_keys
 @hydra.main(config_path="conf", config_name="segment", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    key = jax.random.key(int(cfg.seed))
-    mesh = _mesh(cfg)
-    conf: dict[str, np.ndarray | None] = {m: None for m, *_ in METHODS}
-    rows, per_tile, timing = [], {}, {}
-    splits = folds(cfg)
-    n_labels = None
-    for f, (train_tiles, test_tiles) in enumerate(splits):
-        log.info("fold %d: train/embed on %s; predict %s", f, [t.name for t in train_tiles],
-                 [t.name for t in test_tiles])
-        kf = jax.random.fold_in(key, f)
-        t0 = time.perf_counter()
-        epitome = fold_epitome(cfg, f, train_tiles, out, jax.random.fold_in(kf, 0))
-        timing[f"fold{f}_epitome_s"] = time.perf_counter() - t0
-        sources = list(cfg.segment.lr.sources)
-        if not set(sources) <= {"target", "train"}:
-            raise ValueError(f"segment.lr.sources: expected 'target' and/or 'train', got {sources}")
-        class_tiles = {("lsr" if s == "target" else "lsr_train"):
-                       (test_tiles if s == "target" else train_tiles) for s in sources}
-        t0 = time.perf_counter()
-        emb = embeddings(cfg, epitome, train_tiles, class_tiles, jax.random.fold_in(kf, 1), mesh)
-        emb = jax.block_until_ready(emb)
-        timing[f"fold{f}_embed_s"] = time.perf_counter() - t0
-        np.savez(out / f"fold{f}_embeddings.npz", **{k: np.asarray(v) for k, v in emb.items()})
-        hr_probs = emb["hr"]
-        lsr_probs = emb.get("lsr", emb.get("lsr_train"))
-        colors, names = test_tiles[0].label_colors, test_tiles[0].label_names
-        if cfg.output.png:
-            viz.save_png(out / f"fold{f}_fig5.png",
-                         fig5(epitome, hr_probs, lsr_probs, colors, names))
-        for i, tile in enumerate(test_tiles):
-            n_labels = tile.table.shape[1]
-            preds, secs = {}, {}
-            s = time.perf_counter()
-            preds["paint"] = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
-            secs["paint"] = time.perf_counter() - s
-            if cfg.segment.self_lsr:
-                s = time.perf_counter()
-                p = epilsr.self_epitomic_lsr(jax.random.fold_in(kf, 100 + i), tile.image,
-                                             tile.classes, tile.table,
-                                             cell_size=int(cfg.data.cell_size))
-                preds["self_lsr"] = np.asarray(p).argmax(-1)
-                secs["self_lsr"] = time.perf_counter() - s
-            for name in ("hr", "lsr", "lsr_train"):
-                if name not in emb:
-                    continue
-                group = cfg.segment.hr if name == "hr" else cfg.segment.lr
-                s = time.perf_counter()
-                tif = out / "tiffs" if cfg.segment.write_tiffs else None
-                p = predict_tile(cfg, group, epitome, emb[name], tile, tif,
-                                 prefix=f"{tile.name}_{name}_")
-                preds[name] = p.argmax(-1)
-                secs[name] = time.perf_counter() - s
-            if cfg.output.png:
-                panels = [viz.rgb_preview(tile.image)] + [
-                    viz.colorize(preds[m], colors) for m, *_ in METHODS if m in preds]
-                titles = ["imagery"] + [m for m, *_ in METHODS if m in preds]
-                if tile.labels is not None:
-                    panels.append(viz.colorize(tile.labels, colors, ignore=255))
-                    titles.append("truth")
-                legend = [(n, tuple(int(v) for v in c)) for n, c in zip(names, colors,
-                                                                        strict=True)]
-                viz.save_png(out / f"{tile.name}.png", viz.panel(panels, titles, legend=legend))
-            if tile.labels is None:
-                continue
-            rec = {"fold": f, "seconds": secs}
-            row = [tile.name[-12:], f]
-            for m, *_ in METHODS:
-                if m not in preds:
-                    row.append("-")
-                    continue
-                cm = metrics.confusion_matrix(tile.labels, preds[m], n_classes=n_labels,
-                                              ignore=255)
-                conf[m] = cm if conf[m] is None else conf[m] + cm
-                rec[f"{m}_acc"] = metrics.accuracy_from_confusion(cm)
-                row.append(rec[f"{m}_acc"])
-            rows.append(row)
-            per_tile[tile.name] = rec
-    print(format_table(["tile", "fold"] + [f"{m} acc" for m, *_ in METHODS], rows))
-    results = {"tiles": per_tile, "timing": timing,
-               "config": OmegaConf.to_container(cfg, resolve=True)}
+def _class_tiles(cfg, train_tiles, test_tiles) -> dict[str, list[LabelledTile]]:
+    """``segment.lr.sources`` as ``{embedding name: the tiles whose NLCD it embeds}``."""
+    sources = list(cfg.segment.lr.sources)
+    if not set(sources) <= {"target", "train"}:
+        raise ValueError(f"segment.lr.sources: expected 'target' and/or 'train', got {sources}")
+    return {("lsr" if s == "target" else "lsr_train"): (test_tiles if s == "target" else
+                                                        train_tiles) for s in sources}
+
+
+def _predict_tile_all(cfg, key, tile, epitome, emb: dict, out: Path) -> tuple[dict, dict]:
+    """Every method's ``[H, W]`` labels of one held-out tile and its seconds: paint,
+    self-epitomic LSR (``segment.self_lsr``, key ``key``), Eq. 2 with each embedding."""
+    preds, secs = {}, {}
+    s = time.perf_counter()
+    preds["paint"] = np.asarray(epilsr.paint_classes(tile.classes, tile.table)).argmax(-1)
+    secs["paint"] = time.perf_counter() - s
+    if cfg.segment.self_lsr:
+        s = time.perf_counter()
+        p = epilsr.self_epitomic_lsr(key, tile.image, tile.classes, tile.table,
+                                     cell_size=int(cfg.data.cell_size))
+        preds["self_lsr"] = np.asarray(p).argmax(-1)
+        secs["self_lsr"] = time.perf_counter() - s
+    for name in ("hr", "lsr", "lsr_train"):
+        if name not in emb:
+            continue
+        group = cfg.segment.hr if name == "hr" else cfg.segment.lr
+        s = time.perf_counter()
+        tif = out / "tiffs" if cfg.segment.write_tiffs else None
+        p = predict_tile(cfg, group, epitome, emb[name], tile, tif,
+                         prefix=f"{tile.name}_{name}_")
+        preds[name] = p.argmax(-1)
+        secs[name] = time.perf_counter() - s
+    return preds, secs
+
+
+def _tile_panel(tile, preds: dict, colors, names) -> np.ndarray:
+    """imagery | each method's labels | truth of one held-out tile."""
+    panels = [viz.rgb_preview(tile.image)] + [
+        viz.colorize(preds[m], colors) for m, *_ in METHODS if m in preds]
+    titles = ["imagery"] + [m for m, *_ in METHODS if m in preds]
+    if tile.labels is not None:
+        panels.append(viz.colorize(tile.labels, colors, ignore=255))
+        titles.append("truth")
+    legend = [(n, tuple(int(v) for v in c)) for n, c in zip(names, colors, strict=True)]
+    return viz.panel(panels, titles, legend=legend)
+
+
+def _score_tile(tile, fold: int, preds: dict, secs: dict, conf: dict) -> tuple[list, dict]:
+    """Each method's accuracy on one tile (confusions added to ``conf``): ``(table row,
+    metrics record)``."""
+    rec = {"fold": fold, "seconds": secs}
+    row = [tile.name[-12:], fold]
+    for m, *_ in METHODS:
+        if m not in preds:
+            row.append("-")
+            continue
+        cm = metrics.confusion_matrix(tile.labels, preds[m], n_classes=tile.table.shape[1],
+                                      ignore=255)
+        conf[m] = cm if conf[m] is None else conf[m] + cm
+        rec[f"{m}_acc"] = metrics.accuracy_from_confusion(cm)
+        row.append(rec[f"{m}_acc"])
+    return row, rec
+
+
+def _pooled(conf: dict, label_names, results: dict) -> None:
+    """Prints the pooled table of every method with a confusion matrix; adds its rows to
+    ``results``."""
     table = []
     for m, label, data in METHODS:
         if conf[m] is None:
@@ -280,10 +268,49 @@ def run(cfg: DictConfig, out: Path) -> dict:
         results[m] = {"accuracy": acc, "miou": float(miou),
                       "iou": [None if np.isnan(v) else float(v) for v in per_class]}
     if table:
-        names = list(splits[0][1][0].label_names)
         print("\npooled over held-out tiles (IoU nan = class absent from truth and prediction)")
         print(format_table(["method", "labels used", "acc", "mIoU"]
-                           + [f"IoU {n}" for n in names], table))
+                           + [f"IoU {n}" for n in label_names], table))
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    check_route(cfg.segment.route, "segment.route")
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.key(int(cfg.seed))
+    mesh = _mesh(cfg)
+    conf: dict[str, np.ndarray | None] = {m: None for m, *_ in METHODS}
+    rows, per_tile, timing = [], {}, {}
+    splits = folds(cfg)
+    for f, (train_tiles, test_tiles) in enumerate(splits):
+        log.info("fold %d: train/embed on %s; predict %s", f, [t.name for t in train_tiles],
+                 [t.name for t in test_tiles])
+        kf = jax.random.fold_in(key, f)
+        t0 = time.perf_counter()
+        epitome = fold_epitome(cfg, f, train_tiles, out, jax.random.fold_in(kf, 0))
+        timing[f"fold{f}_epitome_s"] = time.perf_counter() - t0
+        class_tiles = _class_tiles(cfg, train_tiles, test_tiles)
+        t0 = time.perf_counter()
+        emb = embeddings(cfg, epitome, train_tiles, class_tiles, jax.random.fold_in(kf, 1), mesh)
+        emb = jax.block_until_ready(emb)
+        timing[f"fold{f}_embed_s"] = time.perf_counter() - t0
+        np.savez(out / f"fold{f}_embeddings.npz", **{k: np.asarray(v) for k, v in emb.items()})
+        colors, names = test_tiles[0].label_colors, test_tiles[0].label_names
+        if cfg.output.png:
+            viz.save_png(out / f"fold{f}_fig5.png",
+                         fig5(epitome, emb["hr"], emb.get("lsr", emb.get("lsr_train")), colors,
+                              names))
+        for i, tile in enumerate(test_tiles):
+            preds, secs = _predict_tile_all(cfg, jax.random.fold_in(kf, 100 + i), tile,
+                                            epitome, emb, out)
+            if cfg.output.png:
+                viz.save_png(out / f"{tile.name}.png", _tile_panel(tile, preds, colors, names))
+            if tile.labels is not None:
+                row, per_tile[tile.name] = _score_tile(tile, f, preds, secs, conf)
+                rows.append(row)
+    print(format_table(["tile", "fold"] + [f"{m} acc" for m, *_ in METHODS], rows))
+    results = {"tiles": per_tile, "timing": timing,
+               "config": OmegaConf.to_container(cfg, resolve=True)}
+    _pooled(conf, list(splits[0][1][0].label_names), results)
     atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
     log.info("wrote %s", out / "metrics.json")
     return results

@@ -49,9 +49,12 @@ import epilsr
 from epilsr import parallel, samplers, train, viz
 from epilsr.cli.common import (
     atomic_write,
+    check_route,
     load_training_images,
     one_line_errors,
     open_patch_stream,
+    renamed_keys,
+    renamed_settings,
     streams,
 )
 from epilsr.io import checkpoint
@@ -176,7 +179,7 @@ def prepare_run_folder(out: Path, cfg, resume) -> str | Path | None:
     result = None
     if resume is True:
         if has_ckpts and saved.exists():
-            changed = _changed(json.loads(saved.read_text()), settings)
+            changed = _changed(renamed_settings(json.loads(saved.read_text())), settings)
             if changed:
                 raise ValueError(
                     f"resume: {out} holds a run with other settings ({'; '.join(changed[:4])}); "
@@ -214,15 +217,8 @@ def _restore(state, name: str, resume):
     return restored, found
 
 
-def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None, resume=None):
-    """Trains one epitome; returns (final state, heldout stats).
-
-    ``images``: ``[T, H, W, C]`` in memory (``labels`` ``[T, H, W]`` or None), or a
-    :class:`PatchStream` over the whole region (``labels`` unused)."""
-    tcfg = cfg.train
-    streamed = isinstance(images, PatchStream)
-    channels = images.channels if streamed else images.shape[-1]
-    key_init, key_data, key_sizes, key_eval = jax.random.split(key, 4)
+def _init_state(cfg, images, streamed: bool, key_init, key_data):
+    """``(optimizer, state)`` of a new epitome whose means start at the data's mean colour."""
     if streamed:  # the region's mean, estimated from uniform patches of the whole region
         mean = jnp.asarray(images.mean(jax.random.fold_in(key_init, 1)))
     else:
@@ -230,22 +226,17 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     epitome = epilsr.init_epitome(
         key_init,
         size=int(cfg.model.size),
-        channels=channels,
+        channels=images.channels if streamed else images.shape[-1],
         layers=int(cfg.model.layers),
         mean=mean,
         var=float(cfg.model.init_var),
     )
-    optimizer = optax.adam(float(tcfg.lr))
-    state = train.train_init(key_data, epitome, optimizer)
-    ckpt_dir = out / "checkpoints" / name
-    if resume is not None:
-        state, path = _restore(state, name, resume)
-        if path is not None:
-            log.info("resumed %s from %s at step %d", name, path, int(state.step))
-        _truncate_log(out / "metrics.jsonl", name, int(state.step))
-    base_key = state.key  # host-local copy (before any replication over a mesh)
-    steps = int(tcfg.steps)
-    sizes = samplers.patch_sizes(key_sizes, num_steps=steps, sizes=tuple(tcfg.patch_sizes))
+    optimizer = optax.adam(float(cfg.train.lr))
+    return optimizer, train.train_init(key_data, epitome, optimizer)
+
+
+def _hyper(tcfg, epitome) -> dict:
+    """The train step's static hyperparameters from ``train.*``."""
     hyper = dict(
         quantile=float(tcfg.quantile),
         promotion=bool(tcfg.promotion),
@@ -254,25 +245,30 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     )
     if tcfg.temperature is not None:
         hyper["temperature"] = float(tcfg.temperature)
-    n_proc, proc = jax.process_count(), jax.process_index()
+    hyper["route"] = check_route(tcfg.route, "train.route")  # sharded: shard_map'd likelihood
+    return hyper
+
+
+def _step_function(tcfg, state, optimizer, hyper: dict):
+    """``(step, mesh or None, state placed for it, devices)``: one global mesh over every
+    process's devices (several processes; each feeds its own share), a local mesh over
+    ``train.devices`` (several devices), else the one-device jitted step."""
     n_dev = len(jax.local_devices()) if tcfg.devices is None else int(tcfg.devices)
-    hyper["method"] = tcfg.method or "auto"  # sharded steps shard_map the likelihood
-    if n_proc > 1:  # one global mesh over every process's devices; each feeds its own share
+    if jax.process_count() > 1:
         mesh = parallel.data_mesh(jax.devices())
         n_dev = len(jax.devices())
-        step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
-        state = parallel.replicate(state, mesh)
     elif n_dev > 1:
         mesh = parallel.data_mesh(jax.local_devices()[:n_dev])
-        step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
-        state = parallel.replicate(state, mesh)
     else:
-        mesh = None
-        step_fn = train.make_train_step(optimizer=optimizer, **hyper)
-    batch = int(tcfg.batch)
-    if batch % n_dev:
-        raise ValueError(f"train.batch: {batch} is not divisible by the {n_dev} devices")
-    local_batch = batch // n_proc  # patches are sampled where the data is: per process
+        return train.make_train_step(optimizer=optimizer, **hyper), None, state, n_dev
+    step_fn = parallel.make_sharded_train_step(mesh, optimizer=optimizer, **hyper)
+    return step_fn, mesh, parallel.replicate(state, mesh), n_dev
+
+
+def _patch_source(images, labels, *, sizes, base_key, batch: int, label, streamed: bool):
+    """``draw(step) -> patches [batch, K, K, C]`` of this process: step-indexed randomness
+    (``fold_in(base_key, step)``, and the process index when there are several)."""
+    n_proc, proc = jax.process_count(), jax.process_index()
 
     def draw(step: int):
         k = int(sizes[step])
@@ -280,26 +276,63 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
         if n_proc > 1:
             skey = jax.random.fold_in(skey, proc)
         if streamed:  # windows of every tile, read on this (prefetch) thread
-            return images.sample(skey, size=k, batch=local_batch, label=label)
+            return images.sample(skey, size=k, batch=batch, label=label)
         if label is None:
-            return samplers.sample_patches(skey, images, size=k, batch=local_batch)
+            return samplers.sample_patches(skey, images, size=k, batch=batch)
         return samplers.sample_labelled_patches(
-            skey, images, labels, label=label, patch_size=k, batch=local_batch
+            skey, images, labels, label=label, patch_size=k, batch=batch
         )[0]
 
-    k_eval = int(cfg.eval.patch_size)
+    return draw
+
+
+def _eval_patches(cfg, images, key_eval, streamed: bool):
+    """The held-out patches every evaluation scores (``eval.patches`` of ``eval.patch_size``)."""
+    k_eval, n = int(cfg.eval.patch_size), int(cfg.eval.patches)
     if streamed:
-        eval_patches = jnp.asarray(
-            images.sample(key_eval, size=k_eval, batch=int(cfg.eval.patches))
-        )
-    else:
-        eval_patches = samplers.sample_patches(
-            key_eval, images, size=k_eval, batch=int(cfg.eval.patches)
-        )
-    t_eval = train.default_temperature(k_eval)
+        return jnp.asarray(images.sample(key_eval, size=k_eval, batch=n))
+    return samplers.sample_patches(key_eval, images, size=k_eval, batch=n)
+
+
+def _save_checkpoint(cfg, out: Path, name: str, state, step: int) -> None:
+    """Checkpoint ``step`` of stage ``name`` (the newest ``checkpoint.keep`` kept) and the
+    picture of its epitome."""
+    ckpt_dir = out / "checkpoints" / name
+    checkpoint.save(checkpoint.checkpoint_path(ckpt_dir, step), state)
+    for old in sorted(ckpt_dir.glob("checkpoint_*.npz"))[: -int(cfg.checkpoint.keep)]:
+        old.unlink()
+    viz.save_png(out / f"{name}_epitome.png", epitome_picture(state.params, state.counters))
+
+
+def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None, resume=None):
+    """Trains one epitome; returns (final state, heldout stats).
+
+    ``images``: ``[T, H, W, C]`` in memory (``labels`` ``[T, H, W]`` or None), or a
+    :class:`PatchStream` over the whole region (``labels`` unused)."""
+    tcfg = cfg.train
+    streamed = isinstance(images, PatchStream)
+    key_init, key_data, key_sizes, key_eval = jax.random.split(key, 4)
+    optimizer, state = _init_state(cfg, images, streamed, key_init, key_data)
+    epitome = state.params
+    if resume is not None:
+        state, path = _restore(state, name, resume)
+        if path is not None:
+            log.info("resumed %s from %s at step %d", name, path, int(state.step))
+        _truncate_log(out / "metrics.jsonl", name, int(state.step))
+    base_key = state.key  # host-local copy (before any replication over a mesh)
+    steps = int(tcfg.steps)
+    sizes = samplers.patch_sizes(key_sizes, num_steps=steps, sizes=tuple(tcfg.patch_sizes))
+    step_fn, mesh, state, n_dev = _step_function(tcfg, state, optimizer, _hyper(tcfg, epitome))
+    batch = int(tcfg.batch)
+    if batch % n_dev:
+        raise ValueError(f"train.batch: {batch} is not divisible by the {n_dev} devices")
+    draw = _patch_source(images, labels, sizes=sizes, base_key=base_key, label=label,
+                         batch=batch // jax.process_count(), streamed=streamed)  # per process
+    eval_patches = _eval_patches(cfg, images, key_eval, streamed)
+    t_eval = train.default_temperature(int(cfg.eval.patch_size))
     start = int(state.step)
     stream = prefetch((draw(s) for s in range(start, steps)), size=int(tcfg.prefetch))
-    writer = proc == 0  # process 0 writes logs, pictures and checkpoints
+    writer = jax.process_index() == 0  # process 0 writes logs, pictures and checkpoints
     metrics_file = (out / "metrics.jsonl").open("a") if writer else open(os.devnull, "w")
     bar = tqdm(
         range(start, steps), desc=name, unit="step", initial=start, total=steps, disable=not writer
@@ -328,12 +361,7 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
             metrics_file.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3g}", cover=f"{rec['coverage']:.2f}")
             if writer and ((step + 1) % int(cfg.checkpoint.every) == 0 or step + 1 == steps):
-                checkpoint.save(checkpoint.checkpoint_path(ckpt_dir, step + 1), state)
-                for old in sorted(ckpt_dir.glob("checkpoint_*.npz"))[: -int(cfg.checkpoint.keep)]:
-                    old.unlink()
-                viz.save_png(
-                    out / f"{name}_epitome.png", epitome_picture(state.params, state.counters)
-                )
+                _save_checkpoint(cfg, out, name, state, step + 1)
     finally:
         stream.close()
         metrics_file.close()
@@ -342,81 +370,99 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
     return state, stats
 
 
+@renamed_keys
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     dist = cfg.distributed  # before any other JAX call
     parallel.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
     out = Path(HydraConfig.get().runtime.output_dir)
+    check_route(cfg.train.route, "train.route")  # before reading any data
+    images, labels, n_labels = _training_data(cfg, out)
+    key = jax.random.key(int(cfg.seed))
+    resume = _resume_from(cfg, out)
+    if not cfg.train.cascade:
+        state, stats = run_stage(
+            cfg, "E", images, labels, out, key=key, label=cfg.train.label, resume=resume
+        )
+        final, results = state.params, {"E": stats}
+    else:
+        final, results = _cascade(cfg, images, labels, n_labels, out, key=key, resume=resume)
+    if isinstance(images, PatchStream):
+        images.close()
+    if jax.process_index() != 0:
+        return results
+    _write_results(cfg, out, final, results)
+    return results
+
+
+def _training_data(cfg, out: Path):
+    """``(images, labels, n_labels)``: a :class:`PatchStream` over every tile (``data.stream``;
+    labels None, its label index kept in ``<out>/stream_index.npz``) or the in-memory
+    ``[T, H, W, C]`` images and ``[T, H, W]`` labels (or None)."""
     if streams(cfg.data):
         max_size = max([int(k) for k in cfg.train.patch_sizes] + [int(cfg.eval.patch_size)])
         index = out / "stream_index.npz"  # the label index, reused by a resume
-        images, labels = open_patch_stream(cfg.data, max_size=max_size, index_file=index), None
-        n_labels = images.n_labels
+        images = open_patch_stream(cfg.data, max_size=max_size, index_file=index)
         log.info(
             "training on %s data streamed from all %d tiles (%.1f Mpx; windows of %d^2 "
             "positions, cache %.0f MiB); outputs in %s", cfg.data.kind, len(images.tiles),
             float(images.shapes.prod(axis=1).sum()) / 1e6, images.block,
             images.cache.max_bytes / 2**20, out,
         )
-    else:
-        images, labels, n_labels = load_training_images(cfg.data)
-        log.info(
-            "training on %s data: %d image(s) %s; outputs in %s",
-            cfg.data.kind,
-            images.shape[0],
-            tuple(images.shape[1:]),
-            out,
-        )
-    key = jax.random.key(int(cfg.seed))
+        return images, None, images.n_labels
+    images, labels, n_labels = load_training_images(cfg.data)
+    log.info(
+        "training on %s data: %d image(s) %s; outputs in %s",
+        cfg.data.kind,
+        images.shape[0],
+        tuple(images.shape[1:]),
+        out,
+    )
+    return images, labels, n_labels
+
+
+def _resume_from(cfg, out: Path):
+    """What the stages resume from: process 0 decides (:func:`prepare_run_folder`); the other
+    processes take their own folder's checkpoints, if any, with ``resume=true``."""
     resume = cfg.get("resume", True)
     if jax.process_index() == 0:
-        resume = prepare_run_folder(out, cfg, resume)
-    elif resume is True:  # other processes: their own folder's checkpoints, if any
-        resume = out / "checkpoints" if (out / "checkpoints").is_dir() else None
-    elif resume is False:
-        resume = None
-    results = {}
-    if not cfg.train.cascade:
-        state, stats = run_stage(
-            cfg, "E", images, labels, out, key=key, label=cfg.train.label, resume=resume
-        )
-        final = state.params
-        results["E"] = stats
-    else:  # Sec. 5.1: per label, E0 -> E1 (worst quarter under E0) -> E2; mixture of E1, E2
-        streamed = isinstance(images, PatchStream)
-        if not (images.has_labels if streamed else labels is not None):
-            raise ValueError("train.cascade: needs label maps for label-conditioned sampling")
-        parts = []
-        wanted = range(n_labels) if cfg.train.label is None else [int(cfg.train.label)]
-        for lab in wanted:
-            present = images.has_label(lab) if streamed else bool(jnp.any(labels == lab))
-            if not present:  # streamed: decided over every tile of the region
-                log.info("label %d absent from the data; skipping its cascade", lab)
-                continue
-            reference = None
-            for stage in range(3):
-                name = f"label{lab}_E{stage}"
-                state, stats = run_stage(
-                    cfg,
-                    name,
-                    images,
-                    labels,
-                    out,
-                    key=jax.random.fold_in(key, 10 * lab + stage),
-                    reference=reference,
-                    label=lab,
-                    resume=resume,
-                )
-                results[name] = stats
-                reference = state.params
-                if stage > 0:
-                    parts.append(state.params)
-        final = train.mixture(*parts)
-    if isinstance(images, PatchStream):
-        images.close()
-    if jax.process_index() != 0:
-        return results
+        return prepare_run_folder(out, cfg, resume)
+    if resume is True:
+        return out / "checkpoints" if (out / "checkpoints").is_dir() else None
+    return None if resume is False else resume
+
+
+def _cascade(cfg, images, labels, n_labels: int, out: Path, *, key, resume):
+    """Sec. 5.1: per label, E0 -> E1 (worst quarter under E0) -> E2; ``(uniform mixture of
+    every E1 and E2, held-out stats per stage)``. Labels absent from the data (streamed:
+    from every tile of the region) are skipped."""
+    streamed = isinstance(images, PatchStream)
+    if not (images.has_labels if streamed else labels is not None):
+        raise ValueError("train.cascade: needs label maps for label-conditioned sampling")
+    parts, results = [], {}
+    wanted = range(n_labels) if cfg.train.label is None else [int(cfg.train.label)]
+    for lab in wanted:
+        present = images.has_label(lab) if streamed else bool(jnp.any(labels == lab))
+        if not present:  # streamed: decided over every tile of the region
+            log.info("label %d absent from the data; skipping its cascade", lab)
+            continue
+        reference = None
+        for stage in range(3):
+            name = f"label{lab}_E{stage}"
+            state, stats = run_stage(
+                cfg, name, images, labels, out, key=jax.random.fold_in(key, 10 * lab + stage),
+                reference=reference, label=lab, resume=resume,
+            )
+            results[name] = stats
+            reference = state.params
+            if stage > 0:
+                parts.append(state.params)
+    return train.mixture(*parts), results
+
+
+def _write_results(cfg, out: Path, final, results: dict) -> None:
+    """``epitome.npz``, ``epitome.png`` and ``results.json`` (process 0)."""
     checkpoint.save_epitome(out / "epitome.npz", final)
     viz.save_png(out / "epitome.png", epitome_picture(final))
     summary = {"heldout": results, "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -429,7 +475,6 @@ def main(cfg: DictConfig) -> dict:
             stats["loglik_per_pixel"],
         )
     log.info("wrote %s and %s", out / "epitome.npz", out / "epitome.png")
-    return results
 
 
 if __name__ == "__main__":
