@@ -175,7 +175,7 @@ def posterior_inputs(draw):
     return Epitome(jnp.asarray(mean), jnp.asarray(log_var), jnp.asarray(logits)), patches, mask
 
 
-@settings(max_examples=20, suppress_health_check=SLOW)
+@settings(max_examples=12, suppress_health_check=SLOW)
 @given(inputs=posterior_inputs(), temperature=temperatures)
 def test_log_posterior_finite_and_normalised(inputs, temperature):
     epitome, patches, mask = inputs
@@ -193,7 +193,7 @@ def test_log_posterior_finite_and_normalised(inputs, temperature):
 # --------------------------------------------------------------------------- (b)
 
 
-@settings(max_examples=20, suppress_health_check=SLOW)
+@settings(max_examples=12, suppress_health_check=SLOW)
 @given(shape=dims(), temperature=temperatures, seed=seeds, data=st.data())
 def test_posterior_is_shift_equivariant(shape, temperature, seed, data):
     layers, n, k, c, b = shape
@@ -215,7 +215,7 @@ def test_posterior_is_shift_equivariant(shape, temperature, seed, data):
 # --------------------------------------------------------------------------- (c)
 
 
-@settings(max_examples=20, suppress_health_check=SLOW)
+@settings(max_examples=12, suppress_health_check=SLOW)
 @given(shape=dims(), temperature=temperatures, seed=seeds, data=st.data())
 def test_embeddings_conserve_mass(shape, temperature, seed, data):
     layers, n, k, c, b = shape
@@ -253,7 +253,7 @@ def test_embeddings_conserve_mass(shape, temperature, seed, data):
 # --------------------------------------------------------------------------- (d)
 
 
-@settings(max_examples=20, suppress_health_check=SLOW)
+@settings(max_examples=12, suppress_health_check=SLOW)
 @given(
     shape=st.tuples(st.integers(1, 2), st.integers(1, 6), st.integers(1, 6)),
     n_classes=st.integers(1, 4),
@@ -279,7 +279,7 @@ def test_em_objective_is_monotone(shape, n_classes, n_labels, explicit_prior, se
 # --------------------------------------------------------------------------- (e)
 
 
-@settings(max_examples=20, suppress_health_check=SLOW)
+@settings(max_examples=12, suppress_health_check=SLOW)
 @given(shape=dims(), temperature=temperatures, seed=seeds, data=st.data())
 def test_predict_gives_distributions(shape, temperature, seed, data):
     layers, n, k, c, _ = shape
@@ -376,7 +376,7 @@ def test_sharded_step_equals_unsharded(shape, quantile, promotion, seed):
 # --------------------------------------------------------------------------- (g)
 
 
-@settings(max_examples=30, suppress_health_check=SLOW)
+@settings(max_examples=15, suppress_health_check=SLOW)
 @given(
     shape=st.tuples(st.integers(1, 2), st.integers(1, 6), st.integers(1, 6)),
     n_classes=st.integers(1, 4),
