@@ -109,7 +109,7 @@ _EM_BLOCK = 4096
 def _em(p_sc: jax.Array, table: jax.Array, prior: jax.Array, iters) -> jax.Array:
     """Eqs. 8-9 from a uniform start: ``[S, Cc], [Cc, n], [Cc] -> [S, n]`` (one compiled loop;
     ``iters`` may be traced). Iteration ``t``: ``z = p(s|c)^T q_t`` ``[Cc, n]``, then
-    ``q_{t+1}(s) ∝ q_t(s) * sum_c p(s|c) p(c) p(l|c) / z[c]`` where ``s`` has class mass;
+    ``q_{t+1}(s, l) ∝ q_t(s, l) * sum_c p(s|c) p(c) p(l|c) / z[c, l]`` where ``s`` has class mass;
     ``z`` of ``q_{t+1}`` is summed in the same blocked pass (``_EM_BLOCK``)."""
     s, n_classes = p_sc.shape
     n = table.shape[1]
