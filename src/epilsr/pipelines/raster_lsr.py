@@ -293,6 +293,25 @@ def _preview(path: Path, outputs: Mapping[str, OutputSpec], image_reader: Reader
                 ent.close()
 
 
+def _outputs(out_dir: Path, prefix: str, n_labels: int, image_reader: Reader, height: int,
+             width: int, *, write_probs: bool, write_entropy: bool, probs_dtype: Any,
+             preview: int | None, label_names: Sequence[str] | None,
+             label_colors: ArrayLike | None) -> tuple[dict, Path | None, Callable | None]:
+    """The output rasters of :func:`lsr_raster` (labels, optional probabilities and entropy,
+    named and coloured: the Chesapeake palette for 4 labels by default), the preview's path
+    (None without one) and ``finish()`` that draws it once the rasters are closed."""
+    names, colors = _default_palette(n_labels)
+    names = names if label_names is None else list(label_names)
+    colors = colors if label_colors is None else np.asarray(label_colors, np.uint8)
+    outputs = label_outputs(out_dir, prefix, n_labels, probs=write_probs, entropy=write_entropy,
+                            probs_dtype=probs_dtype, label_names=names, label_colors=colors)
+    preview_path = out_dir / f"{prefix}preview.png" if preview else None
+    finish = None if preview_path is None else functools.partial(
+        _preview, preview_path, outputs, image_reader, height=height, width=width,
+        n_labels=n_labels, max_size=preview, label_names=names, label_colors=colors)
+    return outputs, preview_path, finish
+
+
 def lsr_raster(
     key: ArrayLike,
     image_reader: Reader,
@@ -419,16 +438,10 @@ def lsr_raster(
     if on_window is not None:
         add_strip = _also_ticking(add_strip, on_window)
     out_dir = Path(out_dir)
-    names, colors = _default_palette(table.shape[1])
-    names = names if label_names is None else list(label_names)
-    colors = colors if label_colors is None else np.asarray(label_colors, np.uint8)
-    outputs = label_outputs(out_dir, prefix, table.shape[1], probs=write_probs,
-                            entropy=write_entropy, probs_dtype=probs_dtype,
-                            label_names=names, label_colors=colors)
-    preview_path = out_dir / f"{prefix}preview.png" if preview else None
-    finish = None if preview_path is None else functools.partial(
-        _preview, preview_path, outputs, image_reader, height=height, width=width,
-        n_labels=table.shape[1], max_size=preview, label_names=names, label_colors=colors)
+    outputs, preview_path, finish = _outputs(
+        out_dir, prefix, table.shape[1], image_reader, height, width, write_probs=write_probs,
+        write_entropy=write_entropy, probs_dtype=probs_dtype, preview=preview,
+        label_names=label_names, label_colors=label_colors)
     settings = dict(height=height, width=width, tile=tile, overlap=overlap, lsr=lsr_kwargs,
                     key=np.asarray(jax.random.key_data(key)), table=table,
                     nodata=nodata_values, valid=valid_reader is not None, compression=compression)
