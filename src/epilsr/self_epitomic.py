@@ -127,28 +127,8 @@ def _self_counts(
                               total=total, plan=plan)
 
     if unfold:
-        # Equal variances and a flat prior: log p(x|s)/T = (<mu_s, x> - |mu_s|^2/2)/(var T) + c(x),
-        # and with the windows unfolded into rows U [S, K*K*C] the cross terms of a chunk of
-        # patches (themselves rows of U) are one matrix product [chunk, F] x [F, S].
-        windows, (m1, m2) = _unfold(epi, k, wrap)  # [S, F]
-        half_norm = 0.5 * jnp.sum(windows * windows, axis=-1)  # [S]
-
-        def gemm_body(acc, xs):
-            pos, row, wt = xs
-            cross = jnp.matmul(windows[row], windows.T, precision="highest")  # [chunk, S]
-            # Each patch is itself a window, so its largest logit is its own: -|x - mu_s|^2/2
-            # <= 0 with equality at s = row. Subtracting |x|^2/2 is the softmax's max shift
-            # without a pass over S, and the normalisation folds into the embedding weights.
-            rel = jnp.exp((cross - half_norm - half_norm[row][:, None]) * scale)  # (0, 1]
-            onehot = jax.nn.one_hot(cls.ravel()[centre[pos]], n_classes, dtype=jnp.float32)
-            coef = onehot * (wt / jnp.sum(rel, axis=1))[:, None]  # [chunk, Cc]
-            return acc + jnp.matmul(coef.T, rel, precision="highest"), None  # [Cc, S]
-
-        acc0 = jnp.zeros((n_classes, m1 * m2), jnp.float32)
-        acc, _ = jax.lax.scan(gemm_body, acc0, (picks, rows, weights))
-        acc = acc.T.reshape(m1, m2, n_classes)
-        acc = jnp.pad(acc, ((0, n1 - m1), (0, n2 - m2), (0, 0)))
-        return box_spread(acc, (k, k), axes=(0, 1))
+        return _unfolded_counts(epi, cls, picks, rows, weights, centre, scale, k=k, wrap=wrap,
+                                n_classes=n_classes)
 
     # General route (pixel class spreading, or tiles too large to unfold): correlations.
     maps = epi[None]  # [1, h, w, C]
@@ -182,6 +162,34 @@ def _self_counts(
     if class_spread == "window":
         return box_spread(acc, (k, k), axes=(0, 1))
     return acc
+
+
+def _unfolded_counts(epi, cls, picks, rows, weights, centre, scale, *, k, wrap, n_classes):
+    """Eq. 11 counts of the exact route on unfolded windows (``class_spread="window"``): the
+    posteriors of each chunk of patches in one matrix product. ``[n1, n2, Cc]``."""
+    n1, n2, _ = epi.shape
+    # Equal variances and a flat prior: log p(x|s)/T = (<mu_s, x> - |mu_s|^2/2)/(var T) + c(x),
+    # and with the windows unfolded into rows U [S, K*K*C] the cross terms of a chunk of
+    # patches (themselves rows of U) are one matrix product [chunk, F] x [F, S].
+    windows, (m1, m2) = _unfold(epi, k, wrap)  # [S, F]
+    half_norm = 0.5 * jnp.sum(windows * windows, axis=-1)  # [S]
+
+    def gemm_body(acc, xs):
+        pos, row, wt = xs
+        cross = jnp.matmul(windows[row], windows.T, precision="highest")  # [chunk, S]
+        # Each patch is itself a window, so its largest logit is its own: -|x - mu_s|^2/2
+        # <= 0 with equality at s = row. Subtracting |x|^2/2 is the softmax's max shift
+        # without a pass over S, and the normalisation folds into the embedding weights.
+        rel = jnp.exp((cross - half_norm - half_norm[row][:, None]) * scale)  # (0, 1]
+        onehot = jax.nn.one_hot(cls.ravel()[centre[pos]], n_classes, dtype=jnp.float32)
+        coef = onehot * (wt / jnp.sum(rel, axis=1))[:, None]  # [chunk, Cc]
+        return acc + jnp.matmul(coef.T, rel, precision="highest"), None  # [Cc, S]
+
+    acc0 = jnp.zeros((n_classes, m1 * m2), jnp.float32)
+    acc, _ = jax.lax.scan(gemm_body, acc0, (picks, rows, weights))
+    acc = acc.T.reshape(m1, m2, n_classes)
+    acc = jnp.pad(acc, ((0, n1 - m1), (0, n2 - m2), (0, 0)))
+    return box_spread(acc, (k, k), axes=(0, 1))
 
 
 def _pca_basis(vectors: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
