@@ -77,7 +77,7 @@ def _score(labels_path: Path, truth: AlignedReader, n: int, to_labels,
     (``to_labels`` maps truth values; labels outside ``0..n-1`` ignored; predicted no-data
     counted as unscored); the labels' row 0 is the truth's row ``row0`` (a band)."""
     cm, scored, total = np.zeros((n, n), np.int64), 0, 0
-    with RasterReader(labels_path) as lab:
+    with RasterReader(labels_path, cache_bytes=0) as lab:  # one pass: nothing to keep
         for r in range(0, lab.height, _BLOCK):
             h = min(_BLOCK, lab.height - r)
             pred = lab(r, 0, h, lab.width).astype(np.int64)

@@ -282,8 +282,10 @@ def _band(plan: StripPlan, read_strip: Callable, compute_strips: Callable, add_s
 def _preview(path: Path, outputs: Mapping[str, OutputSpec], image_reader: Reader, *,
              height: int, width: int, n_labels: int, max_size: int,
              label_names: Sequence[str], label_colors: np.ndarray) -> None:
-    with RasterReader(outputs["labels"].path) as lab:
-        ent = RasterReader(outputs["entropy"].path) if "entropy" in outputs else None
+    # one pass over each raster: a decoded-segment cache would only grow with the raster
+    with RasterReader(outputs["labels"].path, cache_bytes=0) as lab:
+        ent = (RasterReader(outputs["entropy"].path, cache_bytes=0) if "entropy" in outputs
+               else None)
         try:
             write_preview(path, lab, height=height, width=width, image_reader=image_reader,
                           entropy_reader=ent, label_names=label_names,
