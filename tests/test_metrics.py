@@ -300,3 +300,20 @@ def test_bad_inputs_raise_value_error_naming_argument(fn, args, kwargs, needles)
         fn(*args, **kwargs)
     for needle in needles:
         assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize("seed,shape", [(0, (7, 5, 4)), (1, (3, 1)), (2, (11, 9)), (3, (2, 3, 6, 2))])
+def test_entropy_matches_float64_brute_force(seed, shape):
+    """Zeros, NaN and negative entries add nothing; float32 stays float32."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]).astype(np.float32)
+    p[rng.random(p.shape) < 0.2] = 0.0
+    p.flat[rng.integers(0, p.size, 3)] = np.nan
+    p.flat[rng.integers(0, p.size, 2)] = -0.25
+    expect = np.zeros(shape[:-1])
+    for idx in np.ndindex(*shape[:-1]):
+        expect[idx] = -sum(v * math.log(v) for v in p[idx].astype(np.float64) if v > 0)
+    got = metrics.entropy(p)
+    assert got.dtype == np.float32 and got.shape == shape[:-1]
+    np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(metrics.entropy(np.zeros((2, 0))), np.zeros(2))
