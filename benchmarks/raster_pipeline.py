@@ -12,13 +12,17 @@ peak RSS is the pipeline's own):
 1. compiles the batched window call (the same :class:`~epilsr.pipelines.batching.WindowBatches`
    object the pipeline will use; compiled calls are shared) on the first strip's windows;
 2. runs :func:`~epilsr.pipelines.raster_lsr.lsr_raster` end to end from the GeoTIFFs (reader
-   thread, batched windows, writer thread: labels + entropy, deflate; no preview) -> Mpx/min;
+   thread, batched windows, writer thread: labels + entropy, deflate; no preview) -> Mpx/min
+   of the first run and its peak RSS;
 3. times the window compute alone on every strip (``--compute-strips``) read into memory
    beforehand (the same batched calls, no I/O, no blending, no writing) -> Mpx/min at that
-   per-window rate (window cost depends on the content: a subset would be biased);
+   per-window rate (window cost depends on the content: a subset would be biased), alternated
+   ``--ratio-repeats`` times with further pipeline runs (a drift in the machine's speed hits
+   both alike; medians);
 4. times the first two strips as unbatched per-window jitted calls (the path before batching)
    and again batched;
-5. reports ``pipeline / compute`` (1.0 = the pipeline costs nothing beyond its windows), the
+5. reports ``pipeline / compute`` (medians; 1.0 = the pipeline costs nothing beyond its
+   windows; also the first run's), the
    batched vs unbatched window rate and the peak RSS (``VmHWM``), which must not grow with the
    raster size;
 6. **several strips per call** (``--strips-per-call K``, default 2): the pipeline end to end
@@ -92,22 +96,36 @@ def worker(args: argparse.Namespace) -> None:
         compile_s = time.perf_counter() - t0
         rss_before = _peak_rss_mb()
 
-        t0 = time.perf_counter()
-        run = raster_lsr.lsr_raster(key, img, cls, table, out_dir=work / f"out_{args.setting}",
-                                    tile=args.tile, overlap=args.overlap, lsr_kwargs=kw,
-                                    write_entropy=True, progress=False, resume=False,
-                                    preview=None, window_batch=args.window_batch)
-        pipeline_s = time.perf_counter() - t0
-        rss_pipeline = _peak_rss_mb()
+        def pipeline():
+            t0 = time.perf_counter()
+            run = raster_lsr.lsr_raster(key, img, cls, table, out_dir=work / f"out_{args.setting}",
+                                        tile=args.tile, overlap=args.overlap, lsr_kwargs=kw,
+                                        write_entropy=True, progress=False, resume=False,
+                                        preview=None, window_batch=args.window_batch)
+            return time.perf_counter() - t0, run
+
+        first_s, run = pipeline()
+        rss_pipeline = _peak_rss_mb()  # before the windows-only strips are held in memory
 
         n = len(plan.row_starts) if args.compute_strips <= 0 else min(args.compute_strips,
                                                                        len(plan.row_starts))
         strips = [read_strip(s) for s in range(n)]
-        t0 = time.perf_counter()
-        for inputs in strips:
-            compute(inputs)
         done = sum(len(s) for s in strips)
-        per_window = (time.perf_counter() - t0) / done
+
+        def windows_only():
+            t0 = time.perf_counter()
+            for inputs in strips:
+                compute(inputs)
+            return (time.perf_counter() - t0) / done
+
+        pipe_s, window_s = [], []
+        for rep in range(max(1, args.ratio_repeats)):  # alternated: drifts in load hit both
+            for step in (("win", "pipe") if rep % 2 == 0 else ("pipe", "win")):
+                if step == "pipe":
+                    pipe_s.append(pipeline()[0])
+                else:
+                    window_s.append(windows_only())
+        pipeline_s, per_window = float(np.median(pipe_s)), float(np.median(window_s))
         single = raster_lsr._lsr_fn(kw)  # the unbatched per-window call, for comparison
         i, _, got, x = strips[0][0]
         jax.block_until_ready(single(jax.random.fold_in(key, i), x, got[0], got[1]))
@@ -133,6 +151,10 @@ def worker(args: argparse.Namespace) -> None:
         "pipeline_s": pipeline_s, "compute_only_s": compute_s,
         "pipeline_mpx_min": mpx / (pipeline_s / 60), "compute_mpx_min": mpx / (compute_s / 60),
         "pipeline_over_compute": compute_s / pipeline_s,
+        "ratio_repeats": len(pipe_s), "pipeline_runs_s": pipe_s,
+        "compute_only_runs_s": [t * run.computed for t in window_s],
+        "pipeline_first_run_s": first_s,
+        "pipeline_over_compute_first_run": compute_s / first_s,
         "seconds_per_window": per_window, "seconds_per_window_unbatched": per_window_single,
         "batched_over_unbatched": per_window_single / per_window_few,
         "peak_rss_mb_before": rss_before,
@@ -221,6 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                    help="windows per call (default: the library's choice; 1 per device on CPU)")
     p.add_argument("--strips-per-call", type=int, default=2,
                    help="strips per call compared with one strip per call (item 6)")
+    p.add_argument("--ratio-repeats", type=int, default=3,
+                   help="alternated pipeline / windows-only runs for the ratio (medians)")
     p.add_argument("--repeats", type=int, default=2,
                    help="alternated repeats of the multi-strip comparison (median)")
     p.add_argument("--gpu-budget-gib", type=float, default=40.0,
@@ -245,6 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                        "--compute-strips", str(args.compute_strips),
                        "--strips-per-call", str(args.strips_per_call),
                        "--repeats", str(args.repeats),
+                       "--ratio-repeats", str(args.ratio_repeats),
                        "--gpu-budget-gib", str(args.gpu_budget_gib)] + (
                            [] if args.window_batch is None else
                            ["--window-batch", str(args.window_batch)])
@@ -254,7 +279,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                 print(f"{size:>5}^2 {setting:<8} {r['windows']:>4} windows  pipeline "
                       f"{r['pipeline_mpx_min']:6.1f} Mpx/min  windows only "
                       f"{r['compute_mpx_min']:6.1f} Mpx/min  ratio "
-                      f"{r['pipeline_over_compute']:.3f}  batched/unbatched windows "
+                      f"{r['pipeline_over_compute']:.3f} (first run "
+                      f"{r['pipeline_over_compute_first_run']:.3f})  batched/unbatched windows "
                       f"{r['batched_over_unbatched']:.2f}x  peak RSS {r['peak_rss_mb']:.0f} MiB "
                       f"(after compile {r['peak_rss_mb_before']:.0f})", flush=True)
                 lila = r["gpu_budget_sizing"]["lila_6000x7500"]
