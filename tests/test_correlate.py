@@ -405,6 +405,20 @@ def test_dft_2d_blocks_vs_loops(rng, monkeypatch, blocks):
     assert _rel_err(got, circular_correlate_bf(maps, kernels)) < 1e-5
 
 
+@pytest.mark.parametrize("shape,blocks", [
+    ((2, 11, 9, 3, 4, 11, 9), (11, 9)),  # K = N: one block, the map's own wrap (P = N)
+    ((1, 12, 10, 2, 3, 7, 3), (12, 4)),  # one block along axis 1 only
+    ((1, 12, 10, 2, 3, 7, 3), (5, 10)),  # ... along axis 2 only
+])
+def test_dft_2d_one_block_is_the_circular_transform(rng, monkeypatch, shape, blocks):
+    monkeypatch.setattr(routes, "_dft2_blocks", lambda *shape: blocks)
+    maps, kernels = _draw(rng, *shape)
+    got = circular_correlate(maps, kernels, route="dft_2d")
+    assert _rel_err(got, circular_correlate_bf(maps, kernels)) < 1e-5
+    for n, k, t in zip(shape[1:3], shape[5:7], blocks, strict=True):
+        assert routes._dft_sizes(n, k, t)[1] == (n if t == n else t + k - 1)
+
+
 def test_dft_2d_blocks_minimise_the_cost_model():
     """Searching only the smallest block per block count loses nothing: the chosen blocks cost
     no more than any (T1, T2) at all."""

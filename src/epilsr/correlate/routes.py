@@ -389,8 +389,13 @@ def correlate_dft_rows(maps: jax.Array, kernels: jax.Array, plan: CorrelationPla
 
 
 def _dft_sizes(n: int, k: int, t: int) -> tuple[int, int, int]:
-    """``(blocks, P, W)`` of ``"dft_2d"`` along one axis with output blocks of ``t``."""
-    p_len = t + k - 1
+    """``(blocks, P, W)`` of ``"dft_2d"`` along one axis with output blocks of ``t``.
+
+    A block of ``T < N`` outputs needs a segment of ``P = T + K - 1`` (a linear correlation
+    inside a circular one); one block of all ``N`` outputs (``K <= N``) is the circular
+    correlation itself, of length ``P = N``.
+    """
+    p_len = n if t >= n and k <= n else t + k - 1
     return -(-n // t), p_len, p_len // 2 + 1
 
 
@@ -450,7 +455,8 @@ def _dft_2d_impl(
 
     The outputs are cut into ``nb1 x nb2`` blocks of ``T1 x T2``; block ``(a, c)`` needs the
     wrap-padded map segment of ``P1 x P2 = (T1 + K1 - 1) x (T2 + K2 - 1)``, on which the
-    correlation is circular without aliasing. With the segments' 2-D DFTs ``A`` (once per
+    correlation is circular without aliasing (along an axis with one block of all ``N``
+    outputs, the map itself, ``P = N``: its own wrap-around is the one wanted). With the segments' 2-D DFTs ``A`` (once per
     call; real DFT along axis 2, ``W2 = P2//2 + 1`` frequencies) and the patches' ``X`` (a DFT
     of the ``K1 x K2`` non-zero entries), each frequency needs ``sum_f A conj(X)``: one small
     real product ``[2 L nb1 nb2, 2F] x [2F, B]`` per frequency. Two matrix products invert the
