@@ -302,7 +302,8 @@ def test_bad_inputs_raise_value_error_naming_argument(fn, args, kwargs, needles)
         assert needle in str(exc.value)
 
 
-@pytest.mark.parametrize("seed,shape", [(0, (7, 5, 4)), (1, (3, 1)), (2, (11, 9)), (3, (2, 3, 6, 2))])
+@pytest.mark.parametrize("seed,shape",
+                         [(0, (7, 5, 4)), (1, (3, 1)), (2, (11, 9)), (3, (2, 3, 6, 2))])
 def test_entropy_matches_float64_brute_force(seed, shape):
     """Zeros, NaN and negative entries add nothing; float32 stays float32."""
     rng = np.random.default_rng(seed)

@@ -456,7 +456,8 @@ def _dft_2d_impl(
     The outputs are cut into ``nb1 x nb2`` blocks of ``T1 x T2``; block ``(a, c)`` needs the
     wrap-padded map segment of ``P1 x P2 = (T1 + K1 - 1) x (T2 + K2 - 1)``, on which the
     correlation is circular without aliasing (along an axis with one block of all ``N``
-    outputs, the map itself, ``P = N``: its own wrap-around is the one wanted). With the segments' 2-D DFTs ``A`` (once per
+    outputs, the map itself, ``P = N``: its own wrap-around is the one wanted). With the
+    segments' 2-D DFTs ``A`` (once per
     call; real DFT along axis 2, ``W2 = P2//2 + 1`` frequencies) and the patches' ``X`` (a DFT
     of the ``K1 x K2`` non-zero entries), each frequency needs ``sum_f A conj(X)``: one small
     real product ``[2 L nb1 nb2, 2F] x [2F, B]`` per frequency. Two matrix products invert the
