@@ -535,6 +535,27 @@ def _load_state(state: _State, resume: bool) -> dict | None:
     return json.loads(state.path.read_text())
 
 
+def _start(plan: StripPlan, state: _State, saved: dict | None,
+           outputs: Mapping[str, OutputSpec], geo: GeoInfo | None, compression: str | None,
+           initial_carry: Callable[[], tuple[np.ndarray, np.ndarray]] | None
+           ) -> tuple[int, dict, dict | None, _Buffer]:
+    """``(first strip, counters, writers or None, buffer)`` where :func:`run_strips` starts: a
+    fresh run (state folder cleared, writers opened later) or the checkpoint ``saved`` (its
+    writers reopened, its carried rows restored)."""
+    if saved is None or saved["complete"]:
+        state.path.parent.mkdir(parents=True, exist_ok=True)
+        _clean(state.path.parent, set())
+        state.path.unlink(missing_ok=True)
+        return 0, {}, None, _Buffer(plan, None if initial_carry is None else initial_carry())
+    writers = _open_writers(outputs, plan, geo, compression, saved, state.path.parent)
+    carry = None
+    if saved["carry"]:
+        with np.load(state.path.parent / saved["carry"]) as z:
+            carry = (z["acc"], z["wsum"])
+    counts = {k: saved[k] for k in saved["counters"]}
+    return saved["next_strip"], counts, writers, _Buffer(plan, carry)
+
+
 def run_strips(
     plan: StripPlan,
     add_strip: AddStrip,
@@ -606,20 +627,8 @@ def run_strips(
         counts = {k: saved[k] for k in saved["counters"]}
         if saved["complete"] and all(s.path.exists() for s in outputs.values()):
             return StripRun(counts, counts, n)
-    if saved is None or saved["complete"]:
-        state.path.parent.mkdir(parents=True, exist_ok=True)
-        _clean(state.path.parent, set())
-        state.path.unlink(missing_ok=True)
-        first, counts, writers = 0, {}, None
-        buf = _Buffer(plan, None if initial_carry is None else initial_carry())
-    else:
-        first = saved["next_strip"]
-        writers = _open_writers(outputs, plan, geo, compression, saved, state.path.parent)
-        carry = None
-        if saved["carry"]:
-            with np.load(state.path.parent / saved["carry"]) as z:
-                carry = (z["acc"], z["wsum"])
-        buf = _Buffer(plan, carry)
+    first, counts, writers, buf = _start(plan, state, saved, outputs, geo, compression,
+                                         initial_carry)
     resumed = dict(counts)
     bar = _bar(progress, total, counts.get(progress_key, 0), desc or who, unit)
     reader = _read_ahead(read_strip, first, n, group)
