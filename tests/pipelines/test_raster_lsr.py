@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
+from _peak_memory_lsr import pointwise as _pointwise  # tests/pipelines is on sys.path
 from PIL import Image
 
 import epilsr
@@ -153,10 +154,8 @@ def test_seam_disagreement_detects_pasted_tiles(rng):
 # ------------------------------------------------------------------ stitching exactness
 
 
-def _pointwise(key, image, classes, table):
-    """A fake 'LSR' that depends on each pixel only: the stitched map must equal it exactly."""
-    logits = image.astype(np.float32)[..., :3] / 40.0 + table[classes][..., :3]
-    return jax.nn.softmax(logits, axis=-1)
+# ``_pointwise``: a fake 'LSR' that depends on each pixel only (the stitched map must equal it
+# exactly); shared with the peak-memory subprocess, ``_peak_memory_lsr.py``.
 
 
 def test_stitching_is_exact_for_pixelwise_model(tmp_path, monkeypatch, rng):
