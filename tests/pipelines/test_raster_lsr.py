@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
-from _peak_memory_lsr import pointwise as _pointwise  # tests/pipelines is on sys.path
+from _peak_memory_lsr import WIDTH as PEAK_WIDTH  # tests/pipelines is on sys.path
+from _peak_memory_lsr import pointwise as _pointwise
 from PIL import Image
 
 import epilsr
@@ -195,7 +196,7 @@ def test_peak_memory_does_not_grow_with_height(tmp_path, group):
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-2000:]
     peaks = json.loads(done.stdout.strip().splitlines()[-1])  # the first run warms up
-    full_probs = heights[2] * 256 * 3 * 4  # float32 [H, W, 3]
+    full_probs = heights[2] * PEAK_WIDTH * 3 * 4  # float32 [H, W, 3]
     assert peaks[2] < 1.3 * peaks[1] and peaks[2] < full_probs, peaks  # naive: grows 2x
 
 
