@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import epilsr  # noqa: E402
-from epilsr import train  # noqa: E402
+from epilsr import parallel, train  # noqa: E402
 from epilsr.cli.tables import format_table  # noqa: E402
 from epilsr.correlate import choose_route, plan_for  # noqa: E402
 
@@ -179,19 +179,19 @@ def scale(k, devices, state0, optimizer, step_auto, *, steps, sgd_check, collect
         if BATCH % n_dev:
             print(f"skipping {n_dev} devices: batch {BATCH} not divisible")
             continue
-        mesh = meshes[str(n_dev)] = train.data_mesh(jax.devices()[:n_dev])
-        step_sh = train.make_sharded_train_step(mesh, optimizer=optimizer)
+        mesh = meshes[str(n_dev)] = parallel.data_mesh(jax.devices()[:n_dev])
+        step_sh = parallel.make_sharded_train_step(mesh, optimizer=optimizer)
         runners[str(n_dev)] = Runner(
             step_sh,
-            train.replicate(state0, mesh),
-            prepare=lambda x, m=mesh: train.shard_batch(x, m),
+            parallel.replicate(state0, mesh),
+            prepare=lambda x, m=mesh: parallel.shard_batch(x, m),
             rounds=steps,
         )
     out = time_interleaved(runners, batches)
     for name, r in out.items():
         mesh, step_sh, n_dev = meshes[name], runners[name].step, int(name)
-        state_sh = train.replicate(state0, mesh)
-        first = train.shard_batch(batches[0], mesh)
+        state_sh = parallel.replicate(state0, mesh)
+        first = parallel.shard_batch(batches[0], mesh)
         one, one_info = step_sh(state_sh, first)
         diff = _max_abs_diff(jax.device_get(one.params), ref_params)
         r["max_abs_diff_vs_single"] = diff
@@ -199,8 +199,8 @@ def scale(k, devices, state0, optimizer, step_auto, *, steps, sgd_check, collect
         r["loss_abs_diff"] = abs(float(one_info.loss) - float(ref_info.loss))
         r["counters_max_abs_diff"] = float(jnp.max(jnp.abs(one.counters - ref_state.counters)))
         if sgd_ref is not None:
-            sgd_step = train.make_sharded_train_step(mesh, optimizer=sgd)
-            sgd_one = sgd_step(train.replicate(sgd_state0, mesh), first)
+            sgd_step = parallel.make_sharded_train_step(mesh, optimizer=sgd)
+            sgd_one = sgd_step(parallel.replicate(sgd_state0, mesh), first)
             sgd_diff = _max_abs_diff(jax.device_get(sgd_one[0].params), sgd_ref.params)
             r["sgd_max_abs_diff_vs_single"] = sgd_diff
             r["sgd_max_abs_update"] = sgd_update
