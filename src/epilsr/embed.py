@@ -237,17 +237,28 @@ def make_accumulate_step(
     """Jits ``fn(counts, epitome, patches, targets, **hyper)`` (an ``accumulate_*``).
 
     With a ``mesh`` (axis ``"data"``, e.g. :func:`epilsr.parallel.data_mesh`) ``patches`` and
-    ``targets`` are sharded over the batch and ``counts``/``epitome`` replicated; the result
-    equals the single-device step up to float32 reduction order. The batch must be divisible
-    by the number of devices.
+    ``targets`` are sharded over the batch and ``counts``/``epitome`` replicated: each device
+    counts its own patches (``jax.shard_map``, so every correlation route stays data-parallel)
+    and the counts are summed over the devices (``psum``). The result equals the single-device
+    step up to float32 reduction order. The batch must be divisible by the number of devices.
     """
     part = functools.partial(fn, **hyper)
     if mesh is None:
         return jax.jit(part)
     mesh = _auto_mesh(mesh)
-    rep = NamedSharding(mesh, PartitionSpec())
-    bat = NamedSharding(mesh, PartitionSpec("data"))
-    return jax.jit(part, in_shardings=(rep, rep, bat, bat), out_shardings=rep)
+
+    def local(counts, epitome, patches, targets):  # this device's share of the batch
+        return counts + jax.lax.psum(part(jnp.zeros_like(counts), epitome, patches, targets),
+                                     "data")
+
+    # check_vma=False: the adjoint correlation is a VJP in the (replicated) maps, which under
+    # varying-type checks would already be summed over devices; here every device's counts
+    # are its own and the one psum above sums them.
+    rep, bat = PartitionSpec(), PartitionSpec("data")
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, bat, bat), out_specs=rep,
+                           check_vma=False)
+    return jax.jit(mapped, in_shardings=tuple(NamedSharding(mesh, p) for p in (rep, rep, bat, bat)),
+                   out_shardings=NamedSharding(mesh, rep))
 
 
 def label_probs_from_counts(

@@ -254,20 +254,25 @@ def test_accumulation_over_batches_equals_one_batch(rng):
     np.testing.assert_allclose(float(jnp.sum(zc)), 25 * np.sum(classes >= 0), rtol=1e-4)
 
 
-def test_sharded_accumulation_equals_single_device(rng):
+@pytest.mark.parametrize("route", ["direct", "dft_rows", "dft_2d", "fft"])
+def test_sharded_accumulation_equals_single_device(rng, route):
+    """Each device counts its own patches with any route (no batch gathered), then a psum."""
     assert jax.device_count() >= 4, "conftest forces 4 CPU devices"
     mesh = data_mesh(jax.devices()[:4])
     epi, (mean, _, _) = _epitome(rng, 2, 11, 11, 3)
     patches, blocks = _labelled_batch(rng, mean, 16, 5, 3, 4, nodata_frac=0.1)
+    patches = jax.device_put(patches, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data")))
     for fn, targets, n in ((embed.accumulate_labels, blocks, 4),
                            (embed.accumulate_classes, blocks[:, 1, 1] % 3, 3)):
-        single = embed.make_accumulate_step(fn, temperature=25.0, route="direct")
-        sharded = embed.make_accumulate_step(fn, mesh=mesh, temperature=25.0, route="direct")
+        single = embed.make_accumulate_step(fn, temperature=25.0, route=route)
+        sharded = embed.make_accumulate_step(fn, mesh=mesh, temperature=25.0, route=route)
         z0 = jnp.full((2, 11, 11, n), 0.5)
         want = single(z0, epi, patches, targets)
-        got = sharded(z0, epi, jax.device_put(patches, jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec("data"))), targets)
+        got = sharded(z0, epi, patches, targets)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        hlo = sharded.lower(z0, epi, patches, targets).compile().as_text()
+        assert "all-gather" not in hlo and "all-reduce" in hlo  # data parallel, summed once
 
 
 def _dataset(rng, mean, t=3, h=16, w=14, n=3):

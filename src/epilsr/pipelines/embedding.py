@@ -162,8 +162,7 @@ def embed_label_maps(
         ``T = K^2`` versus ~10 at the training temperature ``(K/11)^2``).
       ignore: no-data label value (None: none).
       mesh: optional 1-D ``"data"`` mesh to shard each batch over.
-      route: correlation route (prefer ``"direct"`` when sharded: GSPMD gathers FFT batches);
-        ``method``: its deprecated alias.
+      route: correlation route (any, sharded or not); ``method``: its deprecated alias.
       progress: tqdm bar.
 
     Returns:

@@ -12,8 +12,9 @@
 
 Both embeddings are sums over patches, so a dataset is embedded batch by batch
 (:func:`accumulate_labels`, :func:`accumulate_classes`: ``counts + embedding(batch)``); with a
-``mesh`` the batch is sharded over the mesh axis ``"data"`` and the compiler inserts the
-all-reduce (GSPMD, as for :func:`epilsr.make_sharded_train_step`). Batch ``i`` is drawn with
+``mesh`` the batch is sharded over the mesh axis ``"data"``, each device counts its own share
+with any correlation route (``jax.shard_map``) and one ``psum`` adds them
+(:func:`epilsr.embed.make_accumulate_step`). Batch ``i`` is drawn with
 ``jax.random.fold_in(key, i)``, so the counts do not depend on how many batches are run per
 call. No-data labels/classes (``ignore``) contribute nothing: their one-hot rows are zero.
 
