@@ -20,6 +20,7 @@ from epilsr.parallel import (
     make_sharded_train_step,
     replicate,
     shard_batch,
+    use_cpu_devices,
 )
 from epilsr.train import make_train_step
 from tests._subprocess_worker import (
@@ -218,3 +219,31 @@ def test_sharded_likelihood_route_matches_single_device(monkeypatch, route, piec
     hlo = sharded.lower(sstate, shard_batch(batches[0], mesh)).compile().as_text()
     gathers = [line for line in hlo.splitlines() if " all-gather(" in line]
     assert all("f32[16]" in line.split("=")[1].split()[0] for line in gathers), gathers
+
+
+@pytest.mark.parametrize("bad", [0, -2, "many", 2.5, True])
+def test_use_cpu_devices_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match=r"^cpu_devices: expected a positive integer, 'auto' or "):
+        use_cpu_devices(bad)
+
+
+def test_use_cpu_devices_once_jax_has_started():
+    """This process started with 4 forced CPU devices (conftest): ``auto`` and the same count
+    keep them, ``None`` leaves them alone, another count is an error naming the key."""
+    have = len(jax.devices("cpu"))
+    assert have == 4
+    assert use_cpu_devices(None) is None
+    assert use_cpu_devices("auto") == have and use_cpu_devices(have) == have
+    with pytest.raises(ValueError, match=r"^cpu_devices: JAX has already started with 4 CPU "
+                                         r"devices, expected 3; set it before"):
+        use_cpu_devices(3)
+
+
+def test_use_cpu_devices_in_a_fresh_process():
+    """Before JAX starts, the count is applied (over ``XLA_FLAGS``' forced 4 devices)."""
+    code = ("import jax; from epilsr.parallel import use_cpu_devices; "
+            "n = use_cpu_devices(3); print(n, len(jax.devices()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["3", "3"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -22,6 +23,7 @@ __all__ = [
     "shard_batch",
     "replicate",
     "initialize_distributed",
+    "use_cpu_devices",
 ]
 
 
@@ -165,3 +167,50 @@ def initialize_distributed(
         **kwargs,
     )
     return jax.process_index()
+
+
+def _cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def use_cpu_devices(count: int | str | None) -> int | None:
+    """Splits the host CPU into ``count`` JAX devices (``jax_num_cpu_devices``).
+
+    The raster pipelines and the sharded train step shard their windows / patches over the
+    local devices, and a CPU device runs the block-DFT routes and small products of dense
+    prediction on about one core. So on an ``n``-core machine ``n`` CPU devices put every
+    core to work where one device leaves most of them idle (``benchmarks/RESULTS.md``, 2 cores:
+    dense prediction 1.28-1.43x, the train step 1.11-1.23x; self-epitomic LSR, whose large
+    products already use every core, 0.82-0.97x). Must run before the first JAX computation
+    (in a script: right after ``import jax``).
+
+    Args:
+      count: devices; ``"auto"``: one per core this process may run on; ``None``: leave
+        JAX's default (one CPU device, or what ``XLA_FLAGS`` forces).
+
+    Returns:
+      The CPU devices the process has or will have (``None`` for ``count=None``). Once JAX has
+      started, ``"auto"`` keeps the devices it started with; another explicit count raises.
+    """
+    if count is None:
+        return None
+    if count == "auto":
+        n = _cores()
+    elif isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"cpu_devices: expected a positive integer, 'auto' or null, got {count!r}")
+    else:
+        n = int(count)
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX has started: its CPU devices are fixed
+        have = len(jax.devices("cpu"))
+        if count == "auto" or have == n:
+            return have
+        raise ValueError(
+            f"cpu_devices: JAX has already started with {have} CPU devices, expected {n}; set "
+            "it before the first JAX computation (in a script: right after import jax)"
+        ) from None
+    return n

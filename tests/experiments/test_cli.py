@@ -55,9 +55,9 @@ def test_shims_are_the_cli_modules():
 
 HELP_KEYS = {
     "lsr": ["data=geotiff", "data.image=", "data.coarse=", "data.table=", "data.truth=",
-            "output.probs=", "resume=", "seed=", "hydra.run.dir="],
-    "train": ["+exp=", "model.size=", "train.steps=", "resume=", "seed="],
-    "segment": ["segment.epitome=", "segment.folds=", "seed="],
+            "output.probs=", "resume=", "seed=", "hydra.run.dir=", "cpu_devices="],
+    "train": ["+exp=", "model.size=", "train.steps=", "resume=", "seed=", "cpu_devices="],
+    "segment": ["segment.epitome=", "segment.folds=", "seed=", "cpu_devices="],
     "til": ["+til=", "data.root=", "seed="],
 }
 
@@ -146,3 +146,11 @@ def test_bad_route_is_one_line_naming_the_key(tmp_path):
     proc = _installed_command("train", "train.route=bogus", f"hydra.run.dir={tmp_path / 'o'}",
                               cwd=tmp_path)
     assert proc.returncode == 2 and "error: train.route: expected auto | direct" in proc.stderr
+
+
+def test_bad_cpu_devices_is_one_line_naming_the_key(tmp_path):
+    proc = _installed_command("lsr", "cpu_devices=many", f"hydra.run.dir={tmp_path / 'o'}",
+                              cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: cpu_devices: expected a positive integer, 'auto' or null, got 'many'" in (
+        proc.stderr)

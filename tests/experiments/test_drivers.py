@@ -32,8 +32,9 @@ def run(module: str, *overrides: str, timeout: int = 300) -> subprocess.Complete
 
 
 def test_lsr_driver_on_demo_scene(tmp_path):
-    proc = run("experiments.lsr", "data.size=128", f"hydra.run.dir={tmp_path}")
+    proc = run("experiments.lsr", "data.size=128", "cpu_devices=3", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
+    assert "cpu_devices=3: 3 CPU devices" in proc.stdout + proc.stderr  # over XLA_FLAGS' 4
     assert "self-epitomic LSR" in proc.stdout and "paint each coarse cell" in proc.stdout
     assert "published notebook EM" in proc.stdout
     results = json.loads((tmp_path / "metrics.json").read_text())

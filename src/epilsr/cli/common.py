@@ -18,6 +18,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from epilsr import parallel
 from epilsr.cli.tables import format_table  # noqa: F401 - re-exported for the drivers
 from epilsr.correlate import ROUTES, resolve_route
 from epilsr.data import chesapeake, synthetic
@@ -169,6 +170,14 @@ def renamed_keys(hydra_main: Callable) -> Callable:
         return hydra_main(*args, **kwargs)
 
     return wrapper
+
+
+def use_cpu_devices(cfg: DictConfig) -> None:
+    """The ``cpu_devices`` key (:func:`epilsr.parallel.use_cpu_devices`): the CPU split into
+    that many JAX devices. Call it first in a driver, before any other JAX call."""
+    n = parallel.use_cpu_devices(cfg.get("cpu_devices"))
+    if n is not None:
+        log.info("cpu_devices=%s: %d CPU devices", cfg.cpu_devices, n)
 
 
 def check_route(value, key: str) -> str:

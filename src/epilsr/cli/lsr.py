@@ -11,19 +11,18 @@
 
 Runs self-epitomic LSR over every tile in windows of each size in ``raster.tile_sizes`` (the
 paper's Table 1 uses 256, 512, 1024 and 2048; windows overlap and are blended, see
-:mod:`epilsr.tiling`), and in the same run the two baselines: painting each coarse cell with its
-most likely label, and the published notebook's EM (``notebook``: uniform ``p(c)`` over all
-NLCD classes). Prints per-tile accuracy and a Table-1 style pooled table (method, W, accuracy,
-mIoU, per-class IoU) and writes, per tile and method, GeoTIFFs (labels uint8, entropy, optional
-float16 probabilities) with the input's georeferencing, PNG previews and ``metrics.json`` into
-Hydra's output directory. With ``data=geotiff`` see :mod:`epilsr.cli.lsr_geotiff` (one folder
-per input image; baselines only when asked). With ``distributed.num_processes > 1`` the tiles /
-images are divided among processes (:mod:`epilsr.cli.hosts`, ``docs/scale.md``); with
-``data=geotiff`` a raster larger than ``distributed.band_mpx`` (or any, when there are fewer
-rasters than processes) is cut into bands of window strips shared like rasters. The set is
-checked, the bands' VRT mosaics written and the metrics merged by process 0 or
-``epilsr-lsr-check <run dir>``.
-"""
+:mod:`epilsr.pipelines.raster_lsr`), and in the same run the two baselines: painting each coarse
+cell with its most likely label, and the published notebook's EM (``notebook``: uniform ``p(c)``
+over all NLCD classes). Prints per-tile accuracy and a Table-1 style pooled table (method, W,
+accuracy, mIoU, per-class IoU) and writes, per tile and method, GeoTIFFs (labels uint8, entropy,
+optional float16 probabilities) with the input's georeferencing, PNG previews and
+``metrics.json`` into Hydra's output directory. With ``data=geotiff`` see
+:mod:`epilsr.cli.lsr_geotiff` (one folder per input image; baselines only when asked). With
+``distributed.num_processes > 1`` the tiles / images are divided among processes
+(:mod:`epilsr.cli.hosts`, ``docs/scale.md``); with ``data=geotiff`` a raster larger than
+``distributed.band_mpx`` (or any, when there are fewer rasters than processes) is cut into bands
+of window strips shared like rasters. The set is checked, the bands' VRT mosaics written and the
+metrics merged by process 0 or ``epilsr-lsr-check <run dir>``. """
 
 from __future__ import annotations
 
@@ -51,6 +50,7 @@ from epilsr.cli.common import (
     format_table,
     iter_tiles,
     one_line_errors,
+    use_cpu_devices,
 )
 from epilsr.io.strips import array_digest
 from epilsr.pipelines import partition, raster_lsr
@@ -176,7 +176,8 @@ def tile_data(cfg: DictConfig) -> DictConfig:
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
-    hosts = multi.join(cfg.get("distributed"))  # before any other JAX call
+    use_cpu_devices(cfg)  # before any other JAX call
+    hosts = multi.join(cfg.get("distributed"))
     if cfg.data.kind == "geotiff":  # your own rasters: one folder per image, baselines when asked
         return _run_geotiff(cfg, out, hosts)
     if (cfg.get("distributed") or {}).get("band_mpx") is not None:

@@ -39,6 +39,7 @@ from epilsr.cli.common import (
     one_line_errors,
     read_limits,
     renamed_keys,
+    use_cpu_devices,
 )
 from epilsr.cli.train import run_stage
 from epilsr.data import chesapeake
@@ -127,7 +128,7 @@ def embeddings(cfg, epitome, train_tiles, class_tiles, key, mesh):
     """``{"hr_counts", "hr", "class_counts_<m>", "<m>"}`` for one fold; ``class_tiles`` maps
     a method name (``lsr``, ``lsr_train``) to the tiles whose NLCD it embeds."""
     hr, lr = cfg.segment.hr, cfg.segment.lr
-    route = "direct" if mesh is not None and cfg.segment.route == "auto" else cfg.segment.route
+    route = cfg.segment.route
     n_labels = train_tiles[0].table.shape[1]
     if any(t.labels is None for t in train_tiles):
         raise ValueError("data: the training tiles need high-resolution labels (<tile>_lc.tif)")
@@ -188,6 +189,7 @@ def predict_tile(cfg, group, epitome, label_probs, tile, out=None, prefix=""):
 @hydra.main(config_path="conf", config_name="segment", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
+    use_cpu_devices(cfg)  # before any other JAX call
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from epilsr import viz
-from epilsr.cli.common import atomic_write, format_table, one_line_errors
+from epilsr.cli.common import atomic_write, format_table, one_line_errors, use_cpu_devices
 from epilsr.data import consep
 from epilsr.pipelines import pathology
 
@@ -319,6 +319,7 @@ def save_pictures(st: Study) -> None:
 @hydra.main(config_path="conf", config_name="til", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
+    use_cpu_devices(cfg)  # before any other JAX call
     out = Path(HydraConfig.get().runtime.output_dir)
     st = load_study(cfg, out)
     t0 = time.perf_counter()

@@ -56,6 +56,7 @@ from epilsr.cli.common import (
     renamed_keys,
     renamed_settings,
     streams,
+    use_cpu_devices,
 )
 from epilsr.io import checkpoint
 from epilsr.pipelines.patch_stream import PatchStream
@@ -374,7 +375,8 @@ def run_stage(cfg, name, images, labels, out, *, key, reference=None, label=None
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> dict:
-    dist = cfg.distributed  # before any other JAX call
+    use_cpu_devices(cfg)  # before any other JAX call
+    dist = cfg.distributed
     parallel.initialize_distributed(dist.coordinator, int(dist.num_processes), int(dist.process_id))
     out = Path(HydraConfig.get().runtime.output_dir)
     check_route(cfg.train.route, "train.route")  # before reading any data
