@@ -1,6 +1,7 @@
 """Achieved time of one window against its arithmetic bound, rates measured in the same run.
 
     python -m benchmarks.window_bound [--rounds 3] [--kinds paper,full,predict] [--out PATH]
+        [--cpu-devices N]
 
 Window kinds (synthetic, deterministic inputs):
 
@@ -9,7 +10,11 @@ Window kinds (synthetic, deterministic inputs):
   pixels), library defaults (20 EM iterations x (3 adaptation rounds + 1));
 * ``full``: the same at ``downsample=1`` (the library default; 256^2 epitome);
 * ``predict``: ``predict`` with a random 64^2 4-band epitome (a trained model's size), ``K=31``
-  predicting the centre 11x11 at stride 11 on a 256^2 image (``P = 24^2`` windows).
+  predicting the centre 11x11 at stride 11 on a 256^2 image (``P = 24^2`` windows);
+* ``predict-mesh``: the same call with ``mesh=data_mesh()``, the windows divided among the local
+  devices (with ``--cpu-devices 2``: the CPU split into 2 JAX devices, one per core on the 2-core
+  box, :func:`epilsr.parallel.use_cpu_devices`; one CPU device runs the posterior's block DFTs
+  on about one core). Same work and bound; only the total is timed.
 
 Work, written down per kind (``S`` positions, ``F = K^2 C`` features, ``Cc`` classes):
 
@@ -39,6 +44,7 @@ under load). Prints tables, writes ``benchmarks/results/window_bound.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import statistics
 
@@ -51,13 +57,21 @@ from benchmarks import _baselines as bl
 from epilsr.correlate import choose_route, plan_for, route_flops
 from epilsr.data.synthetic import make_scene
 from epilsr.likelihood import log_posterior
-
-PLAN = plan_for(jnp.zeros(1))  # the plan of the default device's platform
+from epilsr.parallel import data_mesh, use_cpu_devices
 
 self_epitomic = importlib.import_module("epilsr.self_epitomic")
 predict_module = importlib.import_module("epilsr.predict")  # ``epilsr.predict`` is the function
 
+
+
+@functools.cache
+def _plan():
+    """The correlation plan of the default device's platform (after ``--cpu-devices``)."""
+    return plan_for(jnp.zeros(1))
+
+
 SIZE, K, FRACTION = 256, 7, 0.05
+KINDS = ("paper", "full", "predict", "predict-mesh")
 PRED_K, PRED_KL, PRED_N, LABELS = 31, 11, 64, 4
 EXP_REPEATS = 512
 
@@ -116,7 +130,7 @@ def self_window(downsample: int, rounds: int) -> dict:
     f = K * K * img.shape[-1]
     p = round(FRACTION * SIZE * SIZE)
     n_rows = tab.shape[0]
-    chunk = self_epitomic._balanced_chunk(p, self_epitomic._default_chunk(n * n, True, PLAN))
+    chunk = self_epitomic._balanced_chunk(p, self_epitomic._default_chunk(n * n, True, _plan()))
     n_chunks = -(-p // chunk)
     present = np.unique(cls).size
     work = {
@@ -146,7 +160,7 @@ def self_window(downsample: int, rounds: int) -> dict:
     return {"work": work, "achieved_s": med["total"], "steps_s": med, "rates": same_run}
 
 
-def predict_window(rounds: int) -> dict:
+def predict_window(rounds: int, mesh=None) -> dict:
     rng = np.random.default_rng(0)
     img = make_scene(0, size=SIZE).image
     epi = epilsr.init_epitome(jax.random.key(1), size=PRED_N, channels=img.shape[-1])
@@ -159,10 +173,10 @@ def predict_window(rounds: int) -> dict:
     chunk = -(-p // n_chunks)  # predict's balanced chunks of at most 256 windows
     c = img.shape[-1]
     maps_shape = (1, PRED_N, PRED_N, 2 * c)
-    route = choose_route(maps_shape, (chunk, PRED_K, PRED_K, 2 * c), PLAN)
+    route = choose_route(maps_shape, (chunk, PRED_K, PRED_K, 2 * c), _plan())
     like = n_chunks * route_flops(route, maps_shape, (chunk, PRED_K, PRED_K, 2 * c))
     label_route = choose_route((1, PRED_N, PRED_N, LABELS), (chunk, PRED_K, PRED_K, LABELS),
-                               PLAN)
+                               _plan())
     adj = n_chunks * route_flops(label_route, (1, PRED_N, PRED_N, LABELS),
                                  (chunk, PRED_K, PRED_K, LABELS))
     centre = 2.0 * n_chunks * chunk * s * PRED_KL**2 * LABELS  # the centre block as one product
@@ -175,7 +189,17 @@ def predict_window(rounds: int) -> dict:
         "flops": like + labels, "exps": float(p * s), "bytes": 4.0 * 2 * p * s,
     }
     kw = dict(patch_size=PRED_K, label_size=PRED_KL, stride=PRED_KL, temperature=temp)
+    if mesh is not None:  # the windows divided among the devices: the call alone
+        kw["mesh"] = mesh
+        work["devices"] = int(mesh.devices.size)
     full = lambda: jax.block_until_ready(epilsr.predict(epi, label_probs, img, **kw))  # noqa: E731
+    if mesh is not None:
+        probes = rate_probes()
+        times = bl.time_round_robin({"total": full, **{k: v[0] for k, v in probes.items()}},
+                                    rounds)
+        same_run = interleaved_rates(times, probes)
+        med = {"total": statistics.median(times["total"])}
+        return {"work": work, "achieved_s": med["total"], "steps_s": med, "rates": same_run}
     o = (PRED_K - PRED_KL) // 2
     padded = jnp.pad(jnp.asarray(img), ((o, o), (o, o), (0, 0)), mode="reflect")
     st = jnp.asarray([(r, q) for r in starts for q in starts][:chunk], jnp.int32)
@@ -213,11 +237,18 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kinds", default="paper,full,predict")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--cpu-devices", default=None,
+                        help="split the CPU into N JAX devices first (auto: one per core)")
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
-    bad = sorted(set(kinds) - {"paper", "full", "predict"})
+    bad = sorted(set(kinds) - set(KINDS))
     if bad:
-        parser.error(f"--kinds: unknown {bad}; expected some of paper, full, predict")
+        parser.error(f"--kinds: unknown {bad}; expected some of {', '.join(KINDS)}")
+    if args.cpu_devices is not None:
+        n = args.cpu_devices if args.cpu_devices == "auto" else int(args.cpu_devices)
+        print(f"CPU devices: {use_cpu_devices(n)}", flush=True)
+    if "predict-mesh" in kinds and jax.device_count() < 2:
+        parser.error("--kinds predict-mesh: needs several devices (e.g. --cpu-devices 2)")
     r = rates()
     print(f"rates: matmul {r['matmul_flops'] / 1e9:.1f} GFLOP/s, exp {r['exp_per_s'] / 1e9:.2f} "
           f"G/s, copy {r['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
@@ -225,7 +256,8 @@ def main(argv=None) -> None:
     for kind in kinds:
         res = {"paper": lambda: self_window(2, args.rounds),
                "full": lambda: self_window(1, args.rounds),
-               "predict": lambda: predict_window(args.rounds)}[kind]()
+               "predict": lambda: predict_window(args.rounds),
+               "predict-mesh": lambda: predict_window(args.rounds, data_mesh())}[kind]()
         w = res["work"]
         t_mm, t_exp = w["flops"] / r["matmul_flops"], w["exps"] / r["exp_per_s"]
         t_bytes = w["bytes"] / r["copy_bytes_per_s"]

@@ -72,6 +72,35 @@ def test_predict_eager_default_chunk(rng):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("devices,kw", [
+    (2, dict(patch_size=3, stride=1)),  # whole windows, 63 of them: odd share per device
+    (3, dict(patch_size=5, label_size=3, stride=2, chunk=4)),  # centre blocks, several chunks
+    (4, dict(patch_size=5, label_size=1, stride=1, route="dft_2d")),
+])
+def test_predict_with_a_mesh_matches_brute_force(rng, devices, kw):
+    """The windows divided among the devices, their sums added: Eq. 2 as on one device."""
+    from epilsr.parallel import data_mesh
+
+    epi, (mean, log_var, prior), label_probs, image = _setup(rng, 2, 7, 7, 2, 3, 7, 9)
+    mask = rng.uniform(size=(2, 7, 7)) < 0.7
+    mesh = data_mesh(jax.devices()[:devices])
+    got = predict(epi, label_probs, image, temperature=9.0, mask=mask, mesh=mesh, **kw)
+    one = predict(epi, label_probs, image, temperature=9.0, mask=mask, **kw)
+    np.testing.assert_allclose(got, one, atol=1e-5)
+    if "label_size" not in kw:
+        want = predict_bf(mean, log_var, prior, label_probs, image, kw["patch_size"], 9.0, mask)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_predict_mesh_needs_a_data_axis(rng):
+    from jax.sharding import Mesh
+
+    epi, _, label_probs, image = _setup(rng, 1, 7, 7, 2, 3, 7, 8)
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("batch",))
+    with pytest.raises(ValueError, match="mesh: expected an axis named 'data'"):
+        predict(epi, label_probs, image, patch_size=3, temperature=9.0, mesh=mesh)
+
+
 @pytest.mark.parametrize("stride", [2, 3, 4])
 def test_predict_stride(rng, stride):
     epi, _, label_probs, image = _setup(rng, 2, 9, 9, 2, 4, 13, 11)

@@ -13,12 +13,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_rank
 from epilsr.correlate import circular_correlate, resolve_route, wrap_pad
 from epilsr.epitome import Epitome, as_float_image, check_image
 from epilsr.likelihood import check_posterior_args, log_posterior
+from epilsr.parallel import _auto_mesh
 from epilsr.windows import grid_starts
 
 __all__ = [
@@ -245,6 +247,7 @@ def predict(
     chunk: int = 256,
     route: str = "auto",
     method: str | None = None,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Dense label probabilities of an image (Eq. 2).
 
@@ -271,6 +274,11 @@ def predict(
       chunk: patches per posterior batch (bounds memory to ``chunk * L * N1 * N2`` floats).
       route: correlation route (:func:`epilsr.correlate.circular_correlate`); ``method``:
         its deprecated alias.
+      mesh: optional 1-D mesh with axis ``"data"`` (:func:`epilsr.parallel.data_mesh`): the
+        windows are divided among its devices, each sums its own (``jax.shard_map``) and one
+        ``psum`` adds them; equal to one device up to float32 summation order. On a CPU split
+        into one device per core (:func:`epilsr.parallel.use_cpu_devices`) this uses every
+        core (one CPU device runs the posterior's block DFTs on about one).
 
     Returns:
       ``[H, W, n]`` per-pixel label distributions.
@@ -286,15 +294,32 @@ def predict(
         stride=stride,
     )
     mask = check_posterior_args(epitome, temperature, mask)
+    mesh = None if mesh is None else _auto_mesh(mesh)
     return _predict(epitome, label_probs, image, temperature, mask, patch_size=k, stride=stride,
-                    label_size=label_size, chunk=chunk, route=route)
+                    label_size=label_size, chunk=chunk, route=route, mesh=mesh)
+
+
+def _sharded_window_sums(mesh: Mesh, sums, epitome, label_probs, image, temperature, mask,
+                         starts, weights):
+    """``sums`` (:func:`window_sums`) with ``starts``/``weights`` divided among the devices of
+    ``mesh`` (axis ``"data"``), the rest replicated; the devices' sums added by one ``psum``."""
+
+    def local(epitome, label_probs, image, temperature, mask, starts, weights):
+        acc, count = sums(epitome, label_probs, image, starts, weights, temperature=temperature,
+                          mask=mask)
+        return jax.lax.psum(acc, "data"), jax.lax.psum(count, "data")
+
+    rep, split = PartitionSpec(), PartitionSpec("data")
+    return jax.shard_map(local, mesh=mesh, in_specs=(rep,) * 5 + (split, split),
+                         out_specs=(rep, rep), check_vma=False)(
+        epitome, label_probs, image, temperature, mask, starts, weights)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("patch_size", "stride", "label_size", "chunk", "route")
+    jax.jit, static_argnames=("patch_size", "stride", "label_size", "chunk", "route", "mesh")
 )
 def _predict(epitome, label_probs, image, temperature, mask, *, patch_size, stride, label_size,
-             chunk, route):
+             chunk, route, mesh=None):
     """The compiled body of :func:`predict` (inputs checked)."""
     image = as_float_image(image)
     h, w, _ = image.shape
@@ -308,13 +333,19 @@ def _predict(epitome, label_probs, image, temperature, mask, *, patch_size, stri
     rr, cc = jnp.meshgrid(rows, cols, indexing="ij")
     starts = jnp.stack([rr.ravel(), cc.ravel()], axis=1)  # [P, 2]
     p = starts.shape[0]
-    chunk = -(-p // -(-p // min(chunk, p)))  # as many batches as ``chunk`` needs, less padding
-    pad = -(-p // chunk) * chunk - p
+    devices = 1 if mesh is None else mesh.devices.size
+    per = -(-p // devices)  # windows per device
+    chunk = -(-per // -(-per // min(chunk, per)))  # as many batches as needed, less padding
+    pad = devices * -(-per // chunk) * chunk - p
     weights = jnp.pad(jnp.ones((p,), jnp.float32), (0, pad))
     starts = jnp.pad(starts, ((0, pad), (0, 0)))
-    acc, count = window_sums(
-        epitome, label_probs, image, starts, weights, patch_size=k, label_size=label_size,
-        temperature=temperature, mask=mask, chunk=chunk, route=route,
-    )
+    sums = functools.partial(window_sums, patch_size=k, label_size=label_size, chunk=chunk,
+                             route=route)
+    if mesh is None:
+        acc, count = sums(epitome, label_probs, image, starts, weights, temperature=temperature,
+                          mask=mask)
+    else:
+        acc, count = _sharded_window_sums(mesh, sums, epitome, label_probs, image, temperature,
+                                          mask, starts, weights)
     acc, count = acc[o : o + h, o : o + w], count[o : o + h, o : o + w]
     return acc / count[..., None]
