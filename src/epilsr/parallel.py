@@ -181,9 +181,10 @@ def use_cpu_devices(count: int | str | None) -> int | None:
 
     The raster pipelines and the sharded train step shard their windows / patches over the
     local devices, and a CPU device runs the block-DFT routes and small products of dense
-    prediction on about one core. So on an ``n``-core machine ``n`` CPU devices put every
-    core to work where one device leaves most of them idle (``benchmarks/RESULTS.md``, 2 cores:
-    dense prediction 1.28-1.43x, the train step 1.11-1.23x; self-epitomic LSR, whose large
+    prediction on about one core. So on an ``n``-core machine ``n`` CPU devices can put cores
+    to work that one device leaves idle; the gain depends on the shapes
+    (``benchmarks/RESULTS.md``, 2 cores: a dense-prediction raster 1.28-1.43x, the train step
+    1.11-1.23x, the segmentation driver on 512^2 tiles none; self-epitomic LSR, whose large
     products already use every core, 0.82-0.97x). Must run before the first JAX computation
     (in a script: right after ``import jax``).
 
