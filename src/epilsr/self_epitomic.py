@@ -86,16 +86,49 @@ def _self_counts(
     rank=None,
     position_stride=1,
 ):
-    h, w, _ = image.shape
-    k, d = patch_size, downsample
-    epi = _block_mean(image, d)  # [h, w, C]
+    """Eq. 11 class counts ``[n1, n2, Cc]`` of one tile whose downsampled self is the epitome:
+    the patches drawn (:func:`_sample_windows`), then the route the arguments pick (approximate,
+    unfolded windows, or correlations)."""
+    k = patch_size
+    epi, cls = _low_res_tile(image, classes, downsample)
     n1, n2, _ = epi.shape
-    # Class of each low-res pixel: the full-res class at the centre of its block.
+    valid = _window_mask((n1, n2), k, wrap)  # positions patches may map to
+    picks, rows, weights, total = _sample_windows(key, (n1, n2), k, n_patches, chunk, wrap)
+    scale = 1.0 / (var * temperature)
+    # Class of the window at each corner: its centre pixel (Eq. 11 spreads it over the window).
+    centre = (
+        jnp.minimum(jnp.arange(n1) + k // 2, n1 - 1)[:, None] * n2
+        + jnp.minimum(jnp.arange(n2) + k // 2, n2 - 1)[None, :]
+    ).ravel()
+
+    if rank is not None or position_stride > 1:
+        return _approx_counts(epi, cls, picks, rows, weights, centre, scale, k=k, wrap=wrap,
+                              n_classes=n_classes, rank=rank, stride=position_stride,
+                              total=total, plan=plan)
+    if unfold:
+        return _unfolded_counts(epi, cls, picks, rows, weights, centre, scale, k=k, wrap=wrap,
+                                n_classes=n_classes)
+    return _correlated_counts(epi, cls, picks, rows, weights, centre, valid, scale, k=k,
+                              n_classes=n_classes, class_spread=class_spread, plan=plan)
+
+
+def _low_res_tile(image, classes, d: int):
+    """``(epitome [h, w, C], classes [h, w])`` of a tile downsampled by ``d``: block means,
+    and the full-resolution class at the centre of each block."""
+    h, w, _ = image.shape
+    epi = _block_mean(image, d)
+    n1, n2, _ = epi.shape
     rows = jnp.minimum(jnp.arange(n1) * d + d // 2, h - 1)
     cols = jnp.minimum(jnp.arange(n2) * d + d // 2, w - 1)
-    cls = classes[rows][:, cols]  # [h, w]
+    return epi, classes[rows][:, cols]
 
-    valid = _window_mask((n1, n2), k, wrap)  # positions patches may map to
+
+def _sample_windows(key, size, k: int, n_patches, chunk: int, wrap: bool):
+    """The patches of Eq. 11 in chunks: ``(picks, rows, weights)``, each ``[n_chunks, chunk]``
+    (top-left corners flat over ``[n1, n2]``; rows of the unfolded epitome; 1, or 0 for
+    padding), and the number of patches. ``n_patches=None``: every inside window once; else
+    that many drawn uniformly with ``key``."""
+    n1, n2 = size
     inside = _window_mask((n1, n2), k, False)  # patches are real (non-wrapping) windows
     flat_valid = jnp.flatnonzero(inside.ravel(), size=inside.size, fill_value=0)
     n_valid = (n1 - k + 1) * (n2 - k + 1)
@@ -114,23 +147,15 @@ def _self_counts(
     rows = picks if wrap else draws
     picks = jnp.pad(picks, (0, pad)).reshape(n_chunks, chunk)
     rows = jnp.pad(rows, (0, pad)).reshape(n_chunks, chunk)
-    scale = 1.0 / (var * temperature)
-    # Class of the window at each corner: its centre pixel (Eq. 11 spreads it over the window).
-    centre = (
-        jnp.minimum(jnp.arange(n1) + k // 2, n1 - 1)[:, None] * n2
-        + jnp.minimum(jnp.arange(n2) + k // 2, n2 - 1)[None, :]
-    ).ravel()
+    return picks, rows, weights, total
 
-    if rank is not None or position_stride > 1:
-        return _approx_counts(epi, cls, picks, rows, weights, centre, scale, k=k, wrap=wrap,
-                              n_classes=n_classes, rank=rank, stride=position_stride,
-                              total=total, plan=plan)
 
-    if unfold:
-        return _unfolded_counts(epi, cls, picks, rows, weights, centre, scale, k=k, wrap=wrap,
-                                n_classes=n_classes)
-
-    # General route (pixel class spreading, or tiles too large to unfold): correlations.
+def _correlated_counts(epi, cls, picks, rows, weights, centre, valid, scale, *, k, n_classes,
+                       class_spread, plan):
+    """Eq. 11 counts through correlations (pixel class spreading, or tiles too large to
+    unfold): per chunk the posteriors over every position, then the classes of the windows
+    (``"window"``) or of their pixels (``"pixel"``, Eq. 6 on classes). ``[n1, n2, Cc]``."""
+    n1, n2, _ = epi.shape
     maps = epi[None]  # [1, h, w, C]
     half_norm = 0.5 * box_sum(jnp.sum(epi * epi, axis=-1), (k, k))  # [h, w]
     cls_onehot = jax.nn.one_hot(cls, n_classes, dtype=jnp.float32)  # [h, w, Cc]
