@@ -1,4 +1,5 @@
-"""Data parallelism: device meshes, the sharded train step (jit + shard_map), multi-host start."""
+"""Data parallelism: device meshes, the sharded train step (jit + shard_map), multi-host start,
+the CPU split into devices."""
 
 from __future__ import annotations
 
