@@ -63,7 +63,6 @@ self_epitomic = importlib.import_module("epilsr.self_epitomic")
 predict_module = importlib.import_module("epilsr.predict")  # ``epilsr.predict`` is the function
 
 
-
 @functools.cache
 def _plan():
     """The correlation plan of the default device's platform (after ``--cpu-devices``)."""
@@ -245,8 +244,10 @@ def main(argv=None) -> None:
     if bad:
         parser.error(f"--kinds: unknown {bad}; expected some of {', '.join(KINDS)}")
     if args.cpu_devices is not None:
-        n = args.cpu_devices if args.cpu_devices == "auto" else int(args.cpu_devices)
-        print(f"CPU devices: {use_cpu_devices(n)}", flush=True)
+        n = args.cpu_devices
+        if n != "auto" and not (n.isdigit() and int(n) >= 1):
+            parser.error(f"--cpu-devices: expected a positive integer or auto, got {n!r}")
+        print(f"CPU devices: {use_cpu_devices(n if n == 'auto' else int(n))}", flush=True)
     if "predict-mesh" in kinds and jax.device_count() < 2:
         parser.error("--kinds predict-mesh: needs several devices (e.g. --cpu-devices 2)")
     r = rates()
