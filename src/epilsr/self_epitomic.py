@@ -92,7 +92,6 @@ def _self_counts(
     k = patch_size
     epi, cls = _low_res_tile(image, classes, downsample)
     n1, n2, _ = epi.shape
-    valid = _window_mask((n1, n2), k, wrap)  # positions patches may map to
     picks, rows, weights, total = _sample_windows(key, (n1, n2), k, n_patches, chunk, wrap)
     scale = 1.0 / (var * temperature)
     # Class of the window at each corner: its centre pixel (Eq. 11 spreads it over the window).
@@ -108,7 +107,7 @@ def _self_counts(
     if unfold:
         return _unfolded_counts(epi, cls, picks, rows, weights, centre, scale, k=k, wrap=wrap,
                                 n_classes=n_classes)
-    return _correlated_counts(epi, cls, picks, rows, weights, centre, valid, scale, k=k,
+    return _correlated_counts(epi, cls, picks, rows, weights, centre, scale, k=k, wrap=wrap,
                               n_classes=n_classes, class_spread=class_spread, plan=plan)
 
 
@@ -150,12 +149,13 @@ def _sample_windows(key, size, k: int, n_patches, chunk: int, wrap: bool):
     return picks, rows, weights, total
 
 
-def _correlated_counts(epi, cls, picks, rows, weights, centre, valid, scale, *, k, n_classes,
+def _correlated_counts(epi, cls, picks, rows, weights, centre, scale, *, k, wrap, n_classes,
                        class_spread, plan):
     """Eq. 11 counts through correlations (pixel class spreading, or tiles too large to
     unfold): per chunk the posteriors over every position, then the classes of the windows
     (``"window"``) or of their pixels (``"pixel"``, Eq. 6 on classes). ``[n1, n2, Cc]``."""
     n1, n2, _ = epi.shape
+    valid = _window_mask((n1, n2), k, wrap)  # positions patches may map to
     maps = epi[None]  # [1, h, w, C]
     half_norm = 0.5 * box_sum(jnp.sum(epi * epi, axis=-1), (k, k))  # [h, w]
     cls_onehot = jax.nn.one_hot(cls, n_classes, dtype=jnp.float32)  # [h, w, Cc]

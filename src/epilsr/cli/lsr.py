@@ -22,7 +22,8 @@ optional float16 probabilities) with the input's georeferencing, PNG previews an
 (:mod:`epilsr.cli.hosts`, ``docs/scale.md``); with ``data=geotiff`` a raster larger than
 ``distributed.band_mpx`` (or any, when there are fewer rasters than processes) is cut into bands
 of window strips shared like rasters. The set is checked, the bands' VRT mosaics written and the
-metrics merged by process 0 or ``epilsr-lsr-check <run dir>``. """
+metrics merged by process 0 or ``epilsr-lsr-check <run dir>``.
+"""
 
 from __future__ import annotations
 
