@@ -19,7 +19,7 @@ from epilsr._validate import check_index_range, check_rank
 from epilsr.correlate import box_spread, circular_correlate_adjoint, resolve_route
 from epilsr.epitome import Epitome
 from epilsr.likelihood import check_patches, check_posterior_args, log_posterior
-from epilsr.parallel import _auto_mesh
+from epilsr.parallel import _auto_mesh, sum_over_shards
 
 __all__ = [
     "embed_labels",
@@ -247,17 +247,15 @@ def make_accumulate_step(
         return jax.jit(part)
     mesh = _auto_mesh(mesh)
 
-    def local(counts, epitome, patches, targets):  # this device's share of the batch
-        return counts + jax.lax.psum(part(jnp.zeros_like(counts), epitome, patches, targets),
-                                     "data")
+    batch_counts = sum_over_shards(  # each device's share of the batch, then one psum
+        lambda counts, epitome, patches, targets: part(jnp.zeros_like(counts), epitome,
+                                                       patches, targets), mesh, 2)
 
-    # check_vma=False: the adjoint correlation is a VJP in the (replicated) maps, which under
-    # varying-type checks would already be summed over devices; here every device's counts
-    # are its own and the one psum above sums them.
+    def step(counts, epitome, patches, targets):
+        return counts + batch_counts(counts, epitome, patches, targets)
+
     rep, bat = PartitionSpec(), PartitionSpec("data")
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, bat, bat), out_specs=rep,
-                           check_vma=False)
-    return jax.jit(mapped, in_shardings=tuple(NamedSharding(mesh, p) for p in (rep, rep, bat, bat)),
+    return jax.jit(step, in_shardings=tuple(NamedSharding(mesh, p) for p in (rep, rep, bat, bat)),
                    out_shardings=NamedSharding(mesh, rep))
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "replicate",
     "initialize_distributed",
     "use_cpu_devices",
+    "sum_over_shards",
 ]
 
 
@@ -40,6 +41,29 @@ def _auto_mesh(mesh: Mesh) -> Mesh:
     if tuple(mesh.axis_types) == auto:
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def sum_over_shards(fn, mesh: Mesh, n_replicated: int):
+    """``fn(*replicated, *split)`` on every device of ``mesh``: the first ``n_replicated``
+    arguments whole, the others' leading axis divided over the axis ``"data"``; the devices'
+    outputs (a pytree) summed by one ``psum`` and returned replicated (``jax.shard_map``).
+
+    Runs without varying-type checks (``check_vma=False``): ``fn`` may take a VJP in a
+    replicated argument (the label embeddings' adjoint correlation), which under those checks
+    would already be summed over the devices; here each device's output is its own and the one
+    ``psum`` adds them.
+    """
+
+    def local(*args):
+        return jax.tree.map(lambda x: jax.lax.psum(x, "data"), fn(*args))
+
+    def call(*args):
+        specs = ((PartitionSpec(),) * n_replicated
+                 + (PartitionSpec("data"),) * (len(args) - n_replicated))
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(),
+                             check_vma=False)(*args)
+
+    return call
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

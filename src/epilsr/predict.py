@@ -13,14 +13,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from epilsr._validate import check_rank
 from epilsr.correlate import circular_correlate, resolve_route, wrap_pad
 from epilsr.epitome import Epitome, as_float_image, check_image
 from epilsr.likelihood import check_posterior_args, log_posterior
-from epilsr.parallel import _auto_mesh
+from epilsr.parallel import _auto_mesh, sum_over_shards
 from epilsr.windows import grid_starts
 
 __all__ = [
@@ -300,22 +300,6 @@ def predict(
                     label_size=label_size, chunk=chunk, route=route, mesh=mesh)
 
 
-def _sharded_window_sums(mesh: Mesh, sums, epitome, label_probs, image, temperature, mask,
-                         starts, weights):
-    """``sums`` (:func:`window_sums`) with ``starts``/``weights`` divided among the devices of
-    ``mesh`` (axis ``"data"``), the rest replicated; the devices' sums added by one ``psum``."""
-
-    def local(epitome, label_probs, image, temperature, mask, starts, weights):
-        acc, count = sums(epitome, label_probs, image, starts, weights, temperature=temperature,
-                          mask=mask)
-        return jax.lax.psum(acc, "data"), jax.lax.psum(count, "data")
-
-    rep, split = PartitionSpec(), PartitionSpec("data")
-    return jax.shard_map(local, mesh=mesh, in_specs=(rep,) * 5 + (split, split),
-                         out_specs=(rep, rep), check_vma=False)(
-        epitome, label_probs, image, temperature, mask, starts, weights)
-
-
 @functools.partial(
     jax.jit, static_argnames=("patch_size", "stride", "label_size", "chunk", "route", "mesh")
 )
@@ -345,8 +329,9 @@ def _predict(epitome, label_probs, image, temperature, mask, *, patch_size, stri
     if mesh is None:
         acc, count = sums(epitome, label_probs, image, starts, weights, temperature=temperature,
                           mask=mask)
-    else:
-        acc, count = _sharded_window_sums(mesh, sums, epitome, label_probs, image, temperature,
-                                          mask, starts, weights)
+    else:  # the windows divided among the devices, their sums added
+        acc, count = sum_over_shards(
+            lambda e, lp, im, t, m, st, wt: sums(e, lp, im, st, wt, temperature=t, mask=m),
+            mesh, 5)(epitome, label_probs, image, temperature, mask, starts, weights)
     acc, count = acc[o : o + h, o : o + w], count[o : o + h, o : o + w]
     return acc / count[..., None]
